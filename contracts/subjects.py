@@ -1,0 +1,46 @@
+"""Subject and stream names: the only place they are spelled."""
+
+from __future__ import annotations
+
+import re
+
+STREAM = "RUN_EVENTS"
+DLQ_STREAM = "RUN_EVENTS_DLQ"
+
+ROOT = "tuneline"
+EVENTS = f"{ROOT}.evt"
+COMMANDS = f"{ROOT}.cmd"
+DLQ = f"{ROOT}.dlq"
+
+STREAM_SUBJECTS = [f"{EVENTS}.>", f"{COMMANDS}.>"]
+DLQ_SUBJECTS = [f"{DLQ}.>"]
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def is_subject_token(value: str) -> bool:
+    return bool(_TOKEN.match(value))
+
+
+def registry_target_filter(target: str) -> str:
+    """All registry events of one deployment target (the aggregate's stream, D7)."""
+    if not is_subject_token(target):
+        raise ValueError(f"target {target!r} is not a valid subject token ([A-Za-z0-9_-]+)")
+    return f"{EVENTS}.registry.{target}.>"
+
+
+def subject_for(type_name: str, *, kind: str, target: str | None = None) -> str:
+    """The subject a message of `type_name` is published on.
+
+    Events: `tuneline.evt.<type>`; registry events are per target:
+    `tuneline.evt.registry.<target>.<name>`. Commands: `tuneline.cmd.<type>`.
+    """
+    if kind == "command":
+        return f"{COMMANDS}.{type_name}"
+    if type_name.startswith("registry.") and target is not None:
+        return registry_target_filter(target)[:-1] + type_name.split(".", 1)[1]
+    return f"{EVENTS}.{type_name}"
+
+
+def dlq_subject(consumer: str) -> str:
+    return f"{DLQ}.{consumer}"

@@ -1,0 +1,314 @@
+"""The timeline projection: per run, its events in order and each stage's status.
+
+Reads run_events (never the bus), folds a batch in pure Python, writes the rows and its checkpoint
+in one transaction (D8). Folding is order-preserving and split-independent — applying events in
+batches of any size gives the same rows — so a rebuild from position 0 equals the live projection.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import asyncpg
+
+from services.common.logging import get_logger
+
+log = get_logger(__name__)
+
+NAME = "timeline"
+
+STAGE_OF_PREFIX = {
+    "run": "run",
+    "ingest": "ingest",
+    "prep": "prep",
+    "training": "trainer",
+    "eval": "evaluator",
+    "export": "export",
+    "registry": "registry",
+    "bus": "bus",
+}
+STAGES = ("ingest", "prep", "trainer", "evaluator", "export", "registry")
+
+_SUCCEEDED = {
+    "ingest.committed", "prep.prepared", "training.completed", "eval.completed", "export.completed",
+    "registry.version_registered",
+}
+_RUNNING = {"training.started", "training.progress"}
+
+
+def stage_of(event_type: str) -> str:
+    prefix = event_type.split(".", 1)[0]
+    return STAGE_OF_PREFIX.get(prefix, prefix)
+
+
+def stage_status(event_type: str) -> str | None:
+    """The status an event puts its stage in, or None when it does not change it."""
+    if event_type.endswith(".failed"):
+        return "failed"
+    if event_type in _SUCCEEDED:
+        return "succeeded"
+    if event_type in _RUNNING:
+        return "running"
+    return None
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3f}"
+
+
+def summarize(event_type: str, payload: dict, reason_code: str | None) -> str:
+    """One human line per event, for the timeline."""
+    p = payload
+    match event_type:
+        case "run.start":
+            plan = p["plan"]
+            return f"run requested: {plan['locator']} -> target {plan['target']}"
+        case "ingest.committed":
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(p["rejected_by_reason"].items()))
+            return (f"read {p['rows_read']} rows: {p['rows_accepted']} accepted, {p['rows_rejected']} rejected"
+                    + (f" ({reasons})" if reasons else ""))
+        case "prep.prepared":
+            return (f"split {p['train_rows']} train / {p['eval_rows']} eval over {len(p['label_space'])} labels, "
+                    f"dataset {p['dataset_version']}")
+        case "training.started":
+            return f"LoRA fine-tune of {p['base_model'].rsplit('/', 1)[-1]} for {p['max_steps']} steps on {p['train_rows']} rows"
+        case "training.progress":
+            return (f"step {p['step']}/{p['max_steps']} loss {_fmt(p['loss'])} lr {p['learning_rate']:.2e} "
+                    f"{p['examples_per_s']:.1f} ex/s eta {p['eta_s']:.0f}s")
+        case "training.completed":
+            return f"trained {p['steps']} steps in {p['wall_s']:.1f}s, final loss {_fmt(p['final_loss'])}"
+        case "eval.completed":
+            c, b = p["candidate"], p["base"]
+            return (f"candidate accuracy {_fmt(c['accuracy'])} macro-F1 {_fmt(c['macro_f1'])} vs base "
+                    f"accuracy {_fmt(b['accuracy'])} macro-F1 {_fmt(b['macro_f1'])} (n={c['n']})")
+        case "export.completed":
+            return f"exported {len(p['files'])} files as {p['format']} ({p['export']['sha256'][:12]})"
+        case "registry.version_registered":
+            return f"registered {p['target']} v{p['version']} as {p['status']}"
+        case "bus.message_dead_lettered":
+            return f"[{reason_code}] {p['consumer']} dead-lettered stream seq {p['stream_sequence']}: {p['error'][:200]}"
+    if event_type.endswith(".failed"):
+        return f"[{reason_code}] {p.get('message', '')[:300]}"
+    return event_type
+
+
+@dataclass
+class RunFold:
+    correlation_id: str
+    started_at: datetime
+    updated_at: datetime
+    last_position: int
+    status: str | None = None
+    target: str | None = None
+    locator: str | None = None
+    reason_code: str | None = None
+    failure: str | None = None
+
+
+@dataclass
+class StageFold:
+    status: str
+    started_at: datetime
+    ended_at: datetime | None
+    last_type: str
+    last_position: int
+    reason_code: str | None
+    detail: str
+
+
+@dataclass
+class TimelineBatch:
+    entries: list[tuple] = field(default_factory=list)
+    runs: dict[str, RunFold] = field(default_factory=dict)
+    stages: dict[tuple[str, str], StageFold] = field(default_factory=dict)
+    last_position: int = 0
+
+
+class ProjectionError(RuntimeError):
+    def __init__(self, position: int, message: str):
+        super().__init__(f"position {position}: {message}")
+        self.position = position
+
+
+def fold(rows: list) -> TimelineBatch:
+    """Fold run_events rows (in position order) into the rows this batch writes."""
+    b = TimelineBatch()
+    for r in rows:
+        pos, etype, run_id, at = r["global_position"], r["type"], r["run_id"], r["occurred_at"]
+        try:
+            payload = r["payload"] if isinstance(r["payload"], dict) else json.loads(r["payload"])
+            stage = stage_of(etype)
+            summary = summarize(etype, payload, r["reason_code"])
+            b.entries.append((pos, run_id, r["event_id"], etype, stage, r["severity"], r["reason_code"], at, summary))
+            run = b.runs.get(run_id)
+            if run is None:
+                run = b.runs[run_id] = RunFold(r["correlation_id"], at, at, pos)
+            run.updated_at, run.last_position = at, pos
+            if etype == "run.start":
+                run.target, run.locator = payload["plan"]["target"], payload["plan"]["locator"]
+                run.status = run.status or "running"
+            status = stage_status(etype) if stage in STAGES else None
+            if etype == "bus.message_dead_lettered" or (etype.endswith(".failed")):
+                if run.status != "failed":  # the first failure names the run's failure
+                    run.status, run.reason_code, run.failure = "failed", r["reason_code"], summary
+            elif etype == "registry.version_registered" and run.status != "failed":
+                run.status = "succeeded"
+            elif status is not None and run.status not in ("failed",):
+                run.status = run.status if run.status == "succeeded" else "running"
+            if status is not None:
+                prev = b.stages.get((run_id, stage))
+                b.stages[(run_id, stage)] = StageFold(
+                    status=status,
+                    started_at=prev.started_at if prev else at,
+                    ended_at=at if status in ("succeeded", "failed") else None,
+                    last_type=etype,
+                    last_position=pos,
+                    reason_code=r["reason_code"] if status == "failed" else None,
+                    detail=summary,
+                )
+        except Exception as exc:  # noqa: BLE001 - any bug here must stop the projection at this position
+            raise ProjectionError(pos, f"{etype}: {exc!r}") from exc
+        b.last_position = pos
+    return b
+
+
+_READ = """
+SELECT global_position, event_id, type, run_id, correlation_id, occurred_at, severity, reason_code, payload
+FROM run_events WHERE global_position > $1 ORDER BY global_position LIMIT $2
+"""
+
+_UPSERT_RUN = """
+INSERT INTO timeline_runs AS t (run_id, correlation_id, target, locator, status, started_at, updated_at,
+                                last_position, reason_code, failure)
+VALUES ($1, $2, $3, $4, coalesce($5, 'running'), $6, $7, $8, $9, $10)
+ON CONFLICT (run_id) DO UPDATE SET
+  target = coalesce(t.target, EXCLUDED.target),
+  locator = coalesce(t.locator, EXCLUDED.locator),
+  status = CASE WHEN t.status = 'failed' OR $5 IS NULL THEN t.status ELSE EXCLUDED.status END,
+  updated_at = EXCLUDED.updated_at,
+  last_position = EXCLUDED.last_position,
+  reason_code = coalesce(t.reason_code, EXCLUDED.reason_code),
+  failure = coalesce(t.failure, EXCLUDED.failure)
+"""
+
+_UPSERT_STAGE = """
+INSERT INTO timeline_stages AS s (run_id, stage, status, started_at, ended_at, last_type, last_position,
+                                  reason_code, detail)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+ON CONFLICT (run_id, stage) DO UPDATE SET
+  status = EXCLUDED.status, ended_at = EXCLUDED.ended_at, last_type = EXCLUDED.last_type,
+  last_position = EXCLUDED.last_position, reason_code = EXCLUDED.reason_code, detail = EXCLUDED.detail
+"""
+
+_ENTRY_COLUMNS = ("global_position", "run_id", "event_id", "type", "stage", "severity", "reason_code",
+                  "occurred_at", "summary")
+
+
+async def _ensure_checkpoint(conn: asyncpg.Connection) -> None:
+    await conn.execute(
+        "INSERT INTO projection_checkpoints (projection) VALUES ($1) ON CONFLICT DO NOTHING", NAME
+    )
+
+
+async def _apply(conn: asyncpg.Connection, b: TimelineBatch) -> None:
+    await conn.copy_records_to_table("timeline_entries", records=b.entries, columns=_ENTRY_COLUMNS)
+    if b.runs:
+        await conn.executemany(_UPSERT_RUN, [
+            (run_id, f.correlation_id, f.target, f.locator, f.status, f.started_at, f.updated_at,
+             f.last_position, f.reason_code, f.failure)
+            for run_id, f in b.runs.items()
+        ])
+    if b.stages:
+        await conn.executemany(_UPSERT_STAGE, [
+            (run_id, stage, f.status, f.started_at, f.ended_at, f.last_type, f.last_position, f.reason_code, f.detail)
+            for (run_id, stage), f in b.stages.items()
+        ])
+    await conn.execute(
+        "UPDATE projection_checkpoints SET position = $2, updated_at = now(), error_position = NULL, error = NULL"
+        " WHERE projection = $1",
+        NAME, b.last_position,
+    )
+
+
+async def catch_up(conn: asyncpg.Connection, batch_size: int = 2000) -> int:
+    """Apply every event past the checkpoint, one transaction per batch; returns events applied.
+
+    Stops on an error, recording the failing position, rather than skipping the event (D8).
+    """
+    await _ensure_checkpoint(conn)
+    applied = 0
+    while True:
+        try:
+            async with conn.transaction():
+                # The row lock serialises this projector with a concurrent rebuild.
+                position = await conn.fetchval(
+                    "SELECT position FROM projection_checkpoints WHERE projection = $1 FOR UPDATE", NAME
+                )
+                rows = await conn.fetch(_READ, position, batch_size)
+                if not rows:
+                    return applied
+                batch = fold(rows)
+                await _apply(conn, batch)
+        except ProjectionError as exc:
+            await _record_error(conn, exc.position, str(exc))
+            raise
+        except Exception as exc:
+            position = await conn.fetchval("SELECT position FROM projection_checkpoints WHERE projection = $1", NAME)
+            await _record_error(conn, position + 1, repr(exc))
+            raise ProjectionError(position + 1, repr(exc)) from exc
+        applied += len(rows)
+
+
+async def _record_error(conn: asyncpg.Connection, position: int, error: str) -> None:
+    await conn.execute(
+        "UPDATE projection_checkpoints SET error_position = $2, error = $3, updated_at = now() WHERE projection = $1",
+        NAME, position, error[:2000],
+    )
+    log.error("projection_stopped", projection=NAME, error_position=position, error=error[:500],
+              reason_code="audit.projection_failed")
+
+
+async def rebuild(conn: asyncpg.Connection, batch_size: int = 5000) -> int:
+    """Drop the projection's rows and replay run_events from position 0, in one transaction.
+
+    Readers keep seeing the old rows until the commit (MVCC), and the live projector waits on the
+    checkpoint row lock, so nobody observes a half-built timeline.
+    """
+    await _ensure_checkpoint(conn)
+    applied = 0
+    async with conn.transaction():
+        await conn.fetchval("SELECT position FROM projection_checkpoints WHERE projection = $1 FOR UPDATE", NAME)
+        for table in ("timeline_entries", "timeline_stages", "timeline_runs"):
+            await conn.execute(f"DELETE FROM {table}")
+        position = 0
+        while True:
+            rows = await conn.fetch(_READ, position, batch_size)
+            if not rows:
+                break
+            batch = fold(rows)
+            await _apply(conn, batch)
+            position = batch.last_position
+            applied += len(rows)
+        if applied == 0:
+            await conn.execute("UPDATE projection_checkpoints SET position = 0 WHERE projection = $1", NAME)
+    return applied
+
+
+async def snapshot(conn: asyncpg.Connection) -> dict[str, list[tuple]]:
+    """Every row of the projection, ordered: what a rebuild must reproduce."""
+    return {
+        "timeline_runs": [tuple(r) for r in await conn.fetch("SELECT * FROM timeline_runs ORDER BY run_id")],
+        "timeline_stages": [tuple(r) for r in await conn.fetch("SELECT * FROM timeline_stages ORDER BY run_id, stage")],
+        "timeline_entries": [tuple(r) for r in await conn.fetch("SELECT * FROM timeline_entries ORDER BY global_position")],
+    }
+
+
+async def run_timeline(conn: asyncpg.Connection, run_id: str) -> dict | None:
+    run = await conn.fetchrow("SELECT * FROM timeline_runs WHERE run_id = $1", run_id)
+    if run is None:
+        return None
+    stages = await conn.fetch("SELECT * FROM timeline_stages WHERE run_id = $1 ORDER BY started_at, stage", run_id)
+    entries = await conn.fetch("SELECT * FROM timeline_entries WHERE run_id = $1 ORDER BY global_position", run_id)
+    return {"run": dict(run), "stages": [dict(s) for s in stages], "entries": [dict(e) for e in entries]}

@@ -1,0 +1,157 @@
+"""The recorder: appends every message of RUN_EVENTS to run_events, idempotently (D1, D3).
+
+global_position is the JetStream stream sequence, so positions are gap-free in commit order.
+A batch is written in one transaction and acked only after it commits; a crash before the ack
+redelivers the batch, and UNIQUE(event_id) turns the replay into a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import asyncpg
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from contracts.registry import ContractError, decode
+from services.common.delivery import dead_letter
+from services.common.logging import get_logger
+
+log = get_logger(__name__)
+
+CONSUMER = "audit-recorder"
+PRODUCER = "audit"
+
+_COLUMNS = (
+    "global_position", "event_id", "type", "schema_version", "run_id", "correlation_id",
+    "causation_id", "occurred_at", "producer", "severity", "reason_code", "subject", "payload",
+)
+
+_STAGING = f"""
+CREATE TEMP TABLE IF NOT EXISTS run_events_incoming
+  (LIKE run_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS
+"""
+
+_APPEND = f"""
+INSERT INTO run_events ({", ".join(_COLUMNS)})
+SELECT {", ".join(_COLUMNS)} FROM run_events_incoming ORDER BY global_position
+ON CONFLICT DO NOTHING
+RETURNING global_position
+"""
+
+# Rows that did not insert: already recorded (a redelivery), or another position holds the id.
+_NOT_INSERTED = """
+SELECT i.global_position, i.event_id, i.type, i.run_id, i.causation_id,
+       r.global_position AS recorded_position, r.type AS recorded_type, r.run_id AS recorded_run_id,
+       r.causation_id AS recorded_causation_id
+FROM run_events_incoming i
+LEFT JOIN run_events r ON r.event_id = i.event_id
+WHERE i.global_position <> ALL($1::bigint[])
+"""
+
+
+@dataclass
+class BatchOutcome:
+    appended: int = 0
+    already_recorded: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    last_position: int = 0
+    conflicts: list[int] = field(default_factory=list)
+
+
+class Recorder:
+    def __init__(self, pool: asyncpg.Pool, js: JetStreamContext):
+        self.pool = pool
+        self.js = js
+
+    async def record(self, msgs: list[Msg]) -> BatchOutcome:
+        out = BatchOutcome()
+        rows, bad = [], []
+        for m in msgs:
+            seq = m.metadata.sequence.stream
+            out.last_position = max(out.last_position, seq)
+            try:
+                env, _ = decode(m.data)
+            except ContractError as exc:
+                bad.append((m, exc))
+                continue
+            rows.append((
+                seq, env.event_id, env.type, env.schema_version, env.run_id, env.correlation_id,
+                env.causation_id, env.occurred_at, env.producer, env.severity.value, env.reason_code,
+                m.subject, json.dumps(env.payload),
+            ))
+        conflicts: list[tuple[Msg, str]] = []
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                if rows:
+                    await conn.execute(_STAGING)
+                    await conn.copy_records_to_table("run_events_incoming", records=rows, columns=_COLUMNS)
+                    inserted = [r[0] for r in await conn.fetch(_APPEND)]
+                    out.appended = len(inserted)
+                    skipped = []
+                    for r in await conn.fetch(_NOT_INSERTED, inserted):
+                        if r["recorded_position"] == r["global_position"]:
+                            out.already_recorded += 1
+                        elif (r["recorded_type"], r["recorded_run_id"], r["recorded_causation_id"]) == (
+                            r["type"], r["run_id"], r["causation_id"]
+                        ):
+                            # The same logical event re-published after the dedup window: keep the
+                            # first recording, account for the position.
+                            out.duplicates += 1
+                            skipped.append((r["global_position"], "audit.duplicate_event", r["event_id"],
+                                            f"already recorded at {r['recorded_position']}"))
+                        else:
+                            out.conflicts.append(r["global_position"])
+                            detail = (f"event_id {r['event_id']} is recorded at {r['recorded_position']} as "
+                                      f"{r['recorded_type']} of run {r['recorded_run_id']}; refused {r['type']}")
+                            skipped.append((r["global_position"], "audit.event_id_conflict", r["event_id"], detail))
+                            conflicts.append((next(m for m in msgs if m.metadata.sequence.stream == r["global_position"]), detail))
+                    if skipped:
+                        await _skip(conn, skipped)
+                if bad:
+                    await _skip(conn, [(m.metadata.sequence.stream, exc.reason_code, None, str(exc)[:500]) for m, exc in bad])
+        # After the commit: dead-letter what could not be recorded, then ack everything.
+        for m, exc in bad:
+            await dead_letter(self.js, m, consumer=CONSUMER, producer=PRODUCER, reason_code=exc.reason_code, error=str(exc))
+            out.dead_lettered += 1
+        for m, detail in conflicts:
+            await dead_letter(self.js, m, consumer=CONSUMER, producer=PRODUCER, reason_code="audit.event_id_conflict", error=detail)
+            out.dead_lettered += 1
+        return out
+
+
+async def _skip(conn: asyncpg.Connection, rows: list[tuple]) -> None:
+    await conn.executemany(
+        "INSERT INTO run_event_skipped_positions (global_position, reason_code, event_id, detail) "
+        "VALUES ($1, $2, $3, $4) ON CONFLICT (global_position) DO NOTHING",
+        rows,
+    )
+
+
+async def recorder_lag(conn: asyncpg.Connection, js: JetStreamContext, stream: str) -> dict:
+    """How far the recorder is behind the stream, and any unexplained hole in positions."""
+    info = await js.stream_info(stream)
+    recorded = await conn.fetchval(
+        "SELECT greatest((SELECT coalesce(max(global_position), 0) FROM run_events),"
+        " (SELECT coalesce(max(global_position), 0) FROM run_event_skipped_positions))"
+    )
+    return {"stream_last_seq": info.state.last_seq, "recorded_position": recorded,
+            "lag": max(0, info.state.last_seq - recorded)}
+
+
+async def find_gaps(conn: asyncpg.Connection, limit: int = 20) -> list[tuple[int, int]]:
+    """Ranges of positions below the highest recorded one that are neither recorded nor skipped."""
+    rows = await conn.fetch(
+        """
+        WITH p AS (
+          SELECT global_position AS pos FROM run_events
+          UNION ALL SELECT global_position FROM run_event_skipped_positions
+        ), o AS (SELECT pos, lag(pos, 1, 0::bigint) OVER (ORDER BY pos) AS prev FROM p)
+        SELECT prev + 1 AS first_missing, pos - 1 AS last_missing FROM o WHERE pos > prev + 1
+        ORDER BY pos LIMIT $1
+        """,
+        limit,
+    )
+    return [(r["first_missing"], r["last_missing"]) for r in rows]

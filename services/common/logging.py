@@ -1,0 +1,62 @@
+"""structlog JSON logging; per-message ids are bound through contextvars."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import structlog
+
+from contracts.envelope import Envelope
+
+_SECRET_KEYS = ("api_key", "apikey", "token", "secret", "password", "authorization")
+
+
+def _redact_secrets(_logger, _name, event_dict):
+    # Secrets never reach logs (brief): any key that names one is masked whatever its value.
+    for key in list(event_dict):
+        if any(s in key.lower() for s in _SECRET_KEYS):
+            event_dict[key] = "***"
+    return event_dict
+
+
+def configure_logging(service: str, level: str = "INFO") -> None:
+    logging.basicConfig(format="%(message)s", stream=sys.stderr, level=level.upper())
+    # FastStream and nats log through stdlib; keep them, but quieter than our own events.
+    for noisy in ("faststream", "nats"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _redact_secrets,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(service=service)
+
+
+@contextmanager
+def message_context(envelope: Envelope | None = None, **extra) -> Iterator[None]:
+    ids = {}
+    if envelope is not None:
+        ids = {
+            "event_id": str(envelope.event_id),
+            "event_type": envelope.type,
+            "run_id": envelope.run_id,
+            "correlation_id": envelope.correlation_id,
+        }
+    with structlog.contextvars.bound_contextvars(**ids, **extra):
+        yield
+
+
+def get_logger(name: str | None = None):
+    return structlog.get_logger(name)

@@ -1,0 +1,29 @@
+"""Settings shared by every service; each service subclasses with its own env prefix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    """Connection settings are read unprefixed (NATS_URL, DATABASE_URL, TUNELINE_DATA_DIR) because
+    the whole stack shares them; a service's own knobs carry its prefix, e.g. TUNELINE_TRAINER_."""
+
+    model_config = SettingsConfigDict(env_prefix="TUNELINE_", extra="ignore", frozen=True)
+
+    nats_url: str = Field("nats://127.0.0.1:4222", validation_alias=AliasChoices("NATS_URL"))
+    database_url: str | None = Field(None, validation_alias=AliasChoices("DATABASE_URL"))
+    data_dir: Path = Field(Path(".tuneline"), validation_alias=AliasChoices("TUNELINE_DATA_DIR"))
+    log_level: str = Field("INFO", validation_alias=AliasChoices("TUNELINE_LOG_LEVEL"))
+    # Delivery policy (D4): bounded deliveries, nack backoff, and how long a message may go
+    # without an ack or an in-progress heartbeat before the server redelivers it.
+    max_deliver: int = 5
+    ack_wait_s: float = 30.0
+    nack_backoff_s: tuple[float, ...] = (1.0, 5.0, 15.0, 30.0)
+
+    @property
+    def artifact_root(self) -> Path:
+        return (self.data_dir / "artifacts").resolve()

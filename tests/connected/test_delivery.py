@@ -1,0 +1,170 @@
+"""Delivery semantics against a real nats-server: dedup, redelivery, dead letters (D3, D4)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from contracts import subjects
+from contracts.commands import StartRun
+from contracts.events import IngestCommitted, IngestFailed
+from contracts.registry import decode, encode
+from services.common.app import Service
+from services.common.bus import publish
+from services.common.delivery import ConsumerSpec, StageError
+from services.common.settings import ServiceSettings
+from tests.conftest import wait_for
+from tests.factories import envelope, plan, ref
+
+pytestmark = pytest.mark.connected
+
+SPEC = ConsumerSpec(service="ingest", durable="ingest-test", subject=subjects.subject_for("run.start", kind="command"),
+                    accepts=("run.start",), failure_type=IngestFailed, stage="ingest")
+
+
+def start_command(run_id="run-1"):
+    return envelope(StartRun(plan=plan()), run_id=run_id, producer="cli")
+
+
+async def started_service(nats_server, tmp_path, handler, **overrides):
+    settings = ServiceSettings(nats_url=nats_server.url, data_dir=tmp_path / "data", max_deliver=3,
+                               nack_backoff_s=(0.05,), ack_wait_s=5, **overrides)
+    svc = Service("ingest", settings)
+    svc.consume(SPEC, handler)
+    await svc.prepare_broker()
+    await svc.broker.start()
+    return svc
+
+
+async def stream_messages(js, stream, subject=None):
+    info = await js.stream_info(stream)
+    out = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        msg = await js.get_msg(stream, seq)
+        if subject is None or msg.subject == subject:
+            out.append(msg)
+    return out
+
+
+async def events_of_type(js, type_name):
+    msgs = await stream_messages(js, subjects.STREAM, subjects.subject_for(type_name, kind="event"))
+    return [decode(m.data)[0] for m in msgs]
+
+
+async def test_publishing_the_same_event_twice_stores_it_once(js):
+    env = start_command()
+    subject = subjects.subject_for("run.start", kind="command")
+    first = await publish(js, env, subject)
+    second = await publish(js, env, subject)
+    assert not first.duplicate and second.duplicate
+    assert second.seq == first.seq
+    assert (await js.stream_info(subjects.STREAM)).state.messages == 1
+
+
+async def test_handler_crash_is_redelivered_and_its_event_published_once(js, nats_server, tmp_path):
+    calls = []
+
+    async def handler(ctx):
+        calls.append(ctx.raw.metadata.num_delivered)
+        await ctx.emit(IngestCommitted(plan=ctx.payload.plan, dataset=ref("d"), rejected=ref("r"), rows_read=1,
+                                       rows_accepted=1, rows_rejected=0, rejected_by_reason={}))
+        if len(calls) == 1:
+            raise RuntimeError("crash after publishing, before the ack")
+
+    svc = await started_service(nats_server, tmp_path, handler)
+    try:
+        await publish(js, start_command(), SPEC.subject)
+        await wait_for(lambda: len(calls) >= 2)
+        committed = await wait_for(lambda: events_of_type(js, "ingest.committed"))
+        consumer = await wait_for(lambda: _settled(js, SPEC.durable))
+    finally:
+        await svc.broker.stop()
+    assert calls == [1, 2]
+    assert len(committed) == 1  # the redelivered handler re-published the same deterministic id
+    assert consumer.num_ack_pending == 0 and consumer.num_pending == 0
+
+
+async def _settled(js, durable):
+    info = await js.consumer_info(subjects.STREAM, durable)
+    return info if info.num_ack_pending == 0 and info.num_pending == 0 and info.delivered.stream_seq > 0 else None
+
+
+async def test_poison_message_reaches_the_dlq_after_max_deliver_with_a_failure_event(js, nats_server, tmp_path):
+    calls = []
+
+    async def handler(ctx):
+        calls.append(ctx.raw.metadata.num_delivered)
+        raise ValueError("always broken")
+
+    svc = await started_service(nats_server, tmp_path, handler)
+    try:
+        cmd = start_command("run-poison")
+        await publish(js, cmd, SPEC.subject)
+        dead = await wait_for(lambda: events_of_type(js, "bus.message_dead_lettered"))
+        dlq = await wait_for(lambda: stream_messages(js, subjects.DLQ_STREAM))
+        await wait_for(lambda: _settled(js, SPEC.durable))
+    finally:
+        await svc.broker.stop()
+    assert calls == [1, 2, 3]  # bounded: max_deliver=3, then no more attempts
+    assert dead[0].reason_code == "bus.delivery_exhausted"
+    assert dead[0].run_id == "run-poison" and dead[0].causation_id == cmd.event_id
+    assert "always broken" in dead[0].payload["error"]
+    assert len(dlq) == 1 and decode(dlq[0].data)[0].event_id == cmd.event_id
+    assert dlq[0].headers["Tuneline-Reason-Code"] == "bus.delivery_exhausted"
+
+
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        (b"{not json", "bus.malformed_message"),
+        (b"\xff\xfe\x00binary", "bus.malformed_message"),
+        (json.dumps({"type": "run.start", "run_id": "run-x"}).encode(), "bus.malformed_message"),
+        (None, "bus.unknown_event_type"),
+        ("bad-payload", "bus.invalid_payload"),
+    ],
+)
+async def test_bad_input_is_dead_lettered_with_a_reason_and_never_reaches_the_handler(js, nats_server, tmp_path, body, reason):
+    calls = []
+
+    async def handler(ctx):
+        calls.append(1)
+
+    if body is None:
+        raw = json.loads(encode(start_command("run-unknown")))
+        raw["type"] = "run.teleport"
+        body = json.dumps(raw).encode()
+    elif body == "bad-payload":
+        raw = json.loads(encode(start_command("run-badpayload")))
+        raw["payload"] = {"plan": {"locator": "", "target": "has space"}}
+        body = json.dumps(raw).encode()
+    svc = await started_service(nats_server, tmp_path, handler)
+    try:
+        await js.publish(SPEC.subject, body, headers={"Nats-Msg-Id": str(uuid.uuid4())})
+        dead = await wait_for(lambda: events_of_type(js, "bus.message_dead_lettered"))
+        dlq = await wait_for(lambda: stream_messages(js, subjects.DLQ_STREAM))
+        await wait_for(lambda: _settled(js, SPEC.durable))
+    finally:
+        await svc.broker.stop()
+    assert calls == []
+    assert dead[0].reason_code == reason
+    assert dlq[0].data == body  # the dead letter keeps the original bytes for re-driving
+
+
+async def test_stage_error_is_answered_with_a_failure_event_and_acked(js, nats_server, tmp_path):
+    async def handler(ctx):
+        raise StageError("ingest.source_not_found", "jsonl:/nope.jsonl: no such file")
+
+    svc = await started_service(nats_server, tmp_path, handler)
+    try:
+        cmd = start_command("run-missing")
+        await publish(js, cmd, SPEC.subject)
+        failed = await wait_for(lambda: events_of_type(js, "ingest.failed"))
+        await wait_for(lambda: _settled(js, SPEC.durable))
+    finally:
+        await svc.broker.stop()
+    assert failed[0].reason_code == "ingest.source_not_found"
+    assert failed[0].payload["message"] == "jsonl:/nope.jsonl: no such file"
+    assert failed[0].causation_id == cmd.event_id and failed[0].run_id == "run-missing"
+    assert (await js.stream_info(subjects.DLQ_STREAM)).state.messages == 0
