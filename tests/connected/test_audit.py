@@ -1,0 +1,196 @@
+"""The audit spine against real NATS and PostgreSQL: recorder idempotency, append-only storage,
+projection rebuild equality."""
+
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+import pytest
+
+from contracts import subjects
+from contracts.registry import encode
+from services.audit.app import AuditService
+from services.audit.db import connect_as_app
+from services.audit.projections import timeline
+from services.audit.recorder import Recorder, find_gaps, recorder_lag
+from services.audit.settings import AuditSettings
+from services.common.bus import publish
+from tests.conftest import wait_for
+from tests.factories import failed_run, successful_run
+
+pytestmark = pytest.mark.connected
+
+
+def subject_of(env):
+    kind = "command" if env.type == "run.start" else "event"
+    return subjects.subject_for(env.type, kind=kind, target=env.payload.get("target"))
+
+
+async def publish_all(js, envs):
+    for env in envs:
+        await publish(js, env, subject_of(env))
+
+
+async def start_audit(nats_server, database, tmp_path, **kw):
+    svc = AuditService(AuditSettings(nats_url=nats_server.url, database_url=database, data_dir=tmp_path / "d",
+                                     projector_poll_s=0.1, **kw))
+    await svc.prepare_broker()
+    await svc.broker.start()
+    return svc
+
+
+async def stop_audit(svc):
+    await svc.broker.stop()
+    await svc._shutdown()
+
+
+async def count(conn, table):
+    return await conn.fetchval(f"SELECT count(*) FROM {table}")
+
+
+async def test_recorder_appends_every_event_at_its_stream_position_and_projects_the_timeline(js, nats_server, database, tmp_path):
+    envs = successful_run("run-ok") + failed_run("run-bad")
+    await publish_all(js, envs)
+    svc = await start_audit(nats_server, database, tmp_path)
+    conn = await connect_as_app(database)
+    try:
+        await wait_for(lambda: _checkpoint_at(conn, len(envs)))
+        rows = await conn.fetch("SELECT global_position, event_id FROM run_events ORDER BY global_position")
+        assert [r["global_position"] for r in rows] == list(range(1, len(envs) + 1))
+        assert [r["event_id"] for r in rows] == [e.event_id for e in envs]
+        assert await find_gaps(conn) == []
+        assert (await recorder_lag(conn, js, subjects.STREAM))["lag"] == 0
+        ok = await timeline.run_timeline(conn, "run-ok")
+        bad = await timeline.run_timeline(conn, "run-bad")
+    finally:
+        await conn.close()
+        await stop_audit(svc)
+    assert ok["run"]["status"] == "succeeded" and ok["run"]["target"] == "support-intents"
+    assert {s["stage"]: s["status"] for s in ok["stages"]} == {
+        "ingest": "succeeded", "prep": "succeeded", "trainer": "succeeded", "evaluator": "succeeded",
+        "export": "succeeded", "registry": "succeeded",
+    }
+    assert [e["type"] for e in ok["entries"]] == [e.type for e in envs if e.run_id == "run-ok"]
+    assert bad["run"]["status"] == "failed" and bad["run"]["reason_code"] == "ingest.source_not_found"
+    assert bad["stages"][0]["stage"] == "ingest" and bad["stages"][0]["status"] == "failed"
+
+
+async def _checkpoint_at(conn, position):
+    return await conn.fetchval("SELECT position FROM projection_checkpoints WHERE projection='timeline'") == position
+
+
+async def test_recording_the_same_messages_again_changes_nothing(js, nats_server, database, tmp_path):
+    envs = successful_run("run-a")
+    await publish_all(js, envs)
+    pool = await asyncpg.create_pool(database, server_settings={"role": "tuneline_app"})
+    sub = await js.pull_subscribe(f"{subjects.ROOT}.>", durable="replay", stream=subjects.STREAM)
+    msgs = await sub.fetch(len(envs), timeout=5)
+    recorder = Recorder(pool, js)
+    first = await recorder.record(msgs)
+    again = await recorder.record(msgs)  # a redelivered batch: the recorder crashed before its ack
+    async with pool.acquire() as conn:
+        n = await count(conn, "run_events")
+    await pool.close()
+    assert (first.appended, first.already_recorded) == (len(envs), 0)
+    assert (again.appended, again.already_recorded) == (0, len(envs))
+    assert n == len(envs)
+
+
+async def test_republished_duplicate_is_accounted_and_a_conflicting_event_id_is_dead_lettered(js, nats_server, database, tmp_path):
+    envs = successful_run("run-d")[:2]
+    await publish_all(js, envs)
+    # Outside the dedup window the bus stores the same event again (simulated with another msg id) ...
+    await js.publish(subject_of(envs[0]), encode(envs[0]), headers={"Nats-Msg-Id": "late-republish"})
+    # ... and a different event reusing a recorded id must be refused, not overwrite history.
+    impostor = failed_run("run-other")[1].model_copy(update={"event_id": envs[1].event_id})
+    await js.publish(subject_of(impostor), encode(impostor), headers={"Nats-Msg-Id": "impostor"})
+    svc = await start_audit(nats_server, database, tmp_path)
+    conn = await connect_as_app(database)
+    try:
+        await wait_for(lambda: _skipped(conn, 2))
+        skipped = await conn.fetch("SELECT global_position, reason_code FROM run_event_skipped_positions ORDER BY 1")
+        dead = await wait_for(lambda: _dead_letters(js))
+        assert await count(conn, "run_events") == 2
+        assert await find_gaps(conn) == []
+    finally:
+        await conn.close()
+        await stop_audit(svc)
+    assert [(r["global_position"], r["reason_code"]) for r in skipped] == [
+        (3, "audit.duplicate_event"), (4, "audit.event_id_conflict")]
+    assert dead[0].headers["Tuneline-Reason-Code"] == "audit.event_id_conflict"
+
+
+async def _skipped(conn, n):
+    return await count(conn, "run_event_skipped_positions") >= n
+
+
+async def _dead_letters(js):
+    info = await js.stream_info(subjects.DLQ_STREAM)
+    return [await js.get_msg(subjects.DLQ_STREAM, s) for s in range(1, info.state.last_seq + 1)] if info.state.messages else None
+
+
+async def test_malformed_message_on_the_bus_is_dead_lettered_by_the_recorder_and_leaves_no_gap(js, nats_server, database, tmp_path):
+    await js.publish(f"{subjects.EVENTS}.ingest.committed", b"\x00garbage", headers={"Nats-Msg-Id": "g1"})
+    await publish_all(js, failed_run("run-after"))
+    svc = await start_audit(nats_server, database, tmp_path)
+    conn = await connect_as_app(database)
+    try:
+        # The dead-letter announcement is itself an event, recorded at position 4.
+        await wait_for(lambda: _checkpoint_at(conn, 4))
+        skipped = await conn.fetchrow("SELECT * FROM run_event_skipped_positions")
+        types = [r["type"] for r in await conn.fetch("SELECT type FROM run_events ORDER BY global_position")]
+        gaps = await find_gaps(conn)
+        unattributed = await timeline.run_timeline(conn, "unattributed")
+    finally:
+        await conn.close()
+        await stop_audit(svc)
+    assert skipped["global_position"] == 1 and skipped["reason_code"] == "bus.malformed_message"
+    assert types == ["run.start", "ingest.failed", "bus.message_dead_lettered"]
+    assert gaps == []
+    assert unattributed["run"]["status"] == "failed"
+
+
+@pytest.mark.parametrize("statement", [
+    "UPDATE run_events SET type = 'tampered'",
+    "DELETE FROM run_events",
+    "TRUNCATE run_events",
+])
+async def test_run_events_refuses_update_delete_and_truncate(database, statement):
+    owner = await asyncpg.connect(database)
+    app = await connect_as_app(database)
+    try:
+        await app.execute(
+            "INSERT INTO run_events (global_position, event_id, type, schema_version, run_id, correlation_id,"
+            " occurred_at, producer, severity, subject, payload) VALUES (1, $1, 'run.start', 1, 'r', 'r', now(),"
+            " 'cli', 'info', 's', '{}')", uuid.uuid4())
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await app.execute(statement)  # the application role has no such privilege
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
+            await owner.execute(statement)  # and the trigger refuses even the owner
+        assert await app.fetchval("SELECT type FROM run_events") == "run.start"
+    finally:
+        await app.close()
+        await owner.close()
+
+
+async def test_rebuilding_the_timeline_reproduces_it_exactly(js, nats_server, database, tmp_path):
+    envs = []
+    for i in range(5):
+        envs += successful_run(f"run-{i}", progress_steps=i) + failed_run(f"run-f{i}")
+    await publish_all(js, envs)
+    svc = await start_audit(nats_server, database, tmp_path, projector_batch=7)  # odd batches on purpose
+    conn = await connect_as_app(database)
+    try:
+        await wait_for(lambda: _checkpoint_at(conn, len(envs)))
+        live = await timeline.snapshot(conn)
+        assert await timeline.rebuild(conn, batch_size=1000) == len(envs)
+        rebuilt = await timeline.snapshot(conn)
+        await timeline.rebuild(conn, batch_size=1)
+        rebuilt_one_by_one = await timeline.snapshot(conn)
+    finally:
+        await conn.close()
+        await stop_audit(svc)
+    assert len(live["timeline_entries"]) == len(envs) and len(live["timeline_runs"]) == 10
+    assert rebuilt == live
+    assert rebuilt_one_by_one == live
