@@ -48,6 +48,7 @@ class PrepPrepared(Frozen):
     label_space: list[str]
     train_rows: int = Field(ge=0)
     eval_rows: int = Field(ge=0)
+    duplicates_dropped: int = Field(0, ge=0)  # exact duplicates and texts seen under two labels
     dataset_version: str
 
 

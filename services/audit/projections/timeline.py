@@ -58,6 +58,14 @@ def _fmt(x: float) -> str:
     return f"{x:.3f}"
 
 
+def model_name(base_model: str) -> str:
+    """A readable name for a model path: the bundled MiniLM lives in `<package>/model`."""
+    parts = [x for x in base_model.rstrip("/").split("/") if x]
+    if len(parts) >= 2 and parts[-1] == "model":
+        return parts[-2]
+    return parts[-1] if parts else base_model
+
+
 def summarize(event_type: str, payload: dict, reason_code: str | None) -> str:
     """One human line per event, for the timeline."""
     p = payload
@@ -70,10 +78,12 @@ def summarize(event_type: str, payload: dict, reason_code: str | None) -> str:
             return (f"read {p['rows_read']} rows: {p['rows_accepted']} accepted, {p['rows_rejected']} rejected"
                     + (f" ({reasons})" if reasons else ""))
         case "prep.prepared":
-            return (f"split {p['train_rows']} train / {p['eval_rows']} eval over {len(p['label_space'])} labels, "
-                    f"dataset {p['dataset_version']}")
+            dropped = p.get("duplicates_dropped", 0)
+            return (f"split {p['train_rows']} train / {p['eval_rows']} eval over {len(p['label_space'])} labels"
+                    + (f" after dropping {dropped} duplicate rows" if dropped else "")
+                    + f", dataset {p['dataset_version']}")
         case "training.started":
-            return f"LoRA fine-tune of {p['base_model'].rsplit('/', 1)[-1]} for {p['max_steps']} steps on {p['train_rows']} rows"
+            return f"LoRA fine-tune of {model_name(p['base_model'])} for {p['max_steps']} steps on {p['train_rows']} rows"
         case "training.progress":
             return (f"step {p['step']}/{p['max_steps']} loss {_fmt(p['loss'])} lr {p['learning_rate']:.2e} "
                     f"{p['examples_per_s']:.1f} ex/s eta {p['eta_s']:.0f}s")

@@ -1,0 +1,395 @@
+"""The `tuneline` command: run the local stack, start runs and follow them, query the audit trail."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from contracts import subjects
+from contracts.commands import StartRun
+from contracts.common import RunPlan
+from contracts.envelope import Envelope
+from contracts.registry import message_type_of
+from services.cli import stack
+from services.cli.render import entry_line, timeline_text
+from services.common.ids import new_run_id
+
+TERMINAL = ("succeeded", "failed")
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("TUNELINE_DATA_DIR", ".tuneline")).resolve()
+
+
+def urls() -> tuple[str, str]:
+    """NATS and database URLs: from the environment, else from the running embedded stack."""
+    state = stack.read_state(data_dir()) or {}
+    nats_url = os.environ.get("NATS_URL") or state.get("nats", {}).get("url")
+    db_url = os.environ.get("DATABASE_URL") or state.get("postgres", {}).get("url")
+    if not nats_url or not db_url:
+        sys.exit("no stack: run `tuneline up` first, or set NATS_URL and DATABASE_URL")
+    return nats_url, db_url
+
+
+async def _js(nats_url: str):
+    import nats
+
+    nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=2)
+    return nc, nc.jetstream()
+
+
+# --- up / down / status --------------------------------------------------------------------
+
+
+async def _prepare(nats_url: str, db_url: str) -> None:
+    from services.audit.migrate import migrate
+    from services.common.bus import declare_streams
+
+    nc, js = await _js(nats_url)
+    try:
+        await declare_streams(js)
+    finally:
+        await nc.close()
+    await migrate(db_url)
+
+
+async def _wait_ready(nats_url: str, durables: list[str], timeout: float = 90.0) -> list[str]:
+    nc, js = await _js(nats_url)
+    try:
+        deadline = time.monotonic() + timeout
+        missing = list(durables)
+        while missing and time.monotonic() < deadline:
+            for d in list(missing):
+                try:
+                    await js.consumer_info(subjects.STREAM, d)
+                    missing.remove(d)
+                except Exception:  # noqa: BLE001 - not there yet
+                    pass
+            await asyncio.sleep(0.3)
+        return missing
+    finally:
+        await nc.close()
+
+
+DURABLES = {
+    "ingest": "ingest-run-start", "prep": "prep-ingest-committed", "trainer": "trainer-prep-prepared",
+    "evaluator": "evaluator-training-completed", "export": "export-eval-completed",
+    "registry": "registry-export-completed", "audit": "audit-recorder",
+}
+
+
+def cmd_up(args) -> int:
+    root = data_dir()
+    state = stack.read_state(root) or {}
+    if state.get("services") and all(stack.pid_alive(s["pid"]) for s in state["services"].values()):
+        print(f"already up ({root}); `tuneline status` for details")
+        return 0
+    state = {"data_dir": str(root)}
+    if os.environ.get("NATS_URL"):
+        state["nats"] = {"url": os.environ["NATS_URL"], "managed": False}
+    else:
+        n = stack.start_nats(root / "nats")
+        state["nats"] = {"url": n.url, "pid": n.pid, "managed": True, "log": str(n.log)}
+        print(f"nats-server   {n.url} (JetStream, sync_interval: always, store {n.store_dir})")
+    if os.environ.get("DATABASE_URL"):
+        state["postgres"] = {"url": os.environ["DATABASE_URL"], "managed": False}
+    else:
+        pg = stack.start_postgres(root / "postgres")
+        state["postgres"] = {"url": pg.url, "pgdata": str(pg.pgdata), "managed": True}
+        print(f"postgresql    {pg.url}")
+    stack.write_state(root, state)
+    asyncio.run(_prepare(state["nats"]["url"], state["postgres"]["url"]))
+    env = dict(os.environ, NATS_URL=state["nats"]["url"], DATABASE_URL=state["postgres"]["url"],
+               TUNELINE_DATA_DIR=str(root), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    state["services"] = {}
+    for name in stack.SERVICES:
+        pid = stack.start_service(name, root, env)
+        state["services"][name] = {"pid": pid, "log": str(root / "logs" / f"{name}.log")}
+    stack.write_state(root, state)
+    missing = asyncio.run(_wait_ready(state["nats"]["url"], [DURABLES[s] for s in stack.SERVICES]))
+    for name in stack.SERVICES:
+        ok = DURABLES[name] not in missing and stack.pid_alive(state["services"][name]["pid"])
+        print(f"{name:<13} {'up' if ok else 'NOT READY'} pid {state['services'][name]['pid']}")
+    if missing:
+        print(f"services not ready: {missing}; see {root / 'logs'}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_down(args) -> int:
+    root = data_dir()
+    state = stack.read_state(root)
+    if not state:
+        print("nothing to stop")
+        return 0
+    for name, s in (state.get("services") or {}).items():
+        stack.stop_pid(s["pid"])
+        print(f"{name:<13} stopped")
+    state["services"] = {}
+    if state.get("nats", {}).get("managed"):
+        stack.stop_pid(state["nats"]["pid"])
+        print("nats-server   stopped")
+    if state.get("postgres", {}).get("managed"):
+        stack.stop_postgres(Path(state["postgres"]["pgdata"]))
+        print("postgresql    stopped")
+    stack.state_path(root).unlink(missing_ok=True)
+    return 0
+
+
+async def _status() -> dict:
+    from services.audit.db import connect_as_app
+    from services.audit.recorder import find_gaps, recorder_lag
+
+    nats_url, db_url = urls()
+    out: dict = {"services": {}}
+    state = stack.read_state(data_dir()) or {}
+    for name in stack.SERVICES:
+        pid = (state.get("services") or {}).get(name, {}).get("pid")
+        out["services"][name] = {"pid": pid, "alive": stack.pid_alive(pid)}
+    nc, js = await _js(nats_url)
+    conn = await connect_as_app(db_url)
+    try:
+        info = await js.stream_info(subjects.STREAM)
+        dlq = await js.stream_info(subjects.DLQ_STREAM)
+        out["stream"] = {"name": subjects.STREAM, "messages": info.state.messages, "last_seq": info.state.last_seq,
+                         "dlq_messages": dlq.state.messages}
+        out["recorder"] = await recorder_lag(conn, js, subjects.STREAM)
+        out["recorder"]["gaps"] = await find_gaps(conn)
+        cp = await conn.fetchrow("SELECT * FROM projection_checkpoints WHERE projection = 'timeline'")
+        out["projection"] = dict(cp) if cp else {"position": 0}
+        for name in stack.SERVICES:
+            try:
+                ci = await js.consumer_info(subjects.STREAM, DURABLES[name])
+                out["services"][name].update(pending=ci.num_pending, ack_pending=ci.num_ack_pending)
+            except Exception:  # noqa: BLE001
+                out["services"][name].update(pending=None)
+    finally:
+        await conn.close()
+        await nc.close()
+    return out
+
+
+def cmd_status(args) -> int:
+    st = asyncio.run(_status())
+    if args.json:
+        print(json.dumps(st, default=str, indent=2))
+        return 0
+    for name, s in st["services"].items():
+        print(f"{name:<10} {'up  ' if s['alive'] else 'DOWN'} pid {s['pid']}  pending {s.get('pending')}  "
+              f"unacked {s.get('ack_pending')}")
+    s = st["stream"]
+    print(f"stream {s['name']}: {s['messages']} messages, last seq {s['last_seq']}; DLQ {s['dlq_messages']}")
+    r = st["recorder"]
+    print(f"recorder: recorded up to {r['recorded_position']}, lag {r['lag']}, gaps {r['gaps'] or 'none'}")
+    p = st["projection"]
+    print(f"timeline projection: position {p.get('position')}"
+          + (f", STOPPED at {p['error_position']}: {p['error']}" if p.get("error_position") else ""))
+    return 0 if all(s["alive"] for s in st["services"].values()) else 1
+
+
+# --- run / timeline / events ----------------------------------------------------------------
+
+
+def _absolute_locator(locator: str) -> str:
+    # Services run elsewhere (another cwd, another host): a relative file path would mean nothing there.
+    scheme, sep, rest = locator.partition(":")
+    if sep and scheme in ("jsonl", "csv") and rest and not os.path.isabs(rest):
+        return f"{scheme}:{os.path.abspath(rest)}"
+    return locator
+
+
+async def _start_run(args) -> str:
+    from services.common.bus import publish
+
+    plan = RunPlan(locator=_absolute_locator(args.locator), target=args.target, text_field=args.text_field,
+                   label_field=args.label_field, max_steps=args.max_steps, eval_fraction=args.eval_fraction,
+                   seed=args.seed, base_model=args.base_model)
+    run_id = new_run_id()
+    cmd = StartRun(plan=plan, requested_by=os.environ.get("USER", "cli"))
+    mt = message_type_of(cmd)
+    env = Envelope(type=mt.name, schema_version=mt.version, run_id=run_id, correlation_id=run_id, producer="cli",
+                   payload=cmd.model_dump(mode="json"))
+    nats_url, _ = urls()
+    nc, js = await _js(nats_url)
+    try:
+        await publish(js, env, subjects.subject_for(env.type, kind="command"))
+    finally:
+        await nc.close()
+    return run_id
+
+
+async def _follow(run_id: str, timeout: float) -> dict | None:
+    from services.audit.db import connect_as_app
+    from services.audit.projections.timeline import run_timeline
+
+    _, db_url = urls()
+    conn = await connect_as_app(db_url)
+    try:
+        seen = 0
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            tl = await run_timeline(conn, run_id)
+            if tl:
+                for e in tl["entries"][seen:]:
+                    print(entry_line(e), flush=True)
+                seen = len(tl["entries"])
+                if tl["run"]["status"] in TERMINAL:
+                    return tl
+            await asyncio.sleep(0.5)
+        return await run_timeline(conn, run_id)
+    finally:
+        await conn.close()
+
+
+def cmd_run(args) -> int:
+    run_id = asyncio.run(_start_run(args))
+    print(f"started {run_id} (correlation id {run_id})", flush=True)
+    if args.no_wait:
+        return 0
+    tl = asyncio.run(_follow(run_id, args.timeout))
+    print()
+    if tl is None:
+        print(f"{run_id}: no event recorded within {args.timeout:.0f}s; is the stack up? (`tuneline status`)")
+        return 2
+    print(timeline_text(tl))
+    return 0 if tl["run"]["status"] == "succeeded" else 1
+
+
+async def _timeline(run_id: str) -> dict | None:
+    from services.audit.db import connect_as_app
+    from services.audit.projections.timeline import run_timeline
+
+    conn = await connect_as_app(urls()[1])
+    try:
+        return await run_timeline(conn, run_id)
+    finally:
+        await conn.close()
+
+
+def cmd_timeline(args) -> int:
+    tl = asyncio.run(_timeline(args.run_id))
+    if tl is None:
+        print(f"no run {args.run_id!r} in the timeline", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(tl, default=str, indent=2))
+    else:
+        print(timeline_text(tl))
+    return 0
+
+
+async def _events(run_id: str) -> list[dict]:
+    from services.audit.db import connect_as_app
+
+    conn = await connect_as_app(urls()[1])
+    try:
+        rows = await conn.fetch("SELECT * FROM run_events WHERE run_id = $1 ORDER BY global_position", run_id)
+    finally:
+        await conn.close()
+    out = []
+    for r in rows:
+        d = dict(r)
+        d["payload"] = json.loads(d["payload"])
+        out.append(d)
+    return out
+
+
+def cmd_events(args) -> int:
+    events = asyncio.run(_events(args.run))
+    if args.json:
+        print(json.dumps(events, default=str, indent=2))
+    else:
+        for e in events:
+            print(f"{e['global_position']:>8} {e['occurred_at']:%H:%M:%S} {e['type']:<28} {e['producer']:<10} "
+                  f"{e['reason_code'] or ''}")
+    return 0 if events else 1
+
+
+async def _rebuild() -> tuple[int, bool]:
+    from services.audit.db import connect_as_app
+    from services.audit.projections import timeline
+
+    conn = await connect_as_app(urls()[1])
+    try:
+        before = await timeline.snapshot(conn)
+        n = await timeline.rebuild(conn)
+        after = await timeline.snapshot(conn)
+        return n, before == after
+    finally:
+        await conn.close()
+
+
+def cmd_rebuild(args) -> int:
+    n, same = asyncio.run(_rebuild())
+    print(f"timeline rebuilt from run_events: {n} events replayed; "
+          f"{'identical to the live projection' if same else 'DIFFERS from the previous projection'}")
+    return 0 if same else 1
+
+
+def cmd_migrate(args) -> int:
+    from services.audit.migrate import migrate
+
+    report = asyncio.run(migrate(urls()[1]))
+    print(f"applied {len(report.applied)}, already applied {len(report.skipped)}")
+    return 0
+
+
+def cmd_sample_data(args) -> int:
+    from services.cli.sample_data import generate
+
+    info = generate(Path(args.path), rows_per_label=args.rows_per_label)
+    print(f"wrote {info['rows']} rows ({', '.join(info['labels'])}, plus 3 malformed) to {info['path']}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tuneline", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="start nats-server, PostgreSQL (unless NATS_URL/DATABASE_URL) and every service").set_defaults(fn=cmd_up)
+    sub.add_parser("down", help="stop what `up` started").set_defaults(fn=cmd_down)
+    s = sub.add_parser("status", help="services, stream, recorder lag, projection")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_status)
+    r = sub.add_parser("run", help="start a run and follow it to the end")
+    r.add_argument("--locator", required=True, help="where the labelled rows are, e.g. jsonl:data.jsonl")
+    r.add_argument("--target", required=True, help="the deployment target the version is registered for")
+    r.add_argument("--text-field", default="text")
+    r.add_argument("--label-field", default="label")
+    r.add_argument("--max-steps", type=int, default=120)
+    r.add_argument("--eval-fraction", type=float, default=0.2)
+    r.add_argument("--seed", type=int, default=13)
+    r.add_argument("--base-model", default=None, help="local path or hub id (default: bundled all-MiniLM-L6-v2)")
+    r.add_argument("--timeout", type=float, default=1800)
+    r.add_argument("--no-wait", action="store_true")
+    r.set_defaults(fn=cmd_run)
+    t = sub.add_parser("timeline", help="a run's timeline, from the projection")
+    t.add_argument("run_id")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(fn=cmd_timeline)
+    e = sub.add_parser("events", help="a run's events, from run_events")
+    e.add_argument("--run", required=True)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_events)
+    rb = sub.add_parser("rebuild", help="drop a projection and rebuild it from run_events")
+    rb.add_argument("projection", choices=["timeline"])
+    rb.set_defaults(fn=cmd_rebuild)
+    sub.add_parser("migrate", help="apply infra/postgres/*.sql").set_defaults(fn=cmd_migrate)
+    sd = sub.add_parser("sample-data", help="write the generated demo dataset")
+    sd.add_argument("path")
+    sd.add_argument("--rows-per-label", type=int, default=100)
+    sd.set_defaults(fn=cmd_sample_data)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    sys.exit(args.fn(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from services.export.app import main
+
+main()

@@ -1,0 +1,3 @@
+from services.prep.app import main
+
+main()

@@ -1,0 +1,69 @@
+"""Registry service: `export.completed` -> `registry.version_registered` (a candidate) on the target's
+own subject, appended with an expected last sequence so concurrent writers cannot both win (D7)."""
+
+from __future__ import annotations
+
+import json
+
+from nats.js.errors import NotFoundError
+
+from contracts import subjects
+from contracts.events import RegistryFailed, VersionRegistered
+from services.common.app import Service
+from services.common.bus import ExpectedSequenceMismatch, publish
+from services.common.delivery import ConsumerSpec, StageContext, StageError
+from services.common.logging import get_logger
+from services.registry.domain import next_version
+from services.registry.settings import RegistrySettings
+
+log = get_logger(__name__)
+
+EXPORTED = ConsumerSpec(service="registry", durable="registry-export-completed",
+                        subject=subjects.subject_for("export.completed", kind="event"),
+                        accepts=("export.completed",), failure_type=RegistryFailed, stage="registry")
+
+MAX_ATTEMPTS = 5
+
+
+async def last_target_event(js, target_filter: str) -> tuple[int, dict | None]:
+    """The target aggregate's last event and its stream sequence (0 when the target is new)."""
+    try:
+        msg = await js.get_last_msg(subjects.STREAM, target_filter)
+    except NotFoundError:
+        return 0, None
+    return msg.seq, json.loads(msg.data)
+
+
+async def on_exported(ctx: StageContext) -> None:
+    p = ctx.payload
+    target = p.plan.target
+    if not subjects.is_subject_token(target):
+        raise StageError("registry.invalid_target", f"target {target!r} is not a valid subject token")
+    target_filter = subjects.registry_target_filter(target)
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        seq, last = await last_target_event(ctx.js, target_filter)
+        if last is not None and last.get("causation_id") == str(ctx.envelope.event_id):
+            log.info("already_registered", version=last["payload"]["version"])  # a redelivery after success
+            return
+        event = VersionRegistered(
+            target=target, version=next_version(last), export=p.export, base_model=p.base_model,
+            candidate=p.candidate, base=p.base, source_run_id=ctx.envelope.run_id,
+        )
+        env = ctx.envelope_for(event)
+        try:
+            await publish(ctx.js, env, subjects.subject_for(env.type, kind="event", target=target),
+                          expected_last_subject_seq=seq, expected_subject_filter=target_filter)
+            return
+        except ExpectedSequenceMismatch:
+            log.warning("registry_concurrent_update", attempt=attempt, reason_code="registry.concurrent_update")
+    raise RuntimeError(f"target {target}: {MAX_ATTEMPTS} concurrent-update conflicts in a row")
+
+
+def build(settings: RegistrySettings | None = None) -> Service:
+    svc = Service("registry", settings or RegistrySettings())
+    svc.consume(EXPORTED, on_exported)
+    return svc
+
+
+def main() -> None:
+    build().run()
