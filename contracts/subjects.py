@@ -19,7 +19,7 @@ _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def is_subject_token(value: str) -> bool:
-    return bool(_TOKEN.match(value))
+    return bool(_TOKEN.fullmatch(value))
 
 
 def registry_target_filter(target: str) -> str:

@@ -57,7 +57,8 @@ class Service:
             spec.subject,
             stream=RUN_EVENTS,
             durable=spec.durable,
-            pull_sub=PullSub(batch_size=1, timeout=1.0),
+            # One long fetch at a time: short fetch deadlines leave orphaned pull requests (see audit app).
+            pull_sub=PullSub(batch_size=1, timeout=5.0),
             ack_policy=AckPolicy.MANUAL,  # FastStream's default would terminate on any exception
             config=consumer_config(self.settings),
             title=spec.durable,

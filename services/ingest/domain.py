@@ -90,8 +90,8 @@ def map_row(row: RawRow, text_field: str, label_field: str) -> dict | RejectedRo
 
     try:
         obj = json.loads(row.raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return reject("ingest.unparseable_row", f"not valid JSON: {exc}")
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, huge ints, absurd nesting
+        return reject("ingest.unparseable_row", f"not valid JSON: {str(exc)[:200]}")
     if not isinstance(obj, dict):
         return reject("ingest.unparseable_row", f"a JSON {type(obj).__name__}, not an object")
     missing = [f for f in (text_field, label_field) if f not in obj or obj[f] is None]
@@ -102,7 +102,13 @@ def map_row(row: RawRow, text_field: str, label_field: str) -> dict | RejectedRo
         return reject("ingest.empty_text", f"field {text_field!r} is empty or not a string")
     if isinstance(label, bool) or not isinstance(label, (str, int)) or not str(label).strip():
         return reject("ingest.invalid_label", f"field {label_field!r} must be a non-empty string or integer")
-    return {"text": text.strip(), "label": str(label).strip(), "row_number": row.row_number}
+    text, label = text.strip(), str(label).strip()
+    try:
+        # JSON can carry lone surrogates that no UTF-8 artifact can hold.
+        text.encode("utf-8"), label.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return reject("ingest.unparseable_row", f"text or label is not encodable as UTF-8: {exc.reason}")
+    return {"text": text, "label": label, "row_number": row.row_number}
 
 
 def map_rows(rows: Iterable[RawRow], text_field: str, label_field: str) -> MappingResult:

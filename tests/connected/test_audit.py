@@ -111,7 +111,9 @@ async def test_republished_duplicate_is_accounted_and_a_conflicting_event_id_is_
         await wait_for(lambda: _skipped(conn, 2))
         skipped = await conn.fetch("SELECT global_position, reason_code FROM run_event_skipped_positions ORDER BY 1")
         dead = await wait_for(lambda: _dead_letters(js))
-        assert await count(conn, "run_events") == 2
+        await wait_for(lambda: _checkpoint_at(conn, 5))  # the dead-letter announcement is recorded too
+        types = [r["type"] for r in await conn.fetch("SELECT type FROM run_events ORDER BY global_position")]
+        assert types == ["run.start", "ingest.committed", "bus.message_dead_lettered"]
         assert await find_gaps(conn) == []
     finally:
         await conn.close()
@@ -194,3 +196,32 @@ async def test_rebuilding_the_timeline_reproduces_it_exactly(js, nats_server, da
     assert len(live["timeline_entries"]) == len(envs) and len(live["timeline_runs"]) == 10
     assert rebuilt == live
     assert rebuilt_one_by_one == live
+
+
+async def test_projection_waits_at_a_hole_in_positions_and_applies_it_once_filled(database):
+    """The recorder may commit a redelivered position after later ones; the projection must not skip it."""
+    envs = successful_run("run-hole", progress_steps=1)[:4]
+    conn = await connect_as_app(database)
+
+    async def record(position, env):
+        await conn.execute(
+            "INSERT INTO run_events (global_position, event_id, type, schema_version, run_id, correlation_id,"
+            " causation_id, occurred_at, producer, severity, reason_code, subject, payload)"
+            " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13)",
+            position, env.event_id, env.type, env.schema_version, env.run_id, env.correlation_id, env.causation_id,
+            env.occurred_at, env.producer, env.severity.value, env.reason_code, "s", env.model_dump_json(include={"payload"})[11:-1])
+
+    try:
+        await record(1, envs[0])
+        await record(2, envs[1])
+        await record(4, envs[3])
+        await timeline.catch_up(conn)
+        assert await conn.fetchval("SELECT position FROM projection_checkpoints") == 2
+        assert [g for g, _ in await find_gaps(conn)] == [3]
+        await record(3, envs[2])
+        await timeline.catch_up(conn)
+        assert await conn.fetchval("SELECT position FROM projection_checkpoints") == 4
+        types = [r["type"] for r in await conn.fetch("SELECT type FROM timeline_entries ORDER BY global_position")]
+    finally:
+        await conn.close()
+    assert types == [e.type for e in envs]

@@ -196,7 +196,9 @@ VALUES ($1, $2, $3, $4, coalesce($5, 'running'), $6, $7, $8, $9, $10)
 ON CONFLICT (run_id) DO UPDATE SET
   target = coalesce(t.target, EXCLUDED.target),
   locator = coalesce(t.locator, EXCLUDED.locator),
-  status = CASE WHEN t.status = 'failed' OR $5 IS NULL THEN t.status ELSE EXCLUDED.status END,
+  -- failed is final; succeeded is not undone by a late running event (as in fold())
+  status = CASE WHEN t.status = 'failed' OR $5 IS NULL OR (t.status = 'succeeded' AND EXCLUDED.status = 'running')
+                THEN t.status ELSE EXCLUDED.status END,
   updated_at = EXCLUDED.updated_at,
   last_position = EXCLUDED.last_position,
   reason_code = coalesce(t.reason_code, EXCLUDED.reason_code),
@@ -216,14 +218,43 @@ _ENTRY_COLUMNS = ("global_position", "run_id", "event_id", "type", "stage", "sev
                   "occurred_at", "summary")
 
 
+def contiguous_checkpoint(checkpoint: int, positions: list[int], skipped: set[int]) -> int:
+    """The highest position up to which every position is either recorded or skipped.
+
+    The recorder can commit positions out of order (a redelivered message arrives after later
+    ones); applying past a hole would skip that event forever, so the projection stops at it and
+    waits. A hole that never fills is a gap, reported by `tuneline status`.
+    """
+    present = set(positions) | skipped
+    while checkpoint + 1 in present:
+        checkpoint += 1
+    return checkpoint
+
+
+_SKIPPED_AFTER = """
+SELECT global_position FROM run_event_skipped_positions
+WHERE global_position > $1 AND global_position <= $2
+"""
+
+
+async def _next_batch(conn: asyncpg.Connection, position: int, batch_size: int) -> tuple[list, int]:
+    """Rows to apply after `position` (a contiguous run of positions) and the checkpoint after them."""
+    rows = await conn.fetch(_READ, position, batch_size)
+    upper = rows[-1]["global_position"] if rows else position + batch_size
+    skipped = {r[0] for r in await conn.fetch(_SKIPPED_AFTER, position, upper)}
+    checkpoint = contiguous_checkpoint(position, [r["global_position"] for r in rows], skipped)
+    return [r for r in rows if r["global_position"] <= checkpoint], checkpoint
+
+
 async def _ensure_checkpoint(conn: asyncpg.Connection) -> None:
     await conn.execute(
         "INSERT INTO projection_checkpoints (projection) VALUES ($1) ON CONFLICT DO NOTHING", NAME
     )
 
 
-async def _apply(conn: asyncpg.Connection, b: TimelineBatch) -> None:
-    await conn.copy_records_to_table("timeline_entries", records=b.entries, columns=_ENTRY_COLUMNS)
+async def _apply(conn: asyncpg.Connection, b: TimelineBatch, checkpoint: int) -> None:
+    if b.entries:
+        await conn.copy_records_to_table("timeline_entries", records=b.entries, columns=_ENTRY_COLUMNS)
     if b.runs:
         await conn.executemany(_UPSERT_RUN, [
             (run_id, f.correlation_id, f.target, f.locator, f.status, f.started_at, f.updated_at,
@@ -238,7 +269,7 @@ async def _apply(conn: asyncpg.Connection, b: TimelineBatch) -> None:
     await conn.execute(
         "UPDATE projection_checkpoints SET position = $2, updated_at = now(), error_position = NULL, error = NULL"
         " WHERE projection = $1",
-        NAME, b.last_position,
+        NAME, checkpoint,
     )
 
 
@@ -256,11 +287,10 @@ async def catch_up(conn: asyncpg.Connection, batch_size: int = 2000) -> int:
                 position = await conn.fetchval(
                     "SELECT position FROM projection_checkpoints WHERE projection = $1 FOR UPDATE", NAME
                 )
-                rows = await conn.fetch(_READ, position, batch_size)
-                if not rows:
+                rows, checkpoint = await _next_batch(conn, position, batch_size)
+                if checkpoint == position:
                     return applied
-                batch = fold(rows)
-                await _apply(conn, batch)
+                await _apply(conn, fold(rows), checkpoint)
         except ProjectionError as exc:
             await _record_error(conn, exc.position, str(exc))
             raise
@@ -293,16 +323,14 @@ async def rebuild(conn: asyncpg.Connection, batch_size: int = 5000) -> int:
         for table in ("timeline_entries", "timeline_stages", "timeline_runs"):
             await conn.execute(f"DELETE FROM {table}")
         position = 0
+        await conn.execute("UPDATE projection_checkpoints SET position = 0 WHERE projection = $1", NAME)
         while True:
-            rows = await conn.fetch(_READ, position, batch_size)
-            if not rows:
+            rows, checkpoint = await _next_batch(conn, position, batch_size)
+            if checkpoint == position:
                 break
-            batch = fold(rows)
-            await _apply(conn, batch)
-            position = batch.last_position
+            await _apply(conn, fold(rows), checkpoint)
+            position = checkpoint
             applied += len(rows)
-        if applied == 0:
-            await conn.execute("UPDATE projection_checkpoints SET position = 0 WHERE projection = $1", NAME)
     return applied
 
 

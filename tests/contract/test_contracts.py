@@ -1,0 +1,152 @@
+"""Contract tests: schema snapshots, the type registry, the envelope and the reason-code taxonomy."""
+
+from __future__ import annotations
+
+import ast
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel, ValidationError
+
+from contracts import registry, snapshots, subjects
+from contracts.envelope import Envelope
+from contracts.reason_codes import REASON_CODES, markdown_table
+from contracts.registry import ContractError, decode, encode, register, registered_types
+from tests.factories import failed_run, successful_run
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_every_contract_matches_its_committed_schema_snapshot():
+    missing, changed = snapshots.drift()
+    assert not missing, f"no snapshot for {missing}: run `make schemas`"
+    assert not changed, f"{changed} changed without a version bump: bump the type's version and add an upcaster"
+
+
+def test_a_changed_contract_is_detected_as_drift(monkeypatch):
+    # Pretend a field was added to a published type without bumping its version.
+    mt = registered_types()["ingest.failed"]
+
+    class Widened(mt.model):
+        extra_detail: str = ""
+
+    monkeypatch.setattr(mt, "model", Widened)
+    _, changed = snapshots.drift()
+    assert changed == ["ingest.failed.v1.json"]
+    with pytest.raises(SystemExit, match="without a version bump"):
+        snapshots.write_missing()
+
+
+def test_every_registered_type_has_a_unique_wire_name_and_a_kind():
+    types = registered_types()
+    assert {"run.start", "ingest.committed", "prep.prepared", "training.completed", "eval.completed",
+            "export.completed", "registry.version_registered", "bus.message_dead_lettered"} <= set(types)
+    assert all(mt.kind in ("event", "command") for mt in types.values())
+    assert types["run.start"].kind == "command"
+    # each stage that can fail has a registered failure event
+    for stage in ("ingest", "prep", "training", "eval", "export", "registry"):
+        assert f"{stage}.failed" in types
+
+
+def test_envelope_round_trips_every_factory_event():
+    for env in successful_run("run-rt") + failed_run("run-rt2"):
+        decoded, payload = decode(encode(env))
+        assert decoded == env
+        assert isinstance(payload, BaseModel)
+
+
+def test_envelope_is_frozen_and_forbids_unknown_fields():
+    env = successful_run("run-f")[0]
+    with pytest.raises(ValidationError):
+        env.run_id = "other"
+    raw = json.loads(encode(env))
+    raw["surprise"] = 1
+    with pytest.raises(ContractError) as err:
+        decode(json.dumps(raw).encode())
+    assert err.value.reason_code == "bus.malformed_message"
+
+
+def test_envelope_refuses_an_unregistered_reason_code():
+    env = failed_run("run-r")[1]
+    with pytest.raises(ValidationError, match="not registered"):
+        Envelope.model_validate({**env.model_dump(), "reason_code": "ingest.something_new"})
+
+
+def test_newer_schema_version_than_known_is_refused_with_a_reason():
+    raw = json.loads(encode(successful_run("run-v")[0]))
+    raw["schema_version"] = 99
+    with pytest.raises(ContractError) as err:
+        decode(json.dumps(raw).encode())
+    assert err.value.reason_code == "bus.unsupported_schema_version"
+
+
+def test_old_schema_versions_are_upcast_on_read(monkeypatch):
+    monkeypatch.setattr(registry, "_TYPES", dict(registry._TYPES))
+    monkeypatch.setattr(registry, "_BY_MODEL", dict(registry._BY_MODEL))
+
+    @register("test.widget_sized", kind="event", version=2,
+              upcasters={1: lambda p: {"name": p["name"], "size_mm": p["size_cm"] * 10}})
+    class WidgetSized(BaseModel):
+        name: str
+        size_mm: int
+
+    v1 = Envelope(type="test.widget_sized", schema_version=1, run_id="r", correlation_id="r", producer="t",
+                  payload={"name": "w", "size_cm": 3})
+    _, payload = decode(encode(v1))
+    assert payload == WidgetSized(name="w", size_mm=30)
+    with pytest.raises(ValueError, match="needs upcasters"):
+        register("test.unupcastable", kind="event", version=2)(type("M", (BaseModel,), {}))
+
+
+def _reason_codes_used_in_code() -> set[tuple[str, str]]:
+    """Every string literal passed as a reason code anywhere in services/ and contracts/."""
+    used = set()
+    for path in [*REPO.glob("services/**/*.py"), *REPO.glob("contracts/**/*.py")]:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "id", getattr(node.func, "attr", ""))
+            if name in ("StageError", "ContractError", "LocatorError") and node.args:
+                arg = node.args[0]
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                    used.add((arg.value, str(path.relative_to(REPO))))
+            for kw in node.keywords:
+                if kw.arg == "reason_code" and isinstance(kw.value, ast.Constant) and isinstance(kw.value.value, str):
+                    used.add((kw.value.value, str(path.relative_to(REPO))))
+    return used
+
+
+def test_every_reason_code_used_in_the_code_is_registered():
+    used = _reason_codes_used_in_code()
+    assert len(used) > 10  # the scan really finds the call sites
+    unregistered = sorted((code, where) for code, where in used if code not in REASON_CODES)
+    assert not unregistered, f"unregistered reason codes: {unregistered}"
+
+
+def test_reason_codes_are_namespaced_by_stage():
+    for code, rc in REASON_CODES.items():
+        prefix = code.split(".", 1)[0]
+        assert prefix in ("bus", "ingest", "prep", "training", "eval", "export", "registry", "audit"), code
+        assert rc.meaning.endswith("."), code
+
+
+def test_reason_code_docs_are_generated_from_the_taxonomy():
+    assert (REPO / "docs" / "reason-codes.md").read_text() == markdown_table(), "run `make docs`"
+
+
+def test_subjects_keep_events_commands_and_dead_letters_apart():
+    assert subjects.subject_for("run.start", kind="command") == "tuneline.cmd.run.start"
+    assert subjects.subject_for("ingest.committed", kind="event") == "tuneline.evt.ingest.committed"
+    assert (subjects.subject_for("registry.version_registered", kind="event", target="faq-bot")
+            == "tuneline.evt.registry.faq-bot.version_registered")
+    assert subjects.dlq_subject("trainer-prep-prepared") == "tuneline.dlq.trainer-prep-prepared"
+    with pytest.raises(ValueError):
+        subjects.registry_target_filter("a.b")
+
+
+def test_event_ids_are_uuids_and_distinct_by_default():
+    a, b = successful_run("x")[:2]
+    assert isinstance(a.event_id, uuid.UUID) and a.event_id != b.event_id

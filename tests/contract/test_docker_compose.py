@@ -1,0 +1,280 @@
+"""docker-compose.yml and the Dockerfile run the same services as `tuneline up` (ARCHITECTURE D10),
+against containerised NATS (JetStream with `sync_interval: always`, D1) and PostgreSQL.
+
+These read the files; they need no Docker engine."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import tomllib
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from services.cli.stack import NATS_CONF, SERVICES
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE = REPO / "docker-compose.yml"
+DOCKERFILE = REPO / "Dockerfile"
+DOCKERIGNORE = REPO / ".dockerignore"
+PYPROJECT = REPO / "pyproject.toml"
+
+INFRA_SERVICES = ("nats", "postgres", "migrate")
+NEEDS_DATABASE = ("audit", "migrate")
+
+_INTERPOLATION = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def interpolate(value: str) -> str:
+    """Compose's variable interpolation with nothing set in the environment: `${X:-d}` and `${X-d}`
+    give d, `$$` gives `$`. A variable without a default would be empty at deploy time, which
+    these tests refuse."""
+
+    def sub(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        if m.group(2) is None:
+            raise AssertionError(f"{value!r}: ${{{m.group(1) or m.group(3)}}} has no default")
+        return m.group(2)
+
+    return _INTERPOLATION.sub(sub, value)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    doc = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(doc, dict), "docker-compose.yml is not a mapping"
+    return doc
+
+
+@pytest.fixture(scope="module")
+def services(compose) -> dict:
+    svcs = compose.get("services")
+    assert isinstance(svcs, dict) and svcs, "docker-compose.yml defines no services"
+    return svcs
+
+
+def env_of(service: dict) -> dict[str, str]:
+    """A service's environment, given as a mapping or as a list of KEY=VALUE, interpolated."""
+    raw = service.get("environment") or {}
+    if isinstance(raw, list):
+        pairs = {}
+        for item in raw:
+            key, sep, value = str(item).partition("=")
+            assert sep, f"environment entry {item!r} has no value"
+            pairs[key] = value
+        raw = pairs
+    return {str(k): interpolate(str(v)) for k, v in raw.items() if v is not None}
+
+
+def mounts_of(service: dict) -> dict[str, tuple[str, bool]]:
+    """target -> (source, read_only), from short (`src:dst[:ro]`) or long volume syntax."""
+    out = {}
+    for v in service.get("volumes") or []:
+        if isinstance(v, str):
+            parts = v.split(":")
+            source, target = parts[0], parts[1]
+            read_only = len(parts) > 2 and "ro" in parts[2].split(",")
+        else:
+            source, target = v.get("source", ""), v["target"]
+            read_only = bool(v.get("read_only"))
+        out[target] = (source, read_only)
+    return out
+
+
+def depends_on(service: dict) -> dict[str, str]:
+    raw = service.get("depends_on") or {}
+    if isinstance(raw, list):
+        return {name: "service_started" for name in raw}
+    return {name: (spec or {}).get("condition", "service_started") for name, spec in raw.items()}
+
+
+def command_of(service: dict) -> list[str]:
+    cmd = service.get("command")
+    return cmd.split() if isinstance(cmd, str) else list(cmd or [])
+
+
+def test_compose_file_is_a_compose_spec_file_without_a_version_key(compose):
+    # The compose spec ignores (and newer clients warn about) the legacy top-level `version`.
+    assert "version" not in compose
+    assert set(compose) <= {"services", "volumes", "networks", "configs", "secrets", "name"} | {
+        k for k in compose if k.startswith("x-")
+    }
+
+
+def test_compose_runs_every_stack_service_plus_nats_postgres_and_migrate(services):
+    missing = [name for name in (*SERVICES, *INFRA_SERVICES) if name not in services]
+    assert not missing, f"docker-compose.yml lacks {missing}"
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_every_service_runs_its_module_with_the_env_it_needs(services, name):
+    svc = services[name]
+    assert svc.get("build") in (".", {"context": "."}) or (
+        isinstance(svc.get("build"), dict) and svc["build"].get("context") == "."
+    ), f"{name} is not built from the repository's Dockerfile"
+    assert command_of(svc) == ["python", "-m", f"services.{name}"]
+    assert importlib.util.find_spec(f"services.{name}.__main__") is not None, (
+        f"services.{name} has no __main__ module to run"
+    )
+
+    env = env_of(svc)
+    nats = urlsplit(env.get("NATS_URL", ""))
+    assert (nats.scheme, nats.hostname) == ("nats", "nats"), f"{name}: NATS_URL={env.get('NATS_URL')!r}"
+    assert nats.port in (None, 4222)
+    assert "nats" in depends_on(svc), f"{name} does not wait for nats"
+
+    data_dir = env.get("TUNELINE_DATA_DIR")
+    assert data_dir and data_dir.startswith("/"), f"{name}: TUNELINE_DATA_DIR={data_dir!r}"
+    assert data_dir in mounts_of(svc), f"{name}: nothing is mounted at its data dir {data_dir}"
+
+
+def test_every_stage_shares_one_named_artifact_volume_at_its_data_dir(compose, services):
+    # Artifacts are file:// URIs under the data dir: a URI one stage writes, the next must read.
+    sources = set()
+    for name in SERVICES:
+        svc = services[name]
+        source, read_only = mounts_of(svc)[env_of(svc)["TUNELINE_DATA_DIR"]]
+        assert not read_only, f"{name} mounts its data dir read-only"
+        sources.add(source)
+    assert len(sources) == 1, f"stages mount different volumes at their data dir: {sources}"
+    (source,) = sources
+    assert source in (compose.get("volumes") or {}), f"{source!r} is not a declared named volume"
+    assert len({env_of(services[n])["TUNELINE_DATA_DIR"] for n in SERVICES}) == 1
+
+
+@pytest.mark.parametrize("name", NEEDS_DATABASE)
+def test_audit_and_migrate_reach_the_postgres_service_with_its_credentials(services, name):
+    env = env_of(services[name])
+    url = urlsplit(env.get("DATABASE_URL", ""))
+    assert url.scheme in ("postgresql", "postgres"), f"{name}: DATABASE_URL={env.get('DATABASE_URL')!r}"
+    assert url.hostname == "postgres"
+    assert url.port in (None, 5432)
+
+    pg = env_of(services["postgres"])
+    assert url.username == pg["POSTGRES_USER"]
+    assert url.password == pg["POSTGRES_PASSWORD"]
+    assert url.path.lstrip("/") == pg["POSTGRES_DB"]
+    # `tuneline migrate` (services.cli.main.urls) refuses to run without NATS_URL as well.
+    assert env.get("NATS_URL", "").startswith("nats://nats")
+
+
+def test_migrate_runs_once_after_postgres_is_healthy_and_audit_waits_for_it(services):
+    migrate = services["migrate"]
+    assert command_of(migrate) == ["tuneline", "migrate"]
+    assert depends_on(migrate).get("postgres") == "service_healthy"
+    assert str(migrate.get("restart", "no")) in ("no", "False", "false")
+    assert depends_on(services["audit"]).get("migrate") == "service_completed_successfully"
+    assert "healthcheck" in services["postgres"]
+
+
+def test_nats_mounts_the_repo_config_and_sets_every_variable_it_reads(services):
+    nats = services["nats"]
+    cmd = command_of(nats)
+    flag = next((i for i, a in enumerate(cmd) if a in ("-c", "--config")), None)
+    assert flag is not None, f"nats is not started with the repo's config: {cmd}"
+    conf_in_container = cmd[flag + 1]
+
+    mounts = mounts_of(nats)
+    assert conf_in_container in mounts, f"nothing is mounted at {conf_in_container}"
+    source, read_only = mounts[conf_in_container]
+    assert (REPO / source).resolve() == NATS_CONF.resolve()
+    assert NATS_CONF.is_file()
+    assert read_only
+
+    conf = "\n".join(line.split("#", 1)[0] for line in NATS_CONF.read_text().splitlines())
+    referenced = set(re.findall(r"\$([A-Za-z_][A-Za-z0-9_]*)", conf))
+    assert referenced, "the nats conf references no variables; this test no longer pins anything"
+    env = env_of(nats)
+    unset = sorted(v for v in referenced if not env.get(v))
+    assert not unset, f"nats conf reads {unset}, which the nats service does not set"
+
+    listen_port = env["TUNELINE_NATS_LISTEN"].rsplit(":", 1)[-1]
+    assert listen_port == "4222", "the services' NATS_URL points at port 4222"
+    store = env["TUNELINE_NATS_STORE_DIR"]
+    assert any(store == t or store.startswith(t.rstrip("/") + "/") for t in mounts if t != conf_in_container), (
+        f"JetStream's store_dir {store} is not on a volume: the stream would not survive a restart"
+    )
+    assert "healthcheck" in nats
+
+
+def test_nats_conf_fsyncs_every_write(services):
+    # D1: the default 2-minute fsync loses acknowledged writes on power loss.
+    conf = "\n".join(line.split("#", 1)[0] for line in NATS_CONF.read_text().splitlines())
+    assert re.search(r"^\s*sync_interval\s*[:=]\s*always\s*$", conf, re.M)
+
+
+def test_every_service_depending_on_another_names_a_defined_service(services):
+    for name, svc in services.items():
+        for dep, condition in depends_on(svc).items():
+            assert dep in services, f"{name} depends on undefined {dep}"
+            if condition == "service_healthy":
+                assert "healthcheck" in services[dep], f"{name} waits for {dep} to be healthy; it has no healthcheck"
+
+
+def _dockerfile_instructions() -> list[str]:
+    """Instructions with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", "\n".join(
+        line for line in DOCKERFILE.read_text().splitlines() if not line.lstrip().startswith("#")
+    ))
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _pyproject_pins() -> dict[str, str]:
+    deps = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
+    pins = {}
+    for dep in deps:
+        m = re.match(r"^\s*([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?\s*==\s*([^\s;,]+)", dep)
+        if m:
+            pins[m.group(1).lower().replace("_", "-")] = m.group(2)
+    return pins
+
+
+def test_dockerfile_installs_the_project_and_pins_nothing_pyproject_does_not(services):
+    instructions = _dockerfile_instructions()
+    assert instructions[0].upper().startswith("FROM PYTHON:3.11"), "requires-python is 3.11"
+
+    runs = [i for i in instructions if i.upper().startswith("RUN ")]
+    installs = [r for r in runs if re.search(r"\bpip3?\s+install\b", r)]
+    assert any(re.search(r"\spip3?\s+install\b[^&;]*\s\.(\s|$)", " " + r[4:]) for r in installs), (
+        "the Dockerfile does not `pip install .` the project"
+    )
+
+    pins = _pyproject_pins()
+    assert "torch" in pins
+    text = " ".join(instructions)
+    for pkg, version in re.findall(r"([A-Za-z0-9_.\-]+)\s*(?:===?|~=|>=|<=)\s*([0-9][^\s\"',;]*)", text):
+        key = pkg.lower().replace("_", "-")
+        assert pins.get(key) == version, f"the Dockerfile pins {pkg} {version}; pyproject.toml pins {pins.get(key)}"
+    for version in re.findall(r"torch-([0-9][^\s\"'/]*?)(?:%2B|\+|-cp|\.whl)", text):
+        assert version == pins["torch"], f"the Dockerfile fetches torch {version}"
+
+
+def test_image_runs_the_source_tree_that_holds_the_migrations_as_a_non_root_user():
+    instructions = _dockerfile_instructions()
+    text = "\n".join(instructions)
+    assert re.search(r"^WORKDIR\s+/app\s*$", text, re.M)
+    copied = " ".join(i for i in instructions if i.upper().startswith("COPY "))
+    for path in ("contracts", "services", "infra", "pyproject.toml"):
+        assert re.search(rf"(^|\s){re.escape(path)}/?(\s|$)", copied), f"the image does not copy {path}"
+        assert (REPO / path).exists()
+    # services/audit/migrate.py finds infra/postgres relative to itself: /app must win over
+    # the copy pip put in site-packages.
+    assert re.search(r"PYTHONPATH=/app\b", text)
+    for var in ("HF_HUB_OFFLINE=1", "TRANSFORMERS_OFFLINE=1"):
+        assert var in text
+    users = [i.split(None, 1)[1] for i in instructions if i.upper().startswith("USER ")]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+
+
+def test_docker_build_context_leaves_out_local_state():
+    ignored = {line.strip().rstrip("/") for line in DOCKERIGNORE.read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    # The venv is host-specific and large; .tuneline holds the embedded stack's data and database.
+    for path in (".venv", ".tuneline", ".git"):
+        assert path in ignored, f".dockerignore does not leave out {path}"
+    for path in ("contracts", "services", "infra", "pyproject.toml"):
+        assert path not in ignored

@@ -1,0 +1,144 @@
+"""The walking skeleton end to end, through the CLI a user types: `tuneline up`, a run through all
+six services, its timeline and events, a failing run, a poison message, rebuild, status, `down`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from services.cli import stack
+
+pytestmark = [pytest.mark.e2e, pytest.mark.connected]
+
+PIPELINE = ["run.start", "ingest.committed", "prep.prepared", "training.started", "training.completed",
+            "eval.completed", "export.completed", "registry.version_registered"]
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    data = tmp_path_factory.mktemp("tuneline-e2e")
+    env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", "DATABASE_URL")}
+    env.update(TUNELINE_DATA_DIR=str(data), HF_HUB_OFFLINE="1")
+
+    def run(*args, check=True, timeout=600):
+        proc = subprocess.run([sys.executable, "-m", "services.cli.main", *args], env=env, capture_output=True,
+                              text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"tuneline {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    run.data = data
+    up = run("up", timeout=180)
+    assert "audit" in up.stdout and "NOT READY" not in up.stdout
+    yield run
+    state = stack.read_state(data)
+    run("down", check=False)
+    for s in (state or {}).get("services", {}).values():
+        assert not stack.pid_alive(s["pid"]), "a service outlived `tuneline down`"
+
+
+def _run_id(stdout: str) -> str:
+    return next(w for w in stdout.split() if w.startswith("run-"))
+
+
+def test_a_run_flows_through_all_six_services_and_its_audit_trail_tells_the_story(cli):
+    sample = cli.data / "sample.jsonl"
+    cli("sample-data", str(sample), "--rows-per-label", "40")
+    proc = cli("run", "--locator", f"jsonl:{sample}", "--target", "support-tickets", "--max-steps", "30")
+    run_id = _run_id(proc.stdout)
+    assert "status=SUCCEEDED" in proc.stdout
+    assert "training.progress" in proc.stdout  # progress shown while waiting
+
+    events = json.loads(cli("events", "--run", run_id, "--json").stdout)
+    types = [e["type"] for e in events]
+    assert [t for t in types if t != "training.progress"] == PIPELINE, " ".join(f"{e['global_position']}:{t}" for e, t in zip(events, types))
+    assert types.count("training.progress") >= 3
+    positions = [e["global_position"] for e in events]
+    assert positions == sorted(positions)
+    assert {e["correlation_id"] for e in events} == {run_id}
+    by_id = {e["event_id"]: e for e in events}
+    for e in events[1:]:
+        assert e["causation_id"] in by_id, f"{e['type']} is not caused by an event of the run"
+
+    committed = next(e for e in events if e["type"] == "ingest.committed")["payload"]
+    assert committed["rows_read"] == committed["rows_accepted"] + committed["rows_rejected"] == 163
+    assert committed["rejected_by_reason"] == {"ingest.unparseable_row": 1, "ingest.empty_text": 1,
+                                               "ingest.missing_field": 1}
+    evaluated = next(e for e in events if e["type"] == "eval.completed")["payload"]
+    assert evaluated["candidate"]["macro_f1"] > evaluated["base"]["macro_f1"]
+    registered = events[-1]["payload"]
+    assert registered["target"] == "support-tickets" and registered["status"] == "candidate"
+
+    # The exported adapter is real safetensors whose sha256s match the export manifest.
+    exported = next(e for e in events if e["type"] == "export.completed")["payload"]
+    from services.common.artifacts import ArtifactStore
+    from contracts.common import ArtifactRef
+    from services.export.domain import smoke_load, verify_export
+
+    out = ArtifactStore(cli.data / "artifacts").materialize_dir(ArtifactRef(**exported["export"]), cli.data / "x")
+    assert (out / "adapter_model.safetensors").exists() and verify_export(out) == []
+    assert smoke_load(out) > 0
+    manifest = json.loads((out / "export_manifest.json").read_text())
+    assert {f["path"]: f["sha256"] for f in manifest["files"]} == exported["files"]
+
+    timeline = json.loads(cli("timeline", run_id, "--json").stdout)
+    assert timeline["run"]["status"] == "succeeded"
+    assert [s["stage"] for s in timeline["stages"]] == ["ingest", "prep", "trainer", "evaluator", "export", "registry"]
+    assert all(s["status"] == "succeeded" for s in timeline["stages"])
+
+
+@pytest.mark.parametrize("locator, reason", [
+    ("jsonl:/definitely/not/here.jsonl", "ingest.source_not_found"),
+    ("no-scheme-here", "ingest.locator_invalid"),
+])
+def test_a_bad_locator_fails_the_run_at_ingest_with_a_clear_reason(cli, locator, reason):
+    proc = cli("run", "--locator", locator, "--target", "t", check=False, timeout=120)
+    assert proc.returncode == 1
+    assert "status=FAILED" in proc.stdout and reason in proc.stdout
+    timeline = json.loads(cli("timeline", _run_id(proc.stdout), "--json").stdout)
+    assert timeline["run"]["reason_code"] == reason
+    assert timeline["stages"] == [timeline["stages"][0]] and timeline["stages"][0]["stage"] == "ingest"
+
+
+def test_a_poison_message_is_dead_lettered_and_shows_in_the_timeline(cli):
+    import asyncio
+
+    import nats
+
+    state = stack.read_state(cli.data)
+
+    async def send():
+        nc = await nats.connect(state["nats"]["url"])
+        await nc.jetstream().publish("tuneline.evt.prep.prepared", json.dumps({"run_id": "run-poisoned", "type": 7}).encode(),
+                                     headers={"Nats-Msg-Id": "poison-1"})
+        await nc.close()
+
+    asyncio.run(send())
+    import time
+
+    deadline = time.monotonic() + 60
+    while True:
+        proc = cli("timeline", "run-poisoned", "--json", check=False)
+        if proc.returncode == 0:
+            tl = json.loads(proc.stdout)
+            consumers = {e["summary"].split()[1] for e in tl["entries"] if e["type"] == "bus.message_dead_lettered"}
+            if {"trainer-prep-prepared", "audit-recorder"} <= consumers:
+                break
+        assert time.monotonic() < deadline, "dead letters did not reach the timeline"
+        time.sleep(0.5)
+    assert tl["run"]["status"] == "failed" and tl["run"]["reason_code"] == "bus.malformed_message"
+    status = json.loads(cli("status", "--json").stdout)
+    assert status["stream"]["dlq_messages"] >= 2
+    assert all(s["alive"] for s in status["services"].values())  # nothing crashed
+
+
+def test_rebuild_reproduces_the_timeline_and_the_recorder_has_no_lag(cli):
+    assert "identical to the live projection" in cli("rebuild", "timeline").stdout
+    status = json.loads(cli("status", "--json").stdout)
+    assert status["recorder"]["gaps"] == []
+    assert status["projection"]["error_position"] is None
