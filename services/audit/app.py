@@ -6,6 +6,7 @@ import asyncio
 
 import asyncpg
 from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import AckPolicy
 
 from contracts import subjects
 from services.audit.db import app_pool
@@ -41,9 +42,11 @@ class AuditService(Service):
         the server; they capture messages that then wait out ack_wait and arrive out of order
         (seen here: a position recorded 30 s after later ones). One long fetch per batch avoids it.
         """
-        sub = await self.js.pull_subscribe(
-            f"{subjects.ROOT}.>", durable=CONSUMER, stream=subjects.STREAM, config=consumer_config(self.settings)
-        )
+        # Ack-all: a batch commits as one transaction, so one ack of its last message settles it.
+        config = consumer_config(self.settings)
+        config.ack_policy = AckPolicy.ALL
+        config.max_ack_pending = self.settings.recorder_batch * 4
+        sub = await self.js.pull_subscribe(f"{subjects.ROOT}.>", durable=CONSUMER, stream=subjects.STREAM, config=config)
         while True:
             try:
                 msgs = await sub.fetch(self.settings.recorder_batch, timeout=self.settings.recorder_fetch_timeout_s)
@@ -57,17 +60,24 @@ class AuditService(Service):
                 for m in msgs:
                     await m.nak(delay=2.0)
                 continue
-            for m in msgs:
-                await m.ack()
+            await msgs[-1].ack()
             log.debug("recorded", **outcome.__dict__)
             self._wake.set()
 
     async def prepare_broker(self) -> None:
+        await self.connect()
+        self.start_workers()
+
+    async def connect(self) -> None:
+        """Migrate, open the pool, connect to NATS; the workers start separately."""
         await migrate(self.settings.database_url)
         self.pool = await app_pool(self.settings.database_url, min_size=1, max_size=4)
         self.recorder = Recorder(self.pool, None)  # js set below once connected
         await super().prepare_broker()
         self.recorder.js = self.js
+
+    def start_workers(self) -> None:
+        """Start the recorder and the projector."""
         self._projector = asyncio.create_task(self._project_forever())
         self._recording = asyncio.create_task(self._record_forever())
 

@@ -28,26 +28,18 @@ _COLUMNS = (
     "causation_id", "occurred_at", "producer", "severity", "reason_code", "subject", "payload",
 )
 
-_STAGING = f"""
-CREATE TEMP TABLE IF NOT EXISTS run_events_incoming
-  (LIKE run_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS
-"""
-
+# One statement per batch: arrays bound as parameters, expanded by unnest.
 _APPEND = f"""
 INSERT INTO run_events ({", ".join(_COLUMNS)})
-SELECT {", ".join(_COLUMNS)} FROM run_events_incoming ORDER BY global_position
+SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::int[], $5::text[], $6::text[], $7::uuid[],
+                     $8::timestamptz[], $9::text[], $10::text[], $11::text[], $12::text[], $13::jsonb[])
 ON CONFLICT DO NOTHING
 RETURNING global_position
 """
 
-# Rows that did not insert: already recorded (a redelivery), or another position holds the id.
-_NOT_INSERTED = """
-SELECT i.global_position, i.event_id, i.type, i.run_id, i.causation_id,
-       r.global_position AS recorded_position, r.type AS recorded_type, r.run_id AS recorded_run_id,
-       r.causation_id AS recorded_causation_id
-FROM run_events_incoming i
-LEFT JOIN run_events r ON r.event_id = i.event_id
-WHERE i.global_position <> ALL($1::bigint[])
+# For rows that did not insert: what is already recorded under their event ids.
+_RECORDED_BY_ID = """
+SELECT event_id, global_position, type, run_id, causation_id FROM run_events WHERE event_id = ANY($1::uuid[])
 """
 
 
@@ -86,30 +78,20 @@ class Recorder:
         async with self.pool.acquire() as conn:
             async with conn.transaction():
                 if rows:
-                    await conn.execute(_STAGING)
-                    await conn.copy_records_to_table("run_events_incoming", records=rows, columns=_COLUMNS)
-                    inserted = [r[0] for r in await conn.fetch(_APPEND)]
+                    inserted = {r[0] for r in await conn.fetch(_APPEND, *zip(*rows))}
                     out.appended = len(inserted)
-                    skipped = []
-                    for r in await conn.fetch(_NOT_INSERTED, inserted):
-                        if r["recorded_position"] == r["global_position"]:
-                            out.already_recorded += 1
-                        elif (r["recorded_type"], r["recorded_run_id"], r["recorded_causation_id"]) == (
-                            r["type"], r["run_id"], r["causation_id"]
-                        ):
-                            # The same logical event re-published after the dedup window: keep the
-                            # first recording, account for the position.
-                            out.duplicates += 1
-                            skipped.append((r["global_position"], "audit.duplicate_event", r["event_id"],
-                                            f"already recorded at {r['recorded_position']}"))
-                        else:
-                            out.conflicts.append(r["global_position"])
-                            detail = (f"event_id {r['event_id']} is recorded at {r['recorded_position']} as "
-                                      f"{r['recorded_type']} of run {r['recorded_run_id']}; refused {r['type']}")
-                            skipped.append((r["global_position"], "audit.event_id_conflict", r["event_id"], detail))
-                            conflicts.append((next(m for m in msgs if m.metadata.sequence.stream == r["global_position"]), detail))
-                    if skipped:
-                        await _skip(conn, skipped)
+                    if len(inserted) < len(rows):
+                        skipped = self._explain_not_inserted(
+                            [r for r in rows if r[0] not in inserted],
+                            {r["event_id"]: r for r in await conn.fetch(
+                                _RECORDED_BY_ID, [r[1] for r in rows if r[0] not in inserted])},
+                            out,
+                        )
+                        by_seq = {m.metadata.sequence.stream: m for m in msgs}
+                        conflicts = [(by_seq[pos], detail) for pos, code, _, detail in skipped
+                                     if code == "audit.event_id_conflict"]
+                        if skipped:
+                            await _skip(conn, skipped)
                 if bad:
                     await _skip(conn, [(m.metadata.sequence.stream, exc.reason_code, None, str(exc)[:500]) for m, exc in bad])
         # After the commit: dead-letter what could not be recorded, then ack everything.
@@ -120,6 +102,26 @@ class Recorder:
             await dead_letter(self.js, m, consumer=CONSUMER, producer=PRODUCER, reason_code="audit.event_id_conflict", error=detail)
             out.dead_lettered += 1
         return out
+
+    @staticmethod
+    def _explain_not_inserted(rows: list[tuple], recorded: dict, out: BatchOutcome) -> list[tuple]:
+        """A row that did not insert is a redelivery (same position), a duplicate re-published
+        after the dedup window (same identity, new position), or a conflict (another event)."""
+        skipped = []
+        for pos, event_id, etype, _v, run_id, _c, causation, *_ in rows:
+            r = recorded.get(event_id)
+            if r is not None and r["global_position"] == pos:
+                out.already_recorded += 1
+            elif r is not None and (r["type"], r["run_id"], r["causation_id"]) == (etype, run_id, causation):
+                out.duplicates += 1
+                skipped.append((pos, "audit.duplicate_event", event_id, f"already recorded at {r['global_position']}"))
+            else:
+                out.conflicts.append(pos)
+                where = (f"recorded at {r['global_position']} as {r['type']} of run {r['run_id']}" if r
+                         else "position already holds another event")
+                skipped.append((pos, "audit.event_id_conflict", event_id,
+                                f"event_id {event_id} is {where}; refused {etype} of run {run_id}"))
+        return skipped
 
 
 async def _skip(conn: asyncpg.Connection, rows: list[tuple]) -> None:

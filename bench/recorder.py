@@ -1,0 +1,142 @@
+"""Recorder benchmark: events/s from the bus into run_events plus the timeline projection, against a
+raw asyncpg COPY of the same rows into the same table, measured in the same run.
+
+    python -m bench.recorder [--events N]
+
+Prints a table and writes bench/results/recorder.json as {"name", "figure", "unit", "baseline", "ratio"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import asyncpg
+import nats
+
+from contracts import subjects
+from contracts.registry import encode
+from services.audit.app import AuditService
+from services.audit.migrate import migrate
+from services.audit.settings import AuditSettings
+from services.cli.stack import start_nats, start_postgres, stop_postgres
+from services.common.bus import declare_streams
+from tests.factories import failed_run, successful_run
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def make_events(n: int) -> list:
+    """Whole runs (13 events each, one in five failing at ingest) until n events."""
+    events, i = [], 0
+    while len(events) < n:
+        events += failed_run(f"run-{i}") if i % 5 == 4 else successful_run(f"run-{i}", progress_steps=5)
+        i += 1
+    return events[:n]
+
+
+def subject_of(env) -> str:
+    kind = "command" if env.type == "run.start" else "event"
+    return subjects.subject_for(env.type, kind=kind, target=env.payload.get("target"))
+
+
+async def publish_all(js, events) -> None:
+    for i in range(0, len(events), 1000):
+        chunk = events[i:i + 1000]
+        await asyncio.gather(*(js.publish(subject_of(e), encode(e), headers={"Nats-Msg-Id": str(e.event_id)})
+                               for e in chunk))
+
+
+async def fresh_database(admin_url: str, name: str) -> str:
+    conn = await asyncpg.connect(admin_url)
+    await conn.execute(f'CREATE DATABASE "{name}"')
+    await conn.close()
+    dsn = admin_url.replace("/tuneline?", f"/{name}?")
+    await migrate(dsn)
+    return dsn
+
+
+async def measure_recorder(nats_url: str, dsn: str, tmp: Path, n: int) -> float:
+    settings = AuditSettings(nats_url=nats_url, database_url=dsn, data_dir=tmp / "data", projector_poll_s=0.05)
+    svc = AuditService(settings)
+    conn = await asyncpg.connect(dsn)
+    await svc.connect()  # migration, pool, NATS: set-up, not throughput
+    start = time.perf_counter()
+    svc.start_workers()
+    try:
+        while await conn.fetchval("SELECT position FROM projection_checkpoints WHERE projection='timeline'") != n:
+            await asyncio.sleep(0.01)
+        elapsed = time.perf_counter() - start
+    finally:
+        await svc._shutdown()
+        await svc.broker.stop()
+    assert await conn.fetchval("SELECT count(*) FROM run_events") == n
+    assert await conn.fetchval("SELECT count(*) FROM timeline_entries") == n
+    await conn.close()
+    return elapsed
+
+
+async def measure_copy(dsn: str, events) -> float:
+    rows = [(i + 1, e.event_id, e.type, e.schema_version, e.run_id, e.correlation_id, e.causation_id, e.occurred_at,
+             e.producer, e.severity.value, e.reason_code, subject_of(e), json.dumps(e.payload))
+            for i, e in enumerate(events)]
+    columns = ("global_position", "event_id", "type", "schema_version", "run_id", "correlation_id", "causation_id",
+               "occurred_at", "producer", "severity", "reason_code", "subject", "payload")
+    conn = await asyncpg.connect(dsn, server_settings={"role": "tuneline_app"})
+    start = time.perf_counter()
+    await conn.copy_records_to_table("run_events", records=rows, columns=columns)
+    elapsed = time.perf_counter() - start
+    await conn.close()
+    return elapsed
+
+
+async def measure(server, pg, tmp: Path, n: int) -> tuple[float, float]:
+    events = make_events(n)
+    nc = await nats.connect(server.url)
+    js = nc.jetstream()
+    await declare_streams(js)
+    await publish_all(js, events)
+    await nc.close()
+    recorder_s = await measure_recorder(server.url, await fresh_database(pg.admin_url, "bench_recorder"), tmp, n)
+    copy_s = await measure_copy(await fresh_database(pg.admin_url, "bench_copy"), events)
+    return recorder_s, copy_s
+
+
+def main(n: int) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="tuneline-bench-"))
+    server = start_nats(tmp / "nats")
+    pg = start_postgres(tmp / "pg")
+    try:
+        recorder_s, copy_s = asyncio.run(measure(server, pg, tmp, n))
+    finally:
+        server.stop()
+        stop_postgres(pg.pgdata)
+    figure, baseline = n / recorder_s, n / copy_s
+    return {"name": "recorder_bus_to_run_events_plus_timeline", "figure": round(figure, 1), "unit": "events/s",
+            "baseline": round(baseline, 1), "ratio": round(figure / baseline, 3),
+            "events": n, "recorder_s": round(recorder_s, 3), "copy_s": round(copy_s, 3),
+            "baseline_name": "asyncpg COPY of the same rows into run_events",
+            "machine": f"{platform.machine()} {platform.processor() or ''} {__import__('os').cpu_count()} cpus".strip()}
+
+
+def print_table(result: dict) -> None:
+    print(f"{'benchmark':<44} {'figure':>12} {'baseline':>12} {'unit':<9} {'ratio':>6}  target")
+    print(f"{result['name']:<44} {result['figure']:>12,.0f} {result['baseline']:>12,.0f} {result['unit']:<9} "
+          f"{result['ratio']:>6.2f}  >= 0.50 {'ok' if result['ratio'] >= 0.5 else 'MISSED'}")
+    print(f"  {result['events']} events: recorder + projection {result['recorder_s']}s, "
+          f"baseline ({result['baseline_name']}) {result['copy_s']}s")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--events", type=int, default=20000)
+    result = main(ap.parse_args().events)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "recorder.json").write_text(json.dumps(
+        {k: result[k] for k in ("name", "figure", "unit", "baseline", "ratio")}, indent=2) + "\n")
+    print_table(result)
