@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import asyncpg
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -52,11 +53,14 @@ class AuditService(Service):
                 msgs = await sub.fetch(self.settings.recorder_batch, timeout=self.settings.recorder_fetch_timeout_s)
             except NatsTimeoutError:
                 continue
+            except Exception as exc:  # noqa: BLE001 - a status or connection error: pull again shortly
+                log.warning("recorder_fetch_failed", error=repr(exc), exc_info=exc)
+                await asyncio.sleep(1.0)
+                continue
             try:
                 outcome = await self.recorder.record(msgs)
-            except (asyncpg.PostgresError, OSError) as exc:
-                # The database is the problem, not the messages: retry them all later.
-                log.warning("recorder_batch_retry", error=repr(exc), batch=len(msgs))
+            except Exception as exc:  # noqa: BLE001 - nothing was acked: the batch comes back
+                log.error("recorder_batch_failed", error=repr(exc), batch=len(msgs), exc_info=exc)
                 for m in msgs:
                     await m.nak(delay=2.0)
                 continue
@@ -78,8 +82,9 @@ class AuditService(Service):
 
     def start_workers(self) -> None:
         """Start the recorder and the projector."""
-        self._projector = asyncio.create_task(self._project_forever())
-        self._recording = asyncio.create_task(self._record_forever())
+        self._projector = asyncio.create_task(self._project_forever(), name="projector")
+        self._recording = asyncio.create_task(self._record_forever(), name="recorder")
+        self._recording.add_done_callback(_worker_stopped)
 
     async def _project_forever(self) -> None:
         async with self.pool.acquire() as conn:
@@ -100,6 +105,15 @@ class AuditService(Service):
                 task.cancel()
         if self.pool:
             await self.pool.close()
+
+
+def _worker_stopped(task: asyncio.Task) -> None:
+    """The recorder never ends on its own: if it does, say why and exit, so the service shows as
+    down (`tuneline status`, a container restart) instead of silently recording nothing."""
+    if task.cancelled():
+        return
+    log.critical("worker_stopped", worker=task.get_name(), error=repr(task.exception()), exc_info=task.exception())
+    os._exit(70)
 
 
 def main() -> None:

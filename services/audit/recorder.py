@@ -78,7 +78,7 @@ class Recorder:
         async with self.pool.acquire() as conn:
             async with conn.transaction():
                 if rows:
-                    inserted = {r[0] for r in await conn.fetch(_APPEND, *zip(*rows))}
+                    inserted = await _append(conn, rows)
                     out.appended = len(inserted)
                     if len(inserted) < len(rows):
                         skipped = self._explain_not_inserted(
@@ -122,6 +122,21 @@ class Recorder:
                 skipped.append((pos, "audit.event_id_conflict", event_id,
                                 f"event_id {event_id} is {where}; refused {etype} of run {run_id}"))
         return skipped
+
+
+async def _append(conn: asyncpg.Connection, rows: list[tuple]) -> set[int]:
+    """Append rows; returns the positions inserted.
+
+    The common case (all new) is a COPY, as fast as PostgreSQL takes rows. A redelivered batch or a
+    re-used event id makes the COPY fail on a unique constraint; the savepoint rolls that back and
+    the batch goes through INSERT ... ON CONFLICT DO NOTHING, which reports what it inserted.
+    """
+    try:
+        async with conn.transaction():  # a savepoint inside the batch's transaction
+            await conn.copy_records_to_table("run_events", records=rows, columns=_COLUMNS)
+        return {r[0] for r in rows}
+    except asyncpg.UniqueViolationError:
+        return {r[0] for r in await conn.fetch(_APPEND, *zip(*rows))}
 
 
 async def _skip(conn: asyncpg.Connection, rows: list[tuple]) -> None:

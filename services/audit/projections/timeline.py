@@ -192,23 +192,29 @@ FROM run_events WHERE global_position > $1 ORDER BY global_position LIMIT $2
 _UPSERT_RUN = """
 INSERT INTO timeline_runs AS t (run_id, correlation_id, target, locator, status, started_at, updated_at,
                                 last_position, reason_code, failure)
-VALUES ($1, $2, $3, $4, coalesce($5, 'running'), $6, $7, $8, $9, $10)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
+                     $7::timestamptz[], $8::bigint[], $9::text[], $10::text[])
 ON CONFLICT (run_id) DO UPDATE SET
   target = coalesce(t.target, EXCLUDED.target),
   locator = coalesce(t.locator, EXCLUDED.locator),
-  -- failed is final; succeeded is not undone by a late running event (as in fold())
-  status = CASE WHEN t.status = 'failed' OR $5 IS NULL OR (t.status = 'succeeded' AND EXCLUDED.status = 'running')
-                THEN t.status ELSE EXCLUDED.status END,
+  status = {status},
   updated_at = EXCLUDED.updated_at,
   last_position = EXCLUDED.last_position,
   reason_code = coalesce(t.reason_code, EXCLUDED.reason_code),
   failure = coalesce(t.failure, EXCLUDED.failure)
 """
+# Runs whose status the batch changed: failed is final, and succeeded is not undone by a late
+# running event (as in fold()). Runs it did not change keep theirs ('running' if new).
+_UPSERT_RUN_STATUS = _UPSERT_RUN.format(
+    status="CASE WHEN t.status = 'failed' OR (t.status = 'succeeded' AND EXCLUDED.status = 'running')"
+           " THEN t.status ELSE EXCLUDED.status END")
+_UPSERT_RUN_KEEP_STATUS = _UPSERT_RUN.format(status="t.status")
 
 _UPSERT_STAGE = """
 INSERT INTO timeline_stages AS s (run_id, stage, status, started_at, ended_at, last_type, last_position,
                                   reason_code, detail)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::text[],
+                     $7::bigint[], $8::text[], $9::text[])
 ON CONFLICT (run_id, stage) DO UPDATE SET
   status = EXCLUDED.status, ended_at = EXCLUDED.ended_at, last_type = EXCLUDED.last_type,
   last_position = EXCLUDED.last_position, reason_code = EXCLUDED.reason_code, detail = EXCLUDED.detail
@@ -252,20 +258,25 @@ async def _ensure_checkpoint(conn: asyncpg.Connection) -> None:
     )
 
 
+def _columns(rows: list[tuple]) -> list[list]:
+    """Rows to per-column arrays, for one INSERT ... SELECT FROM unnest(...) per batch."""
+    return [list(col) for col in zip(*rows)]
+
+
 async def _apply(conn: asyncpg.Connection, b: TimelineBatch, checkpoint: int) -> None:
     if b.entries:
         await conn.copy_records_to_table("timeline_entries", records=b.entries, columns=_ENTRY_COLUMNS)
-    if b.runs:
-        await conn.executemany(_UPSERT_RUN, [
-            (run_id, f.correlation_id, f.target, f.locator, f.status, f.started_at, f.updated_at,
-             f.last_position, f.reason_code, f.failure)
-            for run_id, f in b.runs.items()
-        ])
+    for changed, sql in ((True, _UPSERT_RUN_STATUS), (False, _UPSERT_RUN_KEEP_STATUS)):
+        runs = [(run_id, f.correlation_id, f.target, f.locator, f.status or "running", f.started_at, f.updated_at,
+                 f.last_position, f.reason_code, f.failure)
+                for run_id, f in b.runs.items() if (f.status is not None) == changed]
+        if runs:
+            await conn.execute(sql, *_columns(runs))
     if b.stages:
-        await conn.executemany(_UPSERT_STAGE, [
+        await conn.execute(_UPSERT_STAGE, *_columns([
             (run_id, stage, f.status, f.started_at, f.ended_at, f.last_type, f.last_position, f.reason_code, f.detail)
             for (run_id, stage), f in b.stages.items()
-        ])
+        ]))
     await conn.execute(
         "UPDATE projection_checkpoints SET position = $2, updated_at = now(), error_position = NULL, error = NULL"
         " WHERE projection = $1",
