@@ -6,7 +6,6 @@ import asyncio
 import os
 
 import asyncpg
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy
 
 from contracts import subjects
@@ -48,10 +47,16 @@ class AuditService(Service):
         config.ack_policy = AckPolicy.ALL
         config.max_ack_pending = self.settings.recorder_batch * 4
         sub = await self.js.pull_subscribe(f"{subjects.ROOT}.>", durable=CONSUMER, stream=subjects.STREAM, config=config)
+        await self.record_from(sub)
+
+    async def record_from(self, sub) -> None:
         while True:
             try:
                 msgs = await sub.fetch(self.settings.recorder_batch, timeout=self.settings.recorder_fetch_timeout_s)
-            except NatsTimeoutError:
+            except TimeoutError:
+                # Builtin TimeoutError on purpose: nats-py raises its own subclass on an expired
+                # pull, but plain asyncio.TimeoutError when the no-wait probe used up the deadline.
+                # Catching only the subclass let that rare path end the recorder (seen in CI).
                 continue
             except Exception as exc:  # noqa: BLE001 - a status or connection error: pull again shortly
                 log.warning("recorder_fetch_failed", error=repr(exc), exc_info=exc)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, PubAck, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import APIError, BadRequestError, NotFoundError
@@ -92,7 +91,7 @@ async def publish(
         if exc.err_code == 10071:
             raise ExpectedSequenceMismatch(str(exc)) from exc
         raise PublishError(f"publish of {envelope.type} to {subject} refused: {exc}") from exc
-    except (APIError, NatsTimeoutError) as exc:
+    except (APIError, TimeoutError) as exc:  # nats' own TimeoutError subclasses the builtin
         raise PublishError(f"publish of {envelope.type} to {subject} failed: {exc!r}") from exc
     if ack.duplicate:
         log.info("publish_duplicate", subject=subject, published_event_id=str(envelope.event_id), seq=ack.seq)

@@ -225,3 +225,33 @@ async def test_projection_waits_at_a_hole_in_positions_and_applies_it_once_fille
     finally:
         await conn.close()
     assert types == [e.type for e in envs]
+
+
+async def test_recorder_survives_the_plain_timeout_nats_py_raises_from_fetch(js, nats_server, database, tmp_path, monkeypatch):
+    """nats-py raises builtin asyncio.TimeoutError (not its own subclass) when the no-wait probe of a
+    fetch uses up the deadline; that once ended the recorder task silently."""
+    original = AuditService.record_from
+    failures = []
+
+    async def flaky_first_fetch(self, sub):
+        real_fetch = sub.fetch
+
+        async def fetch(*a, **kw):
+            if not failures:
+                failures.append(1)
+                raise TimeoutError()
+            return await real_fetch(*a, **kw)
+
+        sub.fetch = fetch
+        await original(self, sub)
+
+    monkeypatch.setattr(AuditService, "record_from", flaky_first_fetch)
+    svc = await start_audit(nats_server, database, tmp_path)
+    conn = await connect_as_app(database)
+    try:
+        await publish_all(js, failed_run("run-after-timeout"))
+        await wait_for(lambda: _checkpoint_at(conn, 2))
+    finally:
+        await conn.close()
+        await stop_audit(svc)
+    assert failures == [1]
