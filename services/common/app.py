@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import logging
 
 from faststream import FastStream
 from faststream.middlewares import AckPolicy
@@ -32,11 +32,13 @@ class Service:
         self.name = name
         self.settings = settings
         configure_logging(name, settings.log_level)
-        self.broker = NatsBroker(settings.nats_url, name=f"tuneline-{name}")
+        # FastStream logs through structlog too (JSON, with the ids bound per message); its
+        # per-message "Received/Processed" lines are DEBUG: our handlers log what they did.
+        self.broker = NatsBroker(settings.nats_url, name=f"tuneline-{name}", logger=get_logger("faststream"),
+                                 log_level=logging.DEBUG)
         self.artifacts = ArtifactStore(settings.artifact_root)
         self._js: JetStreamContext | None = None
-        self.app = FastStream(self.broker, on_startup=[], after_startup=[self._after_startup])
-        self._startup_hooks: list[Callable[[], Awaitable[None]]] = []
+        self.app = FastStream(self.broker, after_startup=[self._after_startup])
 
     @property
     def js(self) -> JetStreamContext:
@@ -45,12 +47,7 @@ class Service:
         return self._js
 
     async def _after_startup(self) -> None:
-        for hook in self._startup_hooks:
-            await hook()
         log.info("service_started", nats_url=self.settings.nats_url)
-
-    def on_startup(self, hook: Callable[[], Awaitable[None]]) -> None:
-        self._startup_hooks.append(hook)
 
     def consume(self, spec: ConsumerSpec, handler: Handler) -> None:
         @self.broker.subscriber(
