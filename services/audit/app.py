@@ -16,6 +16,7 @@ from services.audit.recorder import CONSUMER, Recorder
 from services.audit.settings import AuditSettings
 from services.common.app import Service, consumer_config
 from services.common.logging import get_logger
+from services.common.pull import BatchPuller
 
 log = get_logger(__name__)
 
@@ -31,36 +32,42 @@ class AuditService(Service):
         self._wake = asyncio.Event()
         self._projector: asyncio.Task | None = None
         self._recording: asyncio.Task | None = None
+        self._stopping = False
         self.app.on_shutdown(self._shutdown)
 
 
     async def _record_forever(self) -> None:
         """Pull batches from the recorder's durable consumer, record each in one transaction, ack.
 
-        A plain nats-py fetch loop rather than a FastStream batch subscriber: FastStream 0.7.8
-        refills a batch with ever-shorter fetch deadlines, which leaves orphaned pull requests on
-        the server; they capture messages that then wait out ack_wait and arrive out of order
-        (seen here: a position recorded 30 s after later ones). One long fetch per batch avoids it.
+        Its own pull loop rather than a FastStream batch subscriber: FastStream 0.7.8 refills a
+        batch with ever-shorter fetch deadlines, which leaves orphaned pull requests on the server;
+        they capture messages that then wait out ack_wait and arrive out of order (seen here: a
+        position recorded 30 s after later ones). See services/common/pull.py for why not fetch().
         """
         # Ack-all: a batch commits as one transaction, so one ack of its last message settles it.
         config = consumer_config(self.settings)
+        config.durable_name = CONSUMER
+        config.filter_subject = f"{subjects.ROOT}.>"
         config.ack_policy = AckPolicy.ALL
         config.max_ack_pending = self.settings.recorder_batch * 4
-        sub = await self.js.pull_subscribe(f"{subjects.ROOT}.>", durable=CONSUMER, stream=subjects.STREAM, config=config)
-        await self.record_from(sub)
+        await self.js.add_consumer(subjects.STREAM, config)
+        puller = BatchPuller(self.broker._connection, subjects.STREAM, CONSUMER, batch=self.settings.recorder_batch,
+                             wait_s=self.settings.recorder_fetch_timeout_s)
+        await puller.start()
+        try:
+            await self.record_from(puller)
+        finally:
+            await puller.stop()
 
-    async def record_from(self, sub) -> None:
+    async def record_from(self, puller: BatchPuller) -> None:
         while True:
             try:
-                msgs = await sub.fetch(self.settings.recorder_batch, timeout=self.settings.recorder_fetch_timeout_s)
-            except TimeoutError:
-                # Builtin TimeoutError on purpose: nats-py raises its own subclass on an expired
-                # pull, but plain asyncio.TimeoutError when the no-wait probe used up the deadline.
-                # Catching only the subclass let that rare path end the recorder (seen in CI).
-                continue
-            except Exception as exc:  # noqa: BLE001 - a status or connection error: pull again shortly
-                log.warning("recorder_fetch_failed", error=repr(exc), exc_info=exc)
+                msgs = await puller.next_batch()
+            except Exception as exc:  # noqa: BLE001 - a connection error: pull again shortly
+                log.warning("recorder_pull_failed", error=repr(exc), exc_info=exc)
                 await asyncio.sleep(1.0)
+                continue
+            if not msgs:
                 continue
             try:
                 outcome = await self.recorder.record(msgs)
@@ -89,7 +96,7 @@ class AuditService(Service):
         """Start the recorder and the projector."""
         self._projector = asyncio.create_task(self._project_forever(), name="projector")
         self._recording = asyncio.create_task(self._record_forever(), name="recorder")
-        self._recording.add_done_callback(_worker_stopped)
+        self._recording.add_done_callback(self._worker_stopped)
 
     async def _project_forever(self) -> None:
         async with self.pool.acquire() as conn:
@@ -104,21 +111,22 @@ class AuditService(Service):
                 except TimeoutError:
                     pass
 
+    def _worker_stopped(self, task: asyncio.Task) -> None:
+        """The recorder never ends on its own: if it does, say why and exit, so the service shows as
+        down (`tuneline status`, a container restart) instead of silently recording nothing."""
+        if task.cancelled() or self._stopping:
+            return
+        log.critical("worker_stopped", worker=task.get_name(), error=repr(task.exception()),
+                     exc_info=task.exception())
+        os._exit(70)
+
     async def _shutdown(self) -> None:
+        self._stopping = True
         for task in (self._recording, self._projector):
             if task:
                 task.cancel()
         if self.pool:
             await self.pool.close()
-
-
-def _worker_stopped(task: asyncio.Task) -> None:
-    """The recorder never ends on its own: if it does, say why and exit, so the service shows as
-    down (`tuneline status`, a container restart) instead of silently recording nothing."""
-    if task.cancelled():
-        return
-    log.critical("worker_stopped", worker=task.get_name(), error=repr(task.exception()), exc_info=task.exception())
-    os._exit(70)
 
 
 def main() -> None:

@@ -41,8 +41,8 @@ async def start_audit(nats_server, database, tmp_path, **kw):
 
 
 async def stop_audit(svc):
-    await svc.broker.stop()
     await svc._shutdown()
+    await svc.broker.stop()
 
 
 async def count(conn, table):
@@ -227,29 +227,29 @@ async def test_projection_waits_at_a_hole_in_positions_and_applies_it_once_fille
     assert types == [e.type for e in envs]
 
 
-async def test_recorder_survives_the_plain_timeout_nats_py_raises_from_fetch(js, nats_server, database, tmp_path, monkeypatch):
-    """nats-py raises builtin asyncio.TimeoutError (not its own subclass) when the no-wait probe of a
-    fetch uses up the deadline; that once ended the recorder task silently."""
+async def test_recorder_survives_an_error_while_pulling(js, nats_server, database, tmp_path, monkeypatch):
+    """An exception out of a pull (nats-py once raised a plain asyncio.TimeoutError from fetch)
+    ended the recorder task silently; it must log, pull again and record what follows."""
     original = AuditService.record_from
     failures = []
 
-    async def flaky_first_fetch(self, sub):
-        real_fetch = sub.fetch
+    async def flaky_first_pull(self, puller):
+        real = puller.next_batch
 
-        async def fetch(*a, **kw):
+        async def next_batch():
             if not failures:
                 failures.append(1)
                 raise TimeoutError()
-            return await real_fetch(*a, **kw)
+            return await real()
 
-        sub.fetch = fetch
-        await original(self, sub)
+        puller.next_batch = next_batch
+        await original(self, puller)
 
-    monkeypatch.setattr(AuditService, "record_from", flaky_first_fetch)
+    monkeypatch.setattr(AuditService, "record_from", flaky_first_pull)
     svc = await start_audit(nats_server, database, tmp_path)
     conn = await connect_as_app(database)
     try:
-        await publish_all(js, failed_run("run-after-timeout"))
+        await publish_all(js, failed_run("run-after-error"))
         await wait_for(lambda: _checkpoint_at(conn, 2))
     finally:
         await conn.close()
