@@ -60,25 +60,47 @@ class AuditService(Service):
             await puller.stop()
 
     async def record_from(self, puller: BatchPuller) -> None:
+        """Pull and decode the next batch while the previous one commits; commits stay in order.
+
+        With ack-all, acking a batch settles every earlier message too, so a batch that fails to
+        commit is retried in place (its messages kept alive with in_progress) and nothing after it
+        is acked meanwhile: a failure can delay recording, never skip it.
+        """
+        committing: asyncio.Task | None = None
+        try:
+            while True:
+                try:
+                    msgs = await puller.next_batch()
+                except Exception as exc:  # noqa: BLE001 - a connection error: pull again shortly
+                    log.warning("recorder_pull_failed", error=repr(exc), exc_info=exc)
+                    await asyncio.sleep(1.0)
+                    continue
+                if not msgs:
+                    continue
+                batch = self.recorder.prepare(msgs)
+                if committing is not None:
+                    await committing
+                committing = asyncio.create_task(self._commit_until_done(batch))
+        finally:
+            if committing is not None:
+                committing.cancel()
+
+    async def _commit_until_done(self, batch) -> None:
+        delay = 0.5
         while True:
             try:
-                msgs = await puller.next_batch()
-            except Exception as exc:  # noqa: BLE001 - a connection error: pull again shortly
-                log.warning("recorder_pull_failed", error=repr(exc), exc_info=exc)
-                await asyncio.sleep(1.0)
-                continue
-            if not msgs:
-                continue
-            try:
-                outcome = await self.recorder.record(msgs)
-            except Exception as exc:  # noqa: BLE001 - nothing was acked: the batch comes back
-                log.error("recorder_batch_failed", error=repr(exc), batch=len(msgs), exc_info=exc)
-                for m in msgs:
-                    await m.nak(delay=2.0)
-                continue
-            await msgs[-1].ack()
-            log.debug("recorded", **outcome.__dict__)
-            self._wake.set()
+                outcome = await self.recorder.commit(batch)
+                break
+            except Exception as exc:  # noqa: BLE001 - nothing was acked: keep the batch and retry
+                log.error("recorder_batch_failed", error=repr(exc), batch=len(batch.msgs), retry_in_s=delay,
+                          exc_info=exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                for m in batch.msgs:
+                    await m.in_progress()
+        await batch.msgs[-1].ack()
+        log.debug("recorded", **outcome.__dict__)
+        self._wake.set()
 
     async def prepare_broker(self) -> None:
         await self.connect()

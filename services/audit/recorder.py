@@ -44,6 +44,14 @@ SELECT event_id, global_position, type, run_id, causation_id FROM run_events WHE
 
 
 @dataclass
+class PreparedBatch:
+    msgs: list[Msg]
+    rows: list[tuple] = field(default_factory=list)
+    bad: list[tuple[Msg, ContractError]] = field(default_factory=list)
+    last_position: int = 0
+
+
+@dataclass
 class BatchOutcome:
     appended: int = 0
     already_recorded: int = 0
@@ -59,21 +67,31 @@ class Recorder:
         self.js = js
 
     async def record(self, msgs: list[Msg]) -> BatchOutcome:
-        out = BatchOutcome()
-        rows, bad = [], []
+        return await self.commit(self.prepare(msgs))
+
+    @staticmethod
+    def prepare(msgs: list[Msg]) -> PreparedBatch:
+        """Decode a batch into rows (CPU only, no I/O): the part that overlaps the previous commit."""
+        batch = PreparedBatch(msgs)
         for m in msgs:
             seq = m.metadata.sequence.stream
-            out.last_position = max(out.last_position, seq)
+            batch.last_position = max(batch.last_position, seq)
             try:
                 env, _ = decode(m.data)
             except ContractError as exc:
-                bad.append((m, exc))
+                batch.bad.append((m, exc))
                 continue
-            rows.append((
+            batch.rows.append((
                 seq, env.event_id, env.type, env.schema_version, env.run_id, env.correlation_id,
                 env.causation_id, env.occurred_at, env.producer, env.severity.value, env.reason_code,
                 m.subject, json.dumps(env.payload),
             ))
+        return batch
+
+    async def commit(self, batch: PreparedBatch) -> BatchOutcome:
+        """Append a prepared batch in one transaction, then dead-letter what could not be recorded."""
+        out = BatchOutcome(last_position=batch.last_position)
+        msgs, rows, bad = batch.msgs, batch.rows, batch.bad
         conflicts: list[tuple[Msg, str]] = []
         async with self.pool.acquire() as conn:
             async with conn.transaction():

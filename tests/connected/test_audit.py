@@ -255,3 +255,35 @@ async def test_recorder_survives_an_error_while_pulling(js, nats_server, databas
         await conn.close()
         await stop_audit(svc)
     assert failures == [1]
+
+
+async def test_a_batch_that_fails_to_commit_is_retried_in_place_and_nothing_after_it_is_skipped(
+        js, nats_server, database, tmp_path, monkeypatch):
+    """Ack-all settles every earlier message: if a failed batch were nacked and a later one acked,
+    the failed one would never come back. The recorder must keep it and retry."""
+    from services.audit.recorder import Recorder as RecorderClass
+
+    original = RecorderClass.commit
+    calls = []
+
+    async def commit_failing_once(self, batch):
+        calls.append(batch.last_position)
+        if len(calls) == 1:
+            raise asyncpg.ConnectionDoesNotExistError("the database went away")
+        return await original(self, batch)
+
+    monkeypatch.setattr(RecorderClass, "commit", commit_failing_once)
+    envs = successful_run("run-retry") + failed_run("run-retry-2")
+    await publish_all(js, envs[:5])
+    svc = await start_audit(nats_server, database, tmp_path)
+    conn = await connect_as_app(database)
+    try:
+        await wait_for(lambda: len(calls) >= 2, timeout=10)
+        await publish_all(js, envs[5:])
+        await wait_for(lambda: _checkpoint_at(conn, len(envs)))
+        positions = [r[0] for r in await conn.fetch("SELECT global_position FROM run_events ORDER BY 1")]
+    finally:
+        await conn.close()
+        await stop_audit(svc)
+    assert calls[0] == calls[1]  # the same batch, retried
+    assert positions == list(range(1, len(envs) + 1))
