@@ -35,7 +35,6 @@ class AuditService(Service):
         self._stopping = False
         self.app.on_shutdown(self._shutdown)
 
-
     async def _record_forever(self) -> None:
         """Pull batches from the recorder's durable consumer, record each in one transaction, ack.
 
@@ -121,17 +120,23 @@ class AuditService(Service):
         self._recording.add_done_callback(self._worker_stopped)
 
     async def _project_forever(self) -> None:
-        async with self.pool.acquire() as conn:
-            while True:
-                try:
-                    await timeline.catch_up(conn, self.settings.projector_batch)
-                except timeline.ProjectionError:
-                    return  # stopped on an error, recorded in projection_checkpoints; recorder goes on
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), self.settings.projector_poll_s)
-                except TimeoutError:
-                    pass
+        """Keep the timeline caught up; stop only on a projection error (D8), which is recorded with
+        its position; a lost connection is retried on a fresh one."""
+        while True:
+            try:
+                async with self.pool.acquire() as conn:
+                    while True:
+                        await timeline.catch_up(conn, self.settings.projector_batch)
+                        self._wake.clear()
+                        try:
+                            await asyncio.wait_for(self._wake.wait(), self.settings.projector_poll_s)
+                        except TimeoutError:
+                            pass
+            except timeline.ProjectionError:
+                return  # recorded in projection_checkpoints; the recorder goes on
+            except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
+                log.warning("projector_reconnecting", error=repr(exc))
+                await asyncio.sleep(1.0)
 
     def _worker_stopped(self, task: asyncio.Task) -> None:
         """The recorder never ends on its own: if it does, say why and exit, so the service shows as

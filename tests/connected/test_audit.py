@@ -287,3 +287,23 @@ async def test_a_batch_that_fails_to_commit_is_retried_in_place_and_nothing_afte
         await stop_audit(svc)
     assert calls[0] == calls[1]  # the same batch, retried
     assert positions == list(range(1, len(envs) + 1))
+
+
+async def test_projector_reconnects_after_its_database_connection_is_killed(js, nats_server, database, tmp_path):
+    svc = await start_audit(nats_server, database, tmp_path)
+    owner = await asyncpg.connect(database)
+    conn = await connect_as_app(database)
+    try:
+        await publish_all(js, failed_run("run-before"))
+        await wait_for(lambda: _checkpoint_at(conn, 2))
+        killed = await owner.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid() AND pid <> $1", conn.get_server_pid())
+        assert killed >= 1
+        await publish_all(js, failed_run("run-after"))
+        await wait_for(lambda: _checkpoint_at(conn, 4), timeout=30)
+        assert (await timeline.run_timeline(conn, "run-after"))["run"]["status"] == "failed"
+    finally:
+        await conn.close()
+        await owner.close()
+        await stop_audit(svc)

@@ -305,6 +305,8 @@ async def catch_up(conn: asyncpg.Connection, batch_size: int = 2000) -> int:
         except ProjectionError as exc:
             await _record_error(conn, exc.position, str(exc))
             raise
+        except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError):
+            raise  # the connection, not the projection: the caller reconnects and resumes
         except Exception as exc:
             position = await conn.fetchval("SELECT position FROM projection_checkpoints WHERE projection = $1", NAME)
             await _record_error(conn, position + 1, repr(exc))
