@@ -102,8 +102,8 @@ async def measure(server, pg, tmp: Path, n: int) -> tuple[float, float]:
     await declare_streams(js)
     await publish_all(js, events)
     await nc.close()
-    recorder_s = await measure_recorder(server.url, await fresh_database(pg.admin_url, "bench_recorder"), tmp, n)
-    copy_s = await measure_copy(await fresh_database(pg.admin_url, "bench_copy"), events)
+    recorder_s = await measure_recorder(server.url, await fresh_database(pg.url, "bench_recorder"), tmp, n)
+    copy_s = await measure_copy(await fresh_database(pg.url, "bench_copy"), events)
     return recorder_s, copy_s
 
 

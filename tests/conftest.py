@@ -34,10 +34,10 @@ async def database(postgres):
     from services.audit.migrate import migrate
 
     name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(postgres.admin_url)
+    admin = await asyncpg.connect(postgres.url)
     await admin.execute(f'CREATE DATABASE "{name}"')
     await admin.close()
-    dsn = postgres.admin_url.replace("/tuneline?", f"/{name}?")
+    dsn = postgres.url.replace("/tuneline?", f"/{name}?")
     await migrate(dsn)
     yield dsn
 

@@ -84,8 +84,9 @@ def _wait_for_port(host: str, port: int, popen: subprocess.Popen, log: Path, tim
 
 @dataclass
 class PostgresProcess:
-    admin_url: str  # the owner (superuser): migrations, tests of the append-only rule
-    url: str        # the database Tuneline uses
+    # The owner's DSN of the database Tuneline uses: it migrates with it, and services act as
+    # tuneline_app through the startup `role` (services/audit/db.py).
+    url: str
     pgdata: Path
 
 
@@ -102,7 +103,7 @@ def start_postgres(root: Path, db_name: str = DB_NAME) -> PostgresProcess:
     server = pgserver.get_server(pgdata, cleanup_mode=None)  # outlives this process; `down` stops it
     admin = server.get_uri()
     asyncio.run(ensure_database(admin, db_name))
-    return PostgresProcess(admin_url=server.get_uri(database=db_name), url=server.get_uri(database=db_name), pgdata=pgdata)
+    return PostgresProcess(url=server.get_uri(database=db_name), pgdata=pgdata)
 
 
 def stop_postgres(pgdata: Path) -> None:

@@ -18,7 +18,7 @@ import json
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -59,7 +59,6 @@ class StageContext:
     artifacts: ArtifactStore
     settings: ServiceSettings
     raw: Msg
-    emitted: list[Envelope] = field(default_factory=list)
 
     def envelope_for(
         self,
@@ -86,7 +85,6 @@ class StageContext:
     async def emit(self, payload: BaseModel, *, step: str = "", target: str | None = None, **kw) -> Envelope:
         env = self.envelope_for(payload, step=step, **kw)
         await publish(self.js, env, subjects.subject_for(env.type, kind="event", target=target))
-        self.emitted.append(env)
         log.info("event_emitted", emitted_type=env.type, emitted_event_id=str(env.event_id))
         return env
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 from contracts import subjects
@@ -61,8 +62,7 @@ def make_on_prepared(settings: TrainerSettings):
 
         def on_progress(pr: TrainingProgress) -> None:
             # Called from the training thread: hand the event to the loop, wait for it at the end.
-            event = TrainingProgressed(step=pr.step, max_steps=pr.max_steps, epoch=pr.epoch, loss=pr.loss,
-                                       learning_rate=pr.learning_rate, examples_per_s=pr.examples_per_s, eta_s=pr.eta_s)
+            event = TrainingProgressed(**asdict(pr))  # the contract mirrors the adapter's report
             emitted.append(asyncio.run_coroutine_threadsafe(ctx.emit(event, step=f":{pr.step}"), loop))
 
         every = max(1, recipe.max_steps // max(1, settings.progress_events))

@@ -165,8 +165,8 @@ def fold(rows: list) -> TimelineBatch:
                     run.status, run.reason_code, run.failure = "failed", r["reason_code"], summary
             elif etype == "registry.version_registered" and run.status != "failed":
                 run.status = "succeeded"
-            elif status is not None and run.status not in ("failed",):
-                run.status = run.status if run.status == "succeeded" else "running"
+            elif status is not None and run.status not in ("failed", "succeeded"):
+                run.status = "running"
             if status is not None:
                 prev = b.stages.get((run_id, stage))
                 b.stages[(run_id, stage)] = StageFold(
