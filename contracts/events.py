@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Any
 
-from contracts.common import ArtifactRef, Frozen, RunPlan
+from pydantic import Field, field_validator
+
+from contracts.common import PLAN_V2, ArtifactRef, FieldMapping, Frozen, RunPlan, TaskShape
+from contracts.reason_codes import is_registered
 from contracts.registry import register
+
+
+class Notice(Frozen):
+    """A warning inside a payload (e.g. too few rows for a class): a registered code and a message."""
+
+    reason_code: str
+    message: str
+
+    @field_validator("reason_code")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        if not is_registered(value):
+            raise ValueError(f"reason code {value!r} is not registered in contracts.reason_codes")
+        return value
 
 
 class StageFailure(Frozen):
@@ -20,9 +37,43 @@ class StageFailure(Frozen):
 # --- ingest ---------------------------------------------------------------------------------
 
 
-@register("ingest.committed", kind="event")
-class IngestCommitted(Frozen):
-    plan: RunPlan
+class ShapeHypothesis(Frozen):
+    shape: TaskShape
+    confidence: float = Field(ge=0, le=1)
+    mapping: FieldMapping
+    rationale: str
+
+
+@register("ingest.introspected", kind="event")
+class IngestIntrospected(Frozen):
+    """Shape hypotheses for a source, best first, from a sample of its rows."""
+
+    locator: str
+    source: dict[str, Any]
+    sample_rows: int = Field(ge=0)
+    fields: list[str]
+    hypotheses: list[ShapeHypothesis]
+    auto_pick: bool  # the best hypothesis is at least 0.80 confident
+
+
+@register("ingest.dry_run_completed", kind="event")
+class IngestDryRunCompleted(Frozen):
+    """What a commit would do: counts, a sample of accepted rows, every rejected row (artifact)."""
+
+    locator: str
+    mapping: FieldMapping
+    rows_read: int = Field(ge=0)
+    rows_accepted: int = Field(ge=0)
+    rows_rejected: int = Field(ge=0)
+    rejected_by_reason: dict[str, int]
+    sample_accepted: list[dict[str, Any]]
+    rejected: ArtifactRef
+
+
+class CommittedRows(Frozen):
+    """One committed source: accepted rows, every rejected row, and the counts (read = accepted + rejected)."""
+
+    locator: str
     dataset: ArtifactRef
     rejected: ArtifactRef
     rows_read: int = Field(ge=0)
@@ -31,7 +82,22 @@ class IngestCommitted(Frozen):
     rejected_by_reason: dict[str, int]
 
 
-@register("ingest.failed", kind="event")
+@register("ingest.committed", kind="event", version=2, upcasters=PLAN_V2)
+class IngestCommitted(Frozen):
+    plan: RunPlan
+    dataset: ArtifactRef
+    rejected: ArtifactRef
+    rows_read: int = Field(ge=0)
+    rows_accepted: int = Field(ge=0)
+    rows_rejected: int = Field(ge=0)
+    rejected_by_reason: dict[str, int]
+    mapping: FieldMapping | None = None       # the mapping applied (v2)
+    mapping_confidence: float | None = None   # when introspection chose it (v2)
+    source: dict[str, Any] = Field(default_factory=dict)  # the source's description, no secrets (v2)
+    eval_source: CommittedRows | None = None  # the plan's explicit eval dataset, same mapping (v2)
+
+
+@register("ingest.failed", kind="event", version=2, upcasters=PLAN_V2)
 class IngestFailed(StageFailure):
     pass
 
@@ -39,7 +105,31 @@ class IngestFailed(StageFailure):
 # --- prep -----------------------------------------------------------------------------------
 
 
-@register("prep.prepared", kind="event")
+@register("prep.cleaned", kind="event")
+class PrepCleaned(Frozen):
+    """Cleaning's account: rows_in = rows_kept + sum(dropped_by_reason), every dropped row in `dropped`."""
+
+    plan: RunPlan
+    rows_in: int = Field(ge=0)
+    rows_kept: int = Field(ge=0)
+    dropped_by_reason: dict[str, int]
+    dropped: ArtifactRef
+    pii_by_kind: dict[str, int]
+    rows_with_pii: int = Field(ge=0)
+    stats: dict[str, Any] = Field(default_factory=dict)
+
+
+class CostEstimate(Frozen):
+    model: str
+    training_tokens: int = Field(ge=0)
+    epochs: int = Field(ge=1)
+    usd_per_1m_tokens: float = Field(ge=0)
+    usd: float = Field(ge=0)               # tokens x epochs x price, plus the buffer
+    buffer: float = 0.2
+    prices_as_of: str
+
+
+@register("prep.prepared", kind="event", version=2, upcasters=PLAN_V2)
 class PrepPrepared(Frozen):
     plan: RunPlan
     manifest: ArtifactRef
@@ -50,9 +140,14 @@ class PrepPrepared(Frozen):
     eval_rows: int = Field(ge=0)
     duplicates_dropped: int = Field(0, ge=0)  # exact duplicates and texts seen under two labels
     dataset_version: str
+    openai_train: ArtifactRef | None = None   # OpenAI chat fine-tuning JSONL (v2)
+    openai_eval: ArtifactRef | None = None    # (v2)
+    token_estimate: int | None = None         # (v2)
+    cost_estimate: CostEstimate | None = None  # (v2)
+    warnings: list[Notice] = Field(default_factory=list)  # (v2)
 
 
-@register("prep.failed", kind="event")
+@register("prep.failed", kind="event", version=2, upcasters=PLAN_V2)
 class PrepFailed(StageFailure):
     pass
 
@@ -60,7 +155,7 @@ class PrepFailed(StageFailure):
 # --- trainer --------------------------------------------------------------------------------
 
 
-@register("training.started", kind="event")
+@register("training.started", kind="event", version=2, upcasters=PLAN_V2)
 class TrainingStarted(Frozen):
     plan: RunPlan
     base_model: str
@@ -79,7 +174,7 @@ class TrainingProgressed(Frozen):
     eta_s: float
 
 
-@register("training.completed", kind="event")
+@register("training.completed", kind="event", version=2, upcasters=PLAN_V2)
 class TrainingCompleted(Frozen):
     plan: RunPlan
     base_model: str
@@ -93,7 +188,7 @@ class TrainingCompleted(Frozen):
     wall_s: float
 
 
-@register("training.failed", kind="event")
+@register("training.failed", kind="event", version=2, upcasters=PLAN_V2)
 class TrainingFailed(StageFailure):
     pass
 
@@ -107,7 +202,7 @@ class ClassificationMetrics(Frozen):
     n: int
 
 
-@register("eval.completed", kind="event")
+@register("eval.completed", kind="event", version=2, upcasters=PLAN_V2)
 class EvalCompleted(Frozen):
     plan: RunPlan
     base_model: str
@@ -118,7 +213,7 @@ class EvalCompleted(Frozen):
     label_space: list[str]
 
 
-@register("eval.failed", kind="event")
+@register("eval.failed", kind="event", version=2, upcasters=PLAN_V2)
 class EvalFailed(StageFailure):
     pass
 
@@ -126,7 +221,7 @@ class EvalFailed(StageFailure):
 # --- export ---------------------------------------------------------------------------------
 
 
-@register("export.completed", kind="event")
+@register("export.completed", kind="event", version=2, upcasters=PLAN_V2)
 class ExportCompleted(Frozen):
     plan: RunPlan
     base_model: str
@@ -137,7 +232,7 @@ class ExportCompleted(Frozen):
     base: ClassificationMetrics
 
 
-@register("export.failed", kind="event")
+@register("export.failed", kind="event", version=2, upcasters=PLAN_V2)
 class ExportFailed(StageFailure):
     pass
 
@@ -157,7 +252,7 @@ class VersionRegistered(Frozen):
     source_run_id: str
 
 
-@register("registry.failed", kind="event")
+@register("registry.failed", kind="event", version=2, upcasters=PLAN_V2)
 class RegistryFailed(StageFailure):
     pass
 

@@ -15,7 +15,7 @@ from contracts.commands import StartRun
 from contracts.common import RunPlan
 from contracts.envelope import Envelope
 from contracts.registry import message_type_of
-from services.cli import stack
+from services.cli import ingest_cmds, stack
 from services.cli.render import entry_line, timeline_text
 from services.common.ids import new_run_id
 
@@ -195,7 +195,7 @@ def cmd_status(args) -> int:
 # --- run / timeline / events ----------------------------------------------------------------
 
 
-def _absolute_locator(locator: str) -> str:
+def absolute_locator(locator: str) -> str:
     # Services run elsewhere (another cwd, another host): a relative file path would mean nothing there.
     scheme, sep, rest = locator.partition(":")
     if sep and scheme in ("jsonl", "csv") and rest and not os.path.isabs(rest):
@@ -203,14 +203,11 @@ def _absolute_locator(locator: str) -> str:
     return locator
 
 
-async def _start_run(args) -> str:
+async def publish_command(cmd, *, prefix: str = "run") -> str:
+    """Publish a command as the first event of a new run; returns the run id."""
     from services.common.bus import publish
 
-    plan = RunPlan(locator=_absolute_locator(args.locator), target=args.target, text_field=args.text_field,
-                   label_field=args.label_field, max_steps=args.max_steps, eval_fraction=args.eval_fraction,
-                   seed=args.seed, base_model=args.base_model)
-    run_id = new_run_id()
-    cmd = StartRun(plan=plan, requested_by=os.environ.get("USER", "cli"))
+    run_id = new_run_id() if prefix == "run" else f"{prefix}-{new_run_id()}"
     mt = message_type_of(cmd)
     env = Envelope(type=mt.name, schema_version=mt.version, run_id=run_id, correlation_id=run_id, producer="cli",
                    payload=cmd.model_dump(mode="json"))
@@ -221,6 +218,17 @@ async def _start_run(args) -> str:
     finally:
         await nc.close()
     return run_id
+
+
+async def _start_run(args) -> str:
+    from services.cli.ingest_cmds import parse_map
+
+    plan = RunPlan(locator=absolute_locator(args.locator), target=args.target, text_field=args.text_field,
+                   label_field=args.label_field, mapping=parse_map(args.map), force_mapping=args.force,
+                   eval_locator=absolute_locator(args.eval_locator) if args.eval_locator else None,
+                   max_steps=args.max_steps, eval_fraction=args.eval_fraction, seed=args.seed,
+                   base_model=args.base_model)
+    return await publish_command(StartRun(plan=plan, requested_by=os.environ.get("USER", "cli")))
 
 
 async def _follow(run_id: str, timeout: float) -> dict | None:
@@ -246,18 +254,22 @@ async def _follow(run_id: str, timeout: float) -> dict | None:
         await conn.close()
 
 
+def follow_and_print(run_id: str, timeout: float) -> int:
+    tl = asyncio.run(_follow(run_id, timeout))
+    print()
+    if tl is None:
+        print(f"{run_id}: no event recorded within {timeout:.0f}s; is the stack up? (`tuneline status`)")
+        return 2
+    print(timeline_text(tl))
+    return 0 if tl["run"]["status"] == "succeeded" else 1
+
+
 def cmd_run(args) -> int:
     run_id = asyncio.run(_start_run(args))
     print(f"started {run_id} (correlation id {run_id})", flush=True)
     if args.no_wait:
         return 0
-    tl = asyncio.run(_follow(run_id, args.timeout))
-    print()
-    if tl is None:
-        print(f"{run_id}: no event recorded within {args.timeout:.0f}s; is the stack up? (`tuneline status`)")
-        return 2
-    print(timeline_text(tl))
-    return 0 if tl["run"]["status"] == "succeeded" else 1
+    return follow_and_print(run_id, args.timeout)
 
 
 async def _timeline(run_id: str) -> dict | None:
@@ -358,8 +370,11 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="start a run and follow it to the end")
     r.add_argument("--locator", required=True, help="where the labelled rows are, e.g. jsonl:data.jsonl")
     r.add_argument("--target", required=True, help="the deployment target the version is registered for")
-    r.add_argument("--text-field", default="text")
-    r.add_argument("--label-field", default="label")
+    r.add_argument("--text-field", default=None, help="the text field (no mapping at all: introspection proposes one)")
+    r.add_argument("--label-field", default=None)
+    r.add_argument("--map", action="append", help=ingest_cmds.MAP_HELP)
+    r.add_argument("--force", action="store_true", help="accept an introspected mapping below 0.80 confidence")
+    r.add_argument("--eval-locator", default=None, help="an explicit eval dataset instead of a split")
     r.add_argument("--max-steps", type=int, default=120)
     r.add_argument("--eval-fraction", type=float, default=0.2)
     r.add_argument("--seed", type=int, default=13)
@@ -367,6 +382,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=1800)
     r.add_argument("--no-wait", action="store_true")
     r.set_defaults(fn=cmd_run)
+    ingest_cmds.add_parser(sub, sys.modules[__name__])
     t = sub.add_parser("timeline", help="a run's timeline, from the projection")
     t.add_argument("run_id")
     t.add_argument("--json", action="store_true")

@@ -56,6 +56,10 @@ class ArtifactStore:
             self._atomic_write(final, copy)
         return self._ref(sha, size)
 
+    def writer(self) -> StreamingWriter:
+        """Write an artifact of any size in pieces (constant memory); `commit()` returns its ref."""
+        return StreamingWriter(self)
+
     def put_dir(self, path: Path) -> ArtifactRef:
         files = {}
         for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
@@ -110,6 +114,50 @@ class ArtifactStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+class StreamingWriter:
+    """An artifact written piece by piece: hashed as it is written into a temporary file, fsynced,
+    then renamed to its content address. Discarded unless committed."""
+
+    def __init__(self, store: ArtifactStore):
+        self.store = store
+        tmp_dir = store.root / "tmp"
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(dir=tmp_dir, prefix=".w-")
+        self._f = os.fdopen(fd, "wb", buffering=_CHUNK)
+        self._h = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self._h.update(data)
+        self._f.write(data)
+        self.size += len(data)
+
+    def commit(self) -> ArtifactRef:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        sha = self._h.hexdigest()
+        final = self.store._path_for(sha)
+        if final.exists():
+            os.unlink(self._tmp)
+        else:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self._tmp, final)
+        return self.store._ref(sha, self.size)
+
+    def discard(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        Path(self._tmp).unlink(missing_ok=True)
+
+    def __enter__(self) -> StreamingWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or not self._f.closed:
+            self.discard()
 
 
 def _sha256_file(path: Path) -> str:

@@ -141,6 +141,13 @@ async def handle_delivery(
         await msg.term()
         return "dead_lettered"
 
+    plan = getattr(payload, "plan", None)
+    if plan is not None and not plan.runs(spec.stage):
+        with message_context(env, consumer=spec.durable, delivery=md.num_delivered):
+            log.info("stage_not_in_plan", stage=spec.stage, until=plan.until)
+        await msg.ack()
+        return "skipped"
+
     ctx = StageContext(env, payload, spec.service, js, artifacts, settings, msg)
     with message_context(env, consumer=spec.durable, delivery=md.num_delivered):
         try:

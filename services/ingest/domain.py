@@ -1,124 +1,150 @@
-"""Ingest logic without I/O: locators, and mapping raw rows to (text, label) with a reason for
-every row that is rejected. read = accepted + rejected, always."""
+"""Ingest use cases, independent of the bus: introspect a source, dry-run a mapping, commit rows.
+
+Every record a source yields is counted exactly once, as accepted or as rejected with a reason
+code; rejected rows are kept (row number, source offset, raw text, reason, detail) in an artifact.
+Rows stream from the source into artifact files, so memory stays flat whatever the source's size.
+"""
 
 from __future__ import annotations
 
-import json
-from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SUPPORTED_SCHEMES = ("jsonl",)
+import orjson
+
+from contracts.common import FieldMapping, RunPlan
+from contracts.events import ShapeHypothesis
+from contracts.common import ArtifactRef
+from services.common.artifacts import ArtifactStore
+from services.ingest.introspect import AUTO_PICK, SAMPLE_SIZE, choose, introspect, spread_sample
+from services.ingest.mapping import MappingCounts, MappingError, RejectedRow, RowMapper, check_fields_present, map_records
+from services.ingest.sources.base import Source, SourceError
+from services.ingest.sources.locators import open_source
 
 
-class LocatorError(ValueError):
+class IngestError(ValueError):
+    """The source or the mapping as a whole is unusable; `reason_code` is registered."""
+
     def __init__(self, reason_code: str, message: str):
         super().__init__(message)
         self.reason_code = reason_code
 
 
-@dataclass(frozen=True)
-class Locator:
-    scheme: str
-    path: Path
-
-    def __str__(self) -> str:
-        return f"{self.scheme}:{self.path}"
-
-
-def parse_locator(text: str) -> Locator:
-    """`jsonl:PATH`. Other schemes of the architecture (csv, hf, pg) are refused by name."""
-    scheme, sep, rest = text.partition(":")
-    if not sep or not scheme or not rest:
-        raise LocatorError("ingest.locator_invalid", f"locator {text!r} does not parse: expected SCHEME:PATH, e.g. jsonl:data.jsonl")
-    if not scheme.isalnum() or scheme.lower() != scheme:
-        raise LocatorError("ingest.locator_invalid", f"locator {text!r}: scheme {scheme!r} must be lower-case letters")
-    if scheme not in SUPPORTED_SCHEMES:
-        raise LocatorError("ingest.locator_unsupported",
-                           f"locator {text!r}: scheme {scheme!r} is not supported yet (supported: {', '.join(SUPPORTED_SCHEMES)})")
-    return Locator(scheme, Path(rest))
-
-
-@dataclass(frozen=True)
-class RawRow:
-    row_number: int  # 1-based line number
-    offset: int      # byte offset of the line in the source
-    raw: bytes
-
-
-@dataclass(frozen=True)
-class RejectedRow:
-    row_number: int
-    offset: int
-    raw: str
-    reason_code: str
-    detail: str
-
-    def as_json(self) -> dict:
-        return {"row_number": self.row_number, "source_offset": self.offset, "raw": self.raw,
-                "reason_code": self.reason_code, "detail": self.detail}
+def open_locator(locator: str, roots: Sequence[Path], **limits) -> Source:
+    try:
+        return open_source(locator, roots=roots, **limits)
+    except SourceError as exc:
+        raise IngestError(exc.reason_code, str(exc)) from exc
 
 
 @dataclass
-class MappingResult:
-    accepted: list[dict] = field(default_factory=list)
-    rejected: list[RejectedRow] = field(default_factory=list)
-    rows_read: int = 0
+class Introspection:
+    fields: list[str]
+    sample: list[dict]
+    hypotheses: list[ShapeHypothesis]
+
+    @property
+    def auto_pick(self) -> bool:
+        return bool(self.hypotheses) and self.hypotheses[0].confidence >= AUTO_PICK
+
+
+def introspect_source(source: Source, sample_size: int = SAMPLE_SIZE) -> Introspection:
+    try:
+        records = (r for r in source.load() if r.fields is not None)
+        sample = [r.fields for r in spread_sample(records, sample_size)]
+    except SourceError as exc:
+        raise IngestError(exc.reason_code, str(exc)) from exc
+    if not sample:
+        raise IngestError("ingest.empty_source", "no parseable row in the source to introspect")
+    fields = list(dict.fromkeys(k for row in sample for k in row))
+    return Introspection(fields, sample, introspect(sample))
+
+
+def resolve_mapping(source: Source, *, mapping: FieldMapping | None = None, text_field: str | None = None,
+                    label_field: str | None = None, force: bool = False) -> tuple[FieldMapping, float | None, Introspection | None]:
+    """The mapping to apply: the one given, the one named by text/label fields, or introspection's
+    proposal when it is confident enough (or forced). Returns (mapping, confidence, introspection)."""
+    if mapping is None and (text_field or label_field):
+        mapping = FieldMapping(text=[text_field or "text"], label=label_field or "label")
+    if mapping is not None:
+        return mapping, None, None
+    found = introspect_source(source)
+    best = choose(found.hypotheses, force=force)
+    if best is None:
+        top = found.hypotheses[0] if found.hypotheses else None
+        detail = f"best proposal {top.shape} at {top.confidence:.2f} ({top.rationale})" if top else "no proposal"
+        raise IngestError("ingest.mapping_low_confidence",
+                          f"no mapping given and introspection is not sure enough to pick one: {detail}; "
+                          f"give a mapping (e.g. --text-field/--label-field) or --force to accept the proposal")
+    return best.mapping, best.confidence, found
+
+
+def plan_mapping(source: Source, plan: RunPlan) -> tuple[FieldMapping, float | None]:
+    mapping, confidence, _ = resolve_mapping(source, mapping=plan.mapping, text_field=plan.text_field,
+                                             label_field=plan.label_field, force=plan.force_mapping)
+    return mapping, confidence
+
+
+@dataclass
+class IngestOutcome:
+    counts: MappingCounts
+    rejected: ArtifactRef
+    dataset: ArtifactRef | None = None  # None for a dry run
+    sample_accepted: list[dict] = field(default_factory=list)
 
     @property
     def rejected_by_reason(self) -> dict[str, int]:
-        return dict(Counter(r.reason_code for r in self.rejected))
+        return dict(sorted(self.counts.rejected_by_reason.items()))
 
 
-def jsonl_rows(lines: Iterable[bytes]) -> Iterator[RawRow]:
-    """Number lines and track byte offsets; blank lines are not rows."""
-    offset = 0
-    for number, line in enumerate(lines, start=1):
-        if line.strip():
-            yield RawRow(number, offset, line.rstrip(b"\r\n"))
-        offset += len(line)
-
-
-_MAX_RAW_KEPT = 2000  # a rejected row keeps this much of its raw text
-
-
-def map_row(row: RawRow, text_field: str, label_field: str) -> dict | RejectedRow:
-    def reject(code: str, detail: str) -> RejectedRow:
-        raw = row.raw.decode("utf-8", errors="replace")[:_MAX_RAW_KEPT]
-        return RejectedRow(row.row_number, row.offset, raw, code, detail)
-
+def _mapped(source: Source, mapping: FieldMapping, default_provenance: str) -> tuple[Iterator, MappingCounts]:
     try:
-        obj = json.loads(row.raw)
-    except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, huge ints, absurd nesting
-        return reject("ingest.unparseable_row", f"not valid JSON: {str(exc)[:200]}")
-    if not isinstance(obj, dict):
-        return reject("ingest.unparseable_row", f"a JSON {type(obj).__name__}, not an object")
-    missing = [f for f in (text_field, label_field) if f not in obj or obj[f] is None]
-    if missing:
-        return reject("ingest.missing_field", f"missing field(s): {', '.join(missing)}")
-    text, label = obj[text_field], obj[label_field]
-    if not isinstance(text, str) or not text.strip():
-        return reject("ingest.empty_text", f"field {text_field!r} is empty or not a string")
-    if isinstance(label, bool) or not isinstance(label, (str, int)) or not str(label).strip():
-        return reject("ingest.invalid_label", f"field {label_field!r} must be a non-empty string or integer")
-    text, label = text.strip(), str(label).strip()
-    try:
-        # JSON can carry lone surrogates that no UTF-8 artifact can hold.
-        text.encode("utf-8"), label.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        return reject("ingest.unparseable_row", f"text or label is not encodable as UTF-8: {exc.reason}")
-    return {"text": text, "label": label, "row_number": row.row_number}
+        mapper = RowMapper(mapping, default_provenance=default_provenance)
+        check_fields_present(mapping, source.describe().columns)
+    except (MappingError, SourceError) as exc:
+        raise IngestError(exc.reason_code, str(exc)) from exc
+    counts = MappingCounts()
+    return map_records(source.load(), mapper, counts), counts
 
 
-def map_rows(rows: Iterable[RawRow], text_field: str, label_field: str) -> MappingResult:
-    result = MappingResult()
-    for row in rows:
-        result.rows_read += 1
-        mapped = map_row(row, text_field, label_field)
-        if isinstance(mapped, RejectedRow):
-            result.rejected.append(mapped)
-        else:
-            result.accepted.append(mapped)
-    assert result.rows_read == len(result.accepted) + len(result.rejected)
-    return result
+def run_ingest(source: Source, mapping: FieldMapping, store: ArtifactStore, *, commit: bool,
+               sample_size: int = 0, default_provenance: str = "human") -> IngestOutcome:
+    """Stream the source through the mapping into artifacts: accepted rows (when committing) and
+    every rejected row. Raises IngestError when the source fails as a whole."""
+    rows, counts = _mapped(source, mapping, default_provenance)
+    dumps = orjson.dumps
+    sample: list[dict] = []
+    with store.writer() as rejected_w, (store.writer() if commit else _Null()) as dataset_w:
+        try:
+            for out in rows:
+                if type(out) is RejectedRow:
+                    rejected_w.write(dumps(out.as_json()) + b"\n")
+                else:
+                    if len(sample) < sample_size:
+                        sample.append(out)
+                    dataset_w.write(dumps(out) + b"\n")
+        except SourceError as exc:
+            raise IngestError(exc.reason_code, str(exc)) from exc
+        counts.check()
+        if counts.rows_read == 0:
+            raise IngestError("ingest.empty_source", "the source holds no rows")
+        rejected = rejected_w.commit()
+        dataset = dataset_w.commit() if commit else None
+    return IngestOutcome(counts, rejected, dataset, sample)
+
+
+class _Null:
+    """A writer that writes nothing (dry runs keep no dataset)."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def commit(self) -> None:
+        return None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass

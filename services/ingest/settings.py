@@ -1,5 +1,10 @@
 """Ingest settings (env prefix TUNELINE_INGEST_)."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
@@ -7,3 +12,14 @@ from services.common.settings import ServiceSettings
 
 class IngestSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="TUNELINE_INGEST_", extra="ignore", frozen=True)
+
+    # File locators must resolve inside one of these directories (TUNELINE_INGEST_ROOTS, a JSON
+    # list). Empty: the service's working directory and its data directory.
+    roots: list[Path] = Field(default_factory=list)
+    max_row_bytes: int = 1 << 20
+
+    def allowed_roots(self) -> list[Path]:
+        return [p.resolve() for p in self.roots] or [Path.cwd().resolve(), self.data_dir.resolve()]
+
+    def limits(self) -> dict:
+        return {"max_row_bytes": self.max_row_bytes}

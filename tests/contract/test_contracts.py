@@ -34,7 +34,7 @@ def test_a_changed_contract_is_detected_as_drift(monkeypatch):
 
     monkeypatch.setattr(mt, "model", Widened)
     _, changed = snapshots.drift()
-    assert changed == ["ingest.failed.v1.json"]
+    assert changed == [f"ingest.failed.v{mt.version}.json"]
     with pytest.raises(SystemExit, match="without a version bump"):
         snapshots.write_missing()
 
@@ -129,7 +129,7 @@ def test_every_reason_code_used_in_the_code_is_registered():
 def test_reason_codes_are_namespaced_by_stage():
     for code, rc in REASON_CODES.items():
         prefix = code.split(".", 1)[0]
-        assert prefix in ("bus", "ingest", "prep", "training", "eval", "export", "registry", "audit"), code
+        assert prefix in ("bus", "ingest", "prep", "cleaning", "training", "eval", "export", "registry", "audit"), code
         assert rc.meaning.endswith("."), code
 
 

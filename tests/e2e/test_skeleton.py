@@ -93,10 +93,12 @@ def test_a_run_flows_through_all_six_services_and_its_audit_trail_tells_the_stor
 
 
 @pytest.mark.parametrize("locator, reason", [
-    ("jsonl:/definitely/not/here.jsonl", "ingest.source_not_found"),
+    ("jsonl:{data}/not-here.jsonl", "ingest.source_not_found"),
+    ("jsonl:/definitely/not/here.jsonl", "ingest.locator_outside_roots"),  # the data dir is the allowed root
     ("no-scheme-here", "ingest.locator_invalid"),
 ])
 def test_a_bad_locator_fails_the_run_at_ingest_with_a_clear_reason(cli, locator, reason):
+    locator = locator.format(data=cli.data)
     proc = cli("run", "--locator", locator, "--target", "t", check=False, timeout=120)
     assert proc.returncode == 1
     assert "status=FAILED" in proc.stdout and reason in proc.stdout

@@ -1,0 +1,187 @@
+"""`tuneline ingest introspect|dry-run|commit`: each publishes its command on the bus and shows the
+event the ingest service answers with, from the audit trail (so every question asked is recorded)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pydantic import ValidationError
+
+from contracts.commands import CommitIngest, DryRunIngest, IntrospectSource
+from contracts.common import FieldMapping, RunPlan
+from contracts.reason_codes import REASON_CODES
+
+MAP_HELP = ("field mapping, repeatable KEY=VALUE: shape=multi_field_triage, text=summary,description, "
+            "label=priority, heads.component=components, tags=labels, provenance=source, label_space=a,b,c; "
+            "or one JSON object")
+
+
+def parse_map(items: list[str] | None) -> FieldMapping | None:
+    """`--map text=title,body --map label=label` (or `--map '{"text": [...], ...}'`) -> FieldMapping."""
+    if not items:
+        return None
+    data: dict = {}
+    for item in items:
+        item = item.strip()
+        if item.startswith("{"):
+            data.update(json.loads(item))
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--map {item!r}: expected KEY=VALUE ({MAP_HELP})")
+        if key.startswith("heads."):
+            data.setdefault("heads", {})[key.split(".", 1)[1]] = value
+        elif key in ("text", "label_space"):
+            data[key] = [v.strip() for v in value.split(",") if v.strip()]
+        else:
+            data[key] = value
+    if "heads" in data and "shape" not in data:
+        data["shape"] = "multi_field_triage"
+    try:
+        return FieldMapping.model_validate(data)
+    except ValidationError as exc:
+        raise SystemExit(f"--map: {exc}") from None
+
+
+async def _await_event(db_url: str, run_id: str, types: tuple[str, ...], timeout: float) -> dict | None:
+    from services.audit.db import connect_as_app
+
+    conn = await connect_as_app(db_url)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            row = await conn.fetchrow(
+                "SELECT type, reason_code, payload FROM run_events WHERE run_id = $1 AND type = ANY($2::text[]) "
+                "ORDER BY global_position LIMIT 1", run_id, list(types))
+            if row is not None:
+                return {"type": row["type"], "reason_code": row["reason_code"], "payload": json.loads(row["payload"])}
+            await asyncio.sleep(0.3)
+        return None
+    finally:
+        await conn.close()
+
+
+def _ask(main, command, kind_prefix: str, answers: tuple[str, ...], timeout: float) -> dict:
+    run_id = asyncio.run(main.publish_command(command, prefix=kind_prefix))
+    found = asyncio.run(_await_event(main.urls()[1], run_id, answers + ("ingest.failed", "bus.message_dead_lettered"),
+                                     timeout))
+    if found is None:
+        raise SystemExit(f"{run_id}: no answer within {timeout:.0f}s; is the stack up? (`tuneline status`)")
+    found["run_id"] = run_id
+    return found
+
+
+def _failed(found: dict) -> int:
+    code = found["reason_code"]
+    meaning = REASON_CODES[code].meaning if code in REASON_CODES else ""
+    print(f"FAILED [{code}] {found['payload'].get('message') or found['payload'].get('error')}", file=sys.stderr)
+    if meaning:
+        print(f"  {code}: {meaning}", file=sys.stderr)
+    return 1
+
+
+def cmd_introspect(main, args) -> int:
+    cmd = IntrospectSource(locator=main.absolute_locator(args.locator), sample_size=args.sample_size)
+    found = _ask(main, cmd, "introspect", ("ingest.introspected",), args.timeout)
+    if found["type"] != "ingest.introspected":
+        return _failed(found)
+    p = found["payload"]
+    if args.json:
+        print(json.dumps(p, indent=2))
+        return 0
+    print(f"{p['locator']}: {p['sample_rows']} sample rows, fields: {', '.join(p['fields'])}")
+    for i, h in enumerate(p["hypotheses"], 1):
+        m = {k: v for k, v in h["mapping"].items() if v not in (None, [], {}) and k != "shape"}
+        print(f"{i}. {h['shape']:<28} confidence {h['confidence']:.2f}  {json.dumps(m) if m else ''}")
+        print(f"   {h['rationale']}")
+    best = p["hypotheses"][0] if p["hypotheses"] else None
+    if best and p["auto_pick"]:
+        print(f"\nproposal: {best['shape']} (>= 0.80: picked automatically by dry-run and commit)")
+    elif best:
+        print(f"\nno automatic pick: the best proposal is {best['confidence']:.2f} < 0.80; "
+              f"give --map or --force")
+    return 0
+
+
+def _read_rejected(uri: str, per_code: int = 3) -> dict[str, list[dict]]:
+    path = Path(urlparse(uri).path)
+    out: dict[str, list[dict]] = {}
+    if not path.exists():
+        return out
+    with open(path, "rb") as f:
+        for line in f:
+            r = json.loads(line)
+            lst = out.setdefault(r["reason_code"], [])
+            if len(lst) < per_code:
+                lst.append(r)
+    return out
+
+
+def cmd_dry_run(main, args) -> int:
+    cmd = DryRunIngest(locator=main.absolute_locator(args.locator), mapping=parse_map(args.map), force=args.force,
+                       sample_size=args.sample_size)
+    found = _ask(main, cmd, "dryrun", ("ingest.dry_run_completed",), args.timeout)
+    if found["type"] != "ingest.dry_run_completed":
+        return _failed(found)
+    p = found["payload"]
+    if args.json:
+        print(json.dumps(p, indent=2))
+        return 0
+    m = {k: v for k, v in p["mapping"].items() if v not in (None, [], {})}
+    print(f"{p['locator']} with mapping {json.dumps(m)}")
+    print(f"read {p['rows_read']}: accepted {p['rows_accepted']}, rejected {p['rows_rejected']}")
+    examples = _read_rejected(p["rejected"]["uri"])
+    for code, n in sorted(p["rejected_by_reason"].items(), key=lambda kv: -kv[1]):
+        print(f"  {n:>8}  {code}: {REASON_CODES[code].meaning if code in REASON_CODES else ''}")
+        for r in examples.get(code, []):
+            print(f"            row {r['row_number']} (offset {r['source_offset']}): {r['detail'][:120]}")
+    print(f"every rejected row: {p['rejected']['uri']}")
+    if p["sample_accepted"]:
+        print("sample of accepted rows:")
+        for r in p["sample_accepted"]:
+            print("  " + json.dumps(r, ensure_ascii=False)[:200])
+    return 0
+
+
+def cmd_commit(main, args) -> int:
+    plan = RunPlan(locator=main.absolute_locator(args.locator), target=args.target, mapping=parse_map(args.map),
+                   force_mapping=args.force, until=args.until,
+                   eval_locator=main.absolute_locator(args.eval_locator) if args.eval_locator else None)
+    run_id = asyncio.run(main.publish_command(CommitIngest(plan=plan), prefix="ingest"))
+    print(f"started {run_id} (ingest commit, until {args.until})", flush=True)
+    return main.follow_and_print(run_id, args.timeout)
+
+
+def add_parser(sub, main) -> None:
+    ing = sub.add_parser("ingest", help="introspect a source, dry-run a mapping, commit a dataset")
+    isub = ing.add_subparsers(dest="ingest_command", required=True)
+
+    def common(p):
+        p.add_argument("locator", help="jsonl:PATH, csv:PATH, hf:ID:SPLIT[:REVISION], pg:DSN_ENV?query=...")
+        p.add_argument("--timeout", type=float, default=600)
+
+    i = isub.add_parser("introspect", help="rank shape hypotheses and propose a mapping")
+    common(i)
+    i.add_argument("--sample-size", type=int, default=20)
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=lambda a: cmd_introspect(main, a))
+    d = isub.add_parser("dry-run", help="map every row without committing: counts, sample, every rejection")
+    common(d)
+    d.add_argument("--map", action="append", help=MAP_HELP)
+    d.add_argument("--force", action="store_true", help="accept a proposal below 0.80 confidence")
+    d.add_argument("--sample-size", type=int, default=5)
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(fn=lambda a: cmd_dry_run(main, a))
+    c = isub.add_parser("commit", help="commit accepted and rejected rows as artifacts (and prep them)")
+    common(c)
+    c.add_argument("--target", default="datasets", help="the target name the run is filed under")
+    c.add_argument("--map", action="append", help=MAP_HELP)
+    c.add_argument("--force", action="store_true")
+    c.add_argument("--eval-locator", default=None, help="an explicit eval dataset (checked for overlap)")
+    c.add_argument("--until", default="prep", choices=["ingest", "prep"], help="stop after this stage")
+    c.set_defaults(fn=lambda a: cmd_commit(main, a))

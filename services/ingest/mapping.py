@@ -1,0 +1,259 @@
+"""Apply a field mapping to source records: every record becomes an accepted row or a rejected row
+with a registered reason code. read = accepted + rejected, always (asserted where counts are made).
+
+Accepted rows by shape:
+- classification: {"row_number", "text", "label", "provenance", ["heads"], ["tags"]}
+- chat_messages: {"row_number", "messages", "provenance"}
+- prompt_completion: {"row_number", "prompt", "completion", "provenance"}
+- json_extraction: {"row_number", "text", "target", "provenance"}
+- preference_pairs: {"row_number", "prompt", "chosen", "rejected", "provenance"}
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from contracts.common import CLASSIFICATION_SHAPES, FieldMapping
+from services.ingest.sources.base import MAX_RAW_KEPT, SourceRecord
+
+DEFAULT_MAX_TEXT_CHARS = 200_000
+PROVENANCES = ("human", "synthetic", "production_sample")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+class MappingError(ValueError):
+    """The mapping itself is wrong for this source (not one row): `ingest.mapping_invalid`."""
+
+    reason_code = "ingest.mapping_invalid"
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedRow:
+    row_number: int
+    offset: int
+    raw: str
+    reason_code: str
+    detail: str
+
+    def as_json(self) -> dict:
+        return {"row_number": self.row_number, "source_offset": self.offset, "raw": self.raw,
+                "reason_code": self.reason_code, "detail": self.detail}
+
+
+@dataclass
+class MappingCounts:
+    rows_read: int = 0
+    rows_accepted: int = 0
+    rejected_by_reason: Counter = field(default_factory=Counter)
+
+    @property
+    def rows_rejected(self) -> int:
+        return sum(self.rejected_by_reason.values())
+
+    def check(self) -> None:
+        if self.rows_read != self.rows_accepted + self.rows_rejected:
+            raise AssertionError(f"row accounting broken: read {self.rows_read} != accepted {self.rows_accepted}"
+                                 f" + rejected {self.rows_rejected}")
+
+
+def check_mapping(mapping: FieldMapping) -> None:
+    """A mapping must name what its shape needs."""
+    need = {
+        "single_label_classification": ("text", "label"),
+        "multi_field_triage": ("text", "label"),
+        "chat_messages": ("messages",),
+        "prompt_completion": ("prompt", "completion"),
+        "json_extraction": ("text", "target"),
+        "preference_pairs": ("prompt", "chosen", "rejected"),
+    }[mapping.shape]
+    missing = [n for n in need if not getattr(mapping, n)]
+    if missing:
+        raise MappingError(f"a {mapping.shape} mapping needs {', '.join(missing)}")
+
+
+def check_fields_present(mapping: FieldMapping, columns: Iterable[str]) -> None:
+    """Refuse a mapping that names columns a source with a fixed schema (CSV header, query) lacks."""
+    cols = set(columns)
+    if not cols:
+        return
+    absent = [f for f in mapping.source_fields() if f not in cols]
+    if absent:
+        raise MappingError(f"the mapping names field(s) the source does not have: {', '.join(absent)} "
+                           f"(columns: {', '.join(sorted(cols)[:30])})")
+
+
+class _Reject(Exception):
+    def __init__(self, code: str, detail: str):
+        self.code, self.detail = code, detail
+
+
+def _string(obj: dict, name: str, *, required: bool = True) -> str | None:
+    if name not in obj or obj[name] is None:
+        if required:
+            raise _Reject("ingest.missing_field", f"missing field {name!r}")
+        return None
+    v = obj[name]
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return str(v)
+    raise _Reject("ingest.invalid_value", f"field {name!r} is a {type(v).__name__}, not text")
+
+
+def _label_value(obj: dict, name: str, label_space: frozenset[str] | None) -> str:
+    if name not in obj or obj[name] is None:
+        raise _Reject("ingest.missing_field", f"missing label field {name!r}")
+    v = obj[name]
+    if isinstance(v, list):  # a list-valued field used as a single label needs exactly one value
+        if len(v) != 1:
+            raise _Reject("ingest.invalid_label", f"label field {name!r} holds {len(v)} values; a single label needs one")
+        v = v[0]
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
+        raise _Reject("ingest.invalid_label", f"label field {name!r} must be a non-empty string or integer")
+    label = str(v).strip()
+    if not label:
+        raise _Reject("ingest.invalid_label", f"label field {name!r} is empty")
+    if label_space is not None and label not in label_space:
+        raise _Reject("ingest.label_outside_space", f"label {label[:80]!r} is not in the label space")
+    return label
+
+
+def _head_value(v: Any) -> str | list[str] | None:
+    """A triage head: a scalar, a list of values, or nothing (heads may be empty, e.g. no component)."""
+    if v is None or v == "" or v == []:
+        return None
+    if isinstance(v, list):
+        vals = [str(x).strip() for x in v if x is not None and str(x).strip()]
+        return vals[0] if len(vals) == 1 else (vals or None)
+    if isinstance(v, (str, int, float)) and not isinstance(v, bool):
+        return str(v).strip() or None
+    raise _Reject("ingest.invalid_value", f"a triage field holds a {type(v).__name__}")
+
+
+def _tags(v: Any) -> list[str]:
+    if v is None:
+        return []
+    if isinstance(v, str):
+        return [t.strip() for t in v.split(",") if t.strip()]
+    if isinstance(v, list) and all(isinstance(t, (str, int)) and not isinstance(t, bool) for t in v):
+        return [str(t).strip() for t in v if str(t).strip()]
+    raise _Reject("ingest.invalid_value", "tags must be a list of strings or a comma-separated string")
+
+
+def _messages(v: Any) -> list[dict]:
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except ValueError as exc:
+            raise _Reject("ingest.invalid_value", f"messages is a string that is not JSON: {exc}") from None
+    if not isinstance(v, list) or not v:
+        raise _Reject("ingest.invalid_value", "messages must be a non-empty list of {role, content}")
+    out = []
+    for i, m in enumerate(v):
+        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
+            raise _Reject("ingest.invalid_value", f"message {i} is not a {{role, content}} object with a known role")
+        out.append({"role": m["role"], "content": m["content"]})
+    if out[-1]["role"] != "assistant" or not any(m["role"] == "user" for m in out):
+        raise _Reject("ingest.invalid_value", "a training conversation needs a user turn and must end with an assistant turn")
+    return out
+
+
+class RowMapper:
+    """Maps one parsed source record to a row; built once per mapping so the per-row path is lean."""
+
+    def __init__(self, mapping: FieldMapping, *, default_provenance: str = "human",
+                 max_text_chars: int = DEFAULT_MAX_TEXT_CHARS):
+        check_mapping(mapping)
+        self.mapping = mapping
+        self.default_provenance = default_provenance
+        self.max_text_chars = max_text_chars
+        self.label_space = frozenset(mapping.label_space) if mapping.label_space else None
+        self.classification = mapping.shape in CLASSIFICATION_SHAPES
+
+    def _text(self, obj: dict) -> str:
+        m = self.mapping
+        if len(m.text) == 1:
+            text = _string(obj, m.text[0]) or ""
+        else:
+            present = [n for n in m.text if obj.get(n) is not None]
+            if not present:
+                raise _Reject("ingest.missing_field", f"none of the text fields {', '.join(m.text)} is present")
+            parts = [_string(obj, n) for n in present]
+            text = "\n\n".join(p.strip() for p in parts if p and p.strip())
+        text = text.strip()
+        if not text:
+            raise _Reject("ingest.empty_text", f"text ({'+'.join(m.text)}) is empty")
+        if len(text) > self.max_text_chars:
+            raise _Reject("ingest.text_too_long", f"text has {len(text)} characters; the limit is {self.max_text_chars}")
+        return text
+
+    def _provenance(self, obj: dict) -> str:
+        if not self.mapping.provenance:
+            return self.default_provenance
+        v = obj.get(self.mapping.provenance)
+        if v is None or v == "":
+            return self.default_provenance
+        v = str(v).strip().lower()
+        if v not in PROVENANCES:
+            raise _Reject("ingest.invalid_value", f"provenance {v[:40]!r} is not one of {', '.join(PROVENANCES)}")
+        return v
+
+    def map(self, obj: dict, row_number: int) -> dict:
+        m = self.mapping
+        if self.classification:
+            row = {"row_number": row_number, "text": self._text(obj), "label": _label_value(obj, m.label, self.label_space)}
+            if m.heads:
+                row["heads"] = {name: _head_value(obj.get(src)) for name, src in m.heads.items()}
+            if m.tags:
+                row["tags"] = _tags(obj.get(m.tags))
+        elif m.shape == "chat_messages":
+            if obj.get(m.messages) is None:
+                raise _Reject("ingest.missing_field", f"missing field {m.messages!r}")
+            row = {"row_number": row_number, "messages": _messages(obj[m.messages])}
+        elif m.shape == "prompt_completion":
+            row = {"row_number": row_number, "prompt": _string(obj, m.prompt), "completion": _string(obj, m.completion)}
+            if not row["prompt"].strip() or not row["completion"].strip():
+                raise _Reject("ingest.empty_text", "prompt or completion is empty")
+        elif m.shape == "json_extraction":
+            target = obj.get(m.target)
+            if isinstance(target, str):
+                try:
+                    target = json.loads(target)
+                except ValueError:
+                    raise _Reject("ingest.invalid_value", f"field {m.target!r} is not JSON") from None
+            if not isinstance(target, dict):
+                raise _Reject("ingest.invalid_value" if target is not None else "ingest.missing_field",
+                              f"field {m.target!r} must hold a JSON object")
+            row = {"row_number": row_number, "text": self._text(obj), "target": target}
+        else:  # preference_pairs
+            row = {"row_number": row_number, "prompt": _string(obj, m.prompt), "chosen": _string(obj, m.chosen),
+                   "rejected": _string(obj, m.rejected)}
+            if row["chosen"] == row["rejected"]:
+                raise _Reject("ingest.invalid_value", "chosen and rejected answers are identical")
+        row["provenance"] = self._provenance(obj)
+        return row
+
+    def apply(self, record: SourceRecord) -> dict | RejectedRow:
+        if record.error is not None:
+            return RejectedRow(record.row_number, record.offset, record.raw, *record.error)
+        try:
+            return self.map(record.fields, record.row_number)
+        except _Reject as r:
+            return RejectedRow(record.row_number, record.offset, record.raw[:MAX_RAW_KEPT], r.code, r.detail)
+
+
+def map_records(records: Iterable[SourceRecord], mapper: RowMapper,
+                counts: MappingCounts) -> Iterator[dict | RejectedRow]:
+    """Stream mapped rows and rejected rows, counting as it goes (constant memory)."""
+    for rec in records:
+        counts.rows_read += 1
+        out = mapper.apply(rec)
+        if type(out) is RejectedRow:
+            counts.rejected_by_reason[out.reason_code] += 1
+        else:
+            counts.rows_accepted += 1
+        yield out

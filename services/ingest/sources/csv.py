@@ -1,0 +1,410 @@
+"""CSV files with a header row.
+
+Encoding: an explicit `encoding=` wins; else a BOM (UTF-8, UTF-16 LE/BE, UTF-32); else UTF-8 when the
+first 64 KiB decode as UTF-8; else charset-normalizer's best guess (describe() reports which, and how
+it was found). Without a BOM, NUL bytes in the first 8 KiB mean a binary file (ingest.binary_source).
+
+Dialect: csv.Sniffer on the first 16 KiB, delimiters `,;\\t|`, checked against the header (the sniffed
+delimiter must split the header at least as well as the others), falling back to excel (comma,
+double quote). Quotes are always doubled-quote style (`""` inside a quoted field). Quoted fields may
+span lines.
+
+Rows and offsets
+    The first record is the header (empty names become `column_N`, repeated names get `_2`, `_3`).
+    Each later record becomes a dict header -> string. `row_number` is the 1-based physical LINE
+    number where the record starts (the header is line 1), `offset` the BYTE offset of that line in
+    the file. Offsets are exact for ASCII-compatible encodings (UTF-8, cp1252, latin-1, ...); for
+    UTF-16/32 they are computed by re-encoding the decoded lines, exact unless a line has undecodable
+    bytes. Blank lines are not rows.
+
+Bad records never raise; they come back with `error`:
+    ingest.ragged_row      the record has a different number of fields than the header;
+    ingest.encoding_error  bytes of the record do not decode in the file's encoding;
+    ingest.row_too_long    the record (or one field) is longer than `max_row_bytes`; over-long lines
+                           are read in bounded chunks and replaced, for the csv parser, by a stand-in
+                           that keeps the quote state, so memory stays bounded;
+    ingest.unparseable_row any other csv parser error.
+Whole-source failures raise SourceError: ingest.source_not_found, ingest.binary_source,
+ingest.empty_source (no header, or a header and no records), ingest.encoding_error (undecodable
+header, unknown `encoding=`), ingest.row_too_long (a header longer than the limit).
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services.ingest.sources.base import MAX_RAW_KEPT, SourceDescription, SourceError, SourceRecord, new_record
+
+DEFAULT_MAX_ROW_BYTES = 1 << 20
+BINARY_SNIFF_BYTES = 8192
+SAMPLE_BYTES = 64 * 1024
+SNIFF_CHARS = 16 * 1024
+DELIMITERS = ",;\t|"
+_CHUNK = 64 * 1024
+_MARK = "tuneline.surrogatemark"
+_MARKED = re.compile("[\udc00-\udcff]")
+_BOMS = (  # longest first: the UTF-32 LE BOM starts with the UTF-16 LE one
+    (codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+
+
+def _mark_undecodable(exc: UnicodeError):
+    """Codec error handler: each undecodable byte becomes U+DC00+byte, a lone surrogate that no valid
+    decoding produces, so a record's text tells whether it had undecodable bytes."""
+    if not isinstance(exc, UnicodeDecodeError):
+        raise exc
+    return "".join(chr(0xDC00 + b) for b in exc.object[exc.start:exc.end]), exc.end
+
+
+codecs.register_error(_MARK, _mark_undecodable)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    encoding: str          # codec for the bytes after the BOM
+    encoding_source: str   # "override", "bom", "utf-8", "detected"
+    bom_bytes: int
+    ascii_compatible: bool
+    dialect: type[csv.Dialect]
+    header: list[str]
+    size: int
+    sample_records: int
+    sample_bytes: int
+    detection: dict[str, Any]
+
+
+def _ascii_compatible(encoding: str) -> bool:
+    try:
+        return all(c.encode(encoding) == c.encode("ascii") for c in "\n\r,;\t|\"'az09 ")
+    except (UnicodeError, LookupError):
+        return False
+
+
+def _dialect(delimiter: str, quotechar: str = '"', skipinitialspace: bool = False) -> type[csv.Dialect]:
+    class Detected(csv.Dialect):
+        pass
+
+    Detected.delimiter = delimiter
+    Detected.quotechar = quotechar
+    Detected.doublequote = True
+    Detected.escapechar = None
+    Detected.skipinitialspace = skipinitialspace
+    Detected.lineterminator = "\r\n"
+    Detected.quoting = csv.QUOTE_MINIMAL
+    Detected.strict = False
+    return Detected
+
+
+def _first_record(text: str, dialect) -> list[str]:
+    try:
+        return next(csv.reader(io.StringIO(text, newline=""), dialect), [])
+    except csv.Error:
+        return []
+
+
+def _sniff(text: str) -> tuple[type[csv.Dialect], str]:
+    sample = text[:SNIFF_CHARS]
+    cut = sample.rfind("\n")
+    if cut > 0 and len(text) > len(sample):
+        sample = sample[: cut + 1]
+    widths = {d: len(_first_record(text[:SNIFF_CHARS * 4], _dialect(d))) for d in DELIMITERS}
+    widest = max(DELIMITERS, key=lambda d: (widths[d], d == ","))
+    try:
+        sniffed = csv.Sniffer().sniff(sample, delimiters=DELIMITERS)
+    except csv.Error:
+        return _dialect(widest), "widest header" if widths[widest] > 1 else "excel (default)"
+    delimiter = sniffed.delimiter if sniffed.delimiter in DELIMITERS else ","
+    quotechar = sniffed.quotechar if sniffed.quotechar in "\"'" else '"'
+    if quotechar == "'" and '"' in sample:
+        quotechar = '"'
+    if widths[delimiter] < widths[widest]:
+        return _dialect(widest), "widest header (sniffed delimiter rejected)"
+    return _dialect(delimiter, quotechar, bool(sniffed.skipinitialspace)), "sniffed"
+
+
+def _unique_header(names: list[str]) -> list[str]:
+    out: list[str] = []
+    seen: set[str] = set()
+    for i, name in enumerate(names, start=1):
+        name = name.strip() or f"column_{i}"
+        base, n = name, 1
+        while name in seen:
+            n += 1
+            name = f"{base}_{n}"
+        seen.add(name)
+        out.append(name)
+    return out
+
+
+class _Record:
+    """What the line feeder knows about the record the csv parser is reading."""
+
+    __slots__ = ("lines", "start", "nbytes", "bad_at", "too_long", "raw", "raw_len")
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.lines = 0
+        self.start = 0
+        self.nbytes = 0
+        self.bad_at: int | None = None
+        self.too_long = False
+        self.raw: list[str] = []
+        self.raw_len = 0
+
+
+class CsvSource:
+    format = "csv"
+
+    def __init__(self, path: str | os.PathLike, *, encoding: str | None = None,
+                 max_row_bytes: int = DEFAULT_MAX_ROW_BYTES, **_ignored):
+        if max_row_bytes < 1:
+            raise ValueError("max_row_bytes must be positive")
+        self.path = Path(path)
+        self.encoding = encoding
+        self.max_row_bytes = max_row_bytes
+        self._layout: _Layout | None = None
+
+    # -- detection ---------------------------------------------------------------------------
+
+    def _open(self):
+        try:
+            return open(self.path, "rb", buffering=_CHUNK * 4)
+        except FileNotFoundError:
+            raise SourceError("ingest.source_not_found", f"{self.path} does not exist") from None
+        except IsADirectoryError:
+            raise SourceError("ingest.source_not_found", f"{self.path} is a directory, not a CSV file") from None
+        except OSError as exc:
+            raise SourceError("ingest.source_not_found", f"cannot read {self.path}: {exc.strerror or exc}") from None
+
+    def _detect(self) -> _Layout:
+        if self._layout is not None:
+            return self._layout
+        with self._open() as f:
+            sample = f.read(SAMPLE_BYTES)
+            size = os.fstat(f.fileno()).st_size
+        complete = size <= len(sample)
+        if not sample.strip():
+            raise SourceError("ingest.empty_source", f"{self.path} is empty: a CSV source needs a header row and records")
+        detection: dict[str, Any] = {}
+        bom_enc, bom_len = None, 0
+        for bom, name in _BOMS:
+            if sample.startswith(bom):
+                bom_enc, bom_len = name, len(bom)
+                break
+        if self.encoding:
+            try:
+                encoding = codecs.lookup(self.encoding).name
+            except LookupError:
+                raise SourceError("ingest.encoding_error", f"{self.path}: unknown encoding {self.encoding!r}") from None
+            if bom_enc and codecs.lookup(bom_enc).name.replace("-sig", "") != encoding.replace("_sig", "").replace("-sig", ""):
+                bom_len = 0  # the override decides; the bytes are not taken as a BOM
+            if encoding in ("utf-8-sig", "utf_8_sig"):
+                encoding = "utf-8"
+            source = "override"
+        elif bom_enc:
+            encoding, source = bom_enc, "bom"
+        else:
+            if b"\x00" in sample[:BINARY_SNIFF_BYTES]:
+                raise SourceError("ingest.binary_source",
+                                  f"{self.path} is a binary file (NUL bytes in its first {BINARY_SNIFF_BYTES} bytes), not CSV text")
+            try:
+                codecs.getincrementaldecoder("utf-8")().decode(sample, final=complete)
+                encoding, source = "utf-8", "utf-8"
+            except UnicodeDecodeError:
+                encoding, source = self._guess(sample), "detected"
+                detection["guessed_from_bytes"] = len(sample)
+        body = sample[bom_len:]
+        if not complete:
+            cut = body.rfind(b"\n")
+            body = body[: cut + 1] if cut > 0 else body
+        text = body.decode(encoding, _MARK)
+        dialect, how = _sniff(text)
+        detection["dialect_source"] = how
+        reader = csv.reader(io.StringIO(text, newline=""), dialect)
+        header: list[str] = []
+        records = 0
+        try:
+            for row in reader:
+                if not row:
+                    continue
+                if not header:
+                    header = row
+                else:
+                    records += 1
+        except csv.Error:
+            pass
+        if not header:
+            raise SourceError("ingest.empty_source", f"{self.path} has no header row")
+        if _MARKED.search("".join(header)):
+            raise SourceError("ingest.encoding_error", f"{self.path}: the header row does not decode as {encoding}")
+        self._layout = _Layout(encoding, source, bom_len, _ascii_compatible(encoding), dialect, _unique_header(header),
+                               size, records, len(body), detection)
+        return self._layout
+
+    def _guess(self, sample: bytes) -> str:
+        from charset_normalizer import from_bytes
+
+        best = from_bytes(sample).best()
+        if best is None:
+            raise SourceError("ingest.binary_source",
+                              f"{self.path} is not text in any encoding charset-normalizer knows (not UTF-8, no BOM): not CSV")
+        return codecs.lookup(best.encoding).name
+
+    def describe(self) -> SourceDescription:
+        """Reads the first 64 KiB: encoding, dialect, header, a row estimate."""
+        lay = self._detect()
+        d = lay.dialect
+        if lay.size <= lay.sample_bytes + lay.bom_bytes:
+            estimate = lay.sample_records
+        else:
+            estimate = round(lay.sample_records * (lay.size - lay.bom_bytes) / max(lay.sample_bytes, 1))
+        shown = "utf-8-sig" if lay.encoding == "utf-8" and lay.bom_bytes else lay.encoding
+        return SourceDescription(
+            scheme="csv", location=str(self.path), format="csv", size_bytes=lay.size, encoding=shown,
+            dialect={"delimiter": d.delimiter, "quotechar": d.quotechar, "doublequote": True,
+                     "skipinitialspace": d.skipinitialspace, "header": True},
+            columns=list(lay.header), row_estimate=estimate,
+            details={"encoding_source": lay.encoding_source, "bom": lay.bom_bytes > 0,
+                     "max_row_bytes": self.max_row_bytes, **lay.detection},
+        )
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def load(self) -> Iterator[SourceRecord]:
+        lay = self._detect()
+        if csv.field_size_limit() < self.max_row_bytes:
+            csv.field_size_limit(self.max_row_bytes)  # process-wide; only ever raised
+        f = self._open()
+        with f:
+            f.seek(lay.bom_bytes)
+            rec = _Record()
+            reader = csv.reader(self._lines(f, lay, rec), lay.dialect)
+            yield from self._records(reader, rec, lay)
+
+    def _lines(self, f, lay: _Layout, rec: _Record) -> Iterator[str]:
+        """Feed the csv parser one decoded line at a time (never more than max_row_bytes of one line),
+        noting the record's start offset, size, undecodable bytes and raw text in `rec`."""
+        limit = self.max_row_bytes + 2
+        offset = lay.bom_bytes
+        enc = lay.encoding
+        q = lay.dialect.quotechar
+        if lay.ascii_compatible:
+            readline = f.readline
+
+            def next_line():  # -> (text, bytes, undecodable, cut at the limit)
+                line = readline(limit)
+                if not line:
+                    return None, 0, False, False
+                full = len(line) == limit and line[-1] != 0x0A
+                try:
+                    return line.decode(enc), len(line), False, full
+                except UnicodeDecodeError:
+                    return line.decode(enc, _MARK), len(line), True, full
+        else:
+            text_stream = io.TextIOWrapper(f, encoding=enc, errors=_MARK, newline="")
+            char_limit = self.max_row_bytes // 2 + 2
+            readline = text_stream.readline
+
+            def next_line():
+                line = readline(char_limit)
+                if not line:
+                    return None, 0, False, False
+                full = len(line) == char_limit and not line.endswith("\n")
+                return line, len(line.encode(enc, "surrogatepass")), _MARKED.search(line) is not None, full
+
+        while True:
+            line, nbytes, bad, full = next_line()
+            if line is None:
+                return
+            if rec.lines == 0:
+                rec.start = offset
+            rec.lines += 1
+            offset += nbytes
+            if bad and rec.bad_at is None:
+                rec.bad_at = offset - nbytes
+            over = rec.too_long or rec.nbytes + nbytes > self.max_row_bytes
+            rec.nbytes += nbytes
+            if rec.raw_len < MAX_RAW_KEPT:
+                rec.raw.append(line[: MAX_RAW_KEPT - rec.raw_len])
+                rec.raw_len += len(rec.raw[-1])
+            if full:
+                # an over-long physical line: skip the rest, counting quotes to keep the quote state
+                quotes = line.count(q)
+                while True:
+                    more, n, _, full = next_line()
+                    if more is None:
+                        break
+                    offset += n
+                    rec.nbytes += n
+                    quotes += more.count(q)
+                    if not full:
+                        break
+                over = True
+                line = q * (quotes % 2) + "\n"
+            elif over:
+                line = q * (line.count(q) % 2) + "\n"
+            rec.too_long = over
+            yield line
+
+    def _records(self, reader, rec: _Record, lay: _Layout) -> Iterator[SourceRecord]:
+        header = lay.header
+        width = len(header)
+        enc = lay.encoding
+        limit = self.max_row_bytes
+        record = new_record
+        line_number = 1  # of the next record's first line
+        seen_header = False
+        rows = 0
+        while True:
+            error = None
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                row = None
+                if "field larger than field limit" in str(exc):
+                    rec.too_long = True
+                else:
+                    error = ("ingest.unparseable_row", f"line {line_number}: {exc}")
+            lines, start, nbytes = rec.lines, rec.start, rec.nbytes
+            raw = "".join(rec.raw)
+            bad_at, too_long = rec.bad_at, rec.too_long
+            rec.reset()
+            number = line_number
+            line_number += lines
+            if row is not None and not row and not too_long and bad_at is None:
+                continue  # a blank line is not a row
+            if not seen_header:
+                seen_header = True  # the header was read and checked by _detect()
+                if too_long:
+                    raise SourceError("ingest.row_too_long",
+                                      f"{self.path}: the header row is longer than the limit of {limit} bytes")
+                continue
+            rows += 1
+            if bad_at is not None:
+                raw = _MARKED.sub("\ufffd", raw)
+            raw = raw.rstrip("\r\n")
+            if too_long:
+                error = ("ingest.row_too_long", f"line {number}: the record is {nbytes} bytes, longer than the limit of {limit} bytes")
+            elif bad_at is not None:
+                error = ("ingest.encoding_error", f"line {number}: bytes at offset {bad_at} do not decode as {enc}")
+            elif error is None and len(row) != width:
+                error = ("ingest.ragged_row", f"line {number}: {len(row)} field(s), the header has {width}")
+            if error is not None:
+                yield record(number, start, raw, None, error)
+            else:
+                yield record(number, start, raw, dict(zip(header, row)), None)
+        if rows == 0:
+            raise SourceError("ingest.empty_source", f"{self.path} has a header row but no records")

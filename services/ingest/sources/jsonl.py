@@ -1,0 +1,213 @@
+"""JSON Lines files: one JSON object per line.
+
+Rows and offsets
+    `row_number` is the 1-based physical line number (blank lines count as lines but are not rows);
+    `offset` is the byte offset of the line's first byte in the file (after a leading UTF-8 BOM, so
+    `f.seek(offset)` lands on the row).
+
+Bad rows never raise; they come back as records with `error`:
+    ingest.encoding_error   the line is not valid UTF-8, or a string in it holds a lone surrogate
+                            escape (``"\\ud800"``) that no UTF-8 artifact can hold;
+    ingest.unparseable_row  not valid JSON, or a JSON value that is not an object;
+    ingest.row_too_long     the line is longer than `max_row_bytes` (read in bounded chunks, never
+                            held whole; the record keeps the first MAX_RAW_KEPT characters).
+Whole-source failures raise SourceError: ingest.source_not_found, ingest.binary_source (NUL bytes in
+the first 8 KiB), ingest.empty_source (no rows at all; raised by load() once it has seen the end).
+
+Parsing uses orjson. json.loads is used only for lines orjson refuses (or would change): integers
+beyond 64 bits (orjson turns them into floats silently, so lines with a run of 20+ digits go to
+json.loads), NaN/Infinity, nesting deeper than orjson's limit, lone surrogate escapes (rejected).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+
+from services.ingest.sources.base import MAX_RAW_KEPT, SourceDescription, SourceError, SourceRecord, new_record
+
+DEFAULT_MAX_ROW_BYTES = 1 << 20
+BINARY_SNIFF_BYTES = 8192
+BOM = b"\xef\xbb\xbf"
+_DESCRIBE_SAMPLE_BYTES = 64 * 1024
+_CHUNK = 64 * 1024
+
+# Maps ASCII digits to b"0" and every other byte to b"x": `_DIGIT_RUN in line.translate(_DIGITS)` finds
+# a run of 20 digits (a possible integer beyond 64 bits) at C speed.
+_DIGITS = bytes(0x30 if 0x30 <= i <= 0x39 else 0x78 for i in range(256))
+_DIGIT_RUN = b"0" * 20
+_FAILED = object()
+_JSON_TYPE_NAMES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
+def _raw(line: bytes) -> str:
+    if len(line) <= MAX_RAW_KEPT:
+        return line.decode("utf-8", "replace").rstrip("\r\n")
+    return line[: MAX_RAW_KEPT * 4].decode("utf-8", "replace")[:MAX_RAW_KEPT].rstrip("\r\n")
+
+
+def _slow_parse(line: bytes, row_number: int) -> tuple[object, tuple[str, str] | None]:
+    """json.loads for what orjson refused or could alter; returns (value, error)."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, ("ingest.encoding_error",
+                      f"line {row_number}: not valid UTF-8 ({exc.reason} at byte {exc.start} of the line)")
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        return None, ("ingest.unparseable_row", f"line {row_number}: not valid JSON: nested too deeply")
+    except ValueError as exc:
+        return None, ("ingest.unparseable_row", f"line {row_number}: not valid JSON: {str(exc)[:200]}")
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return None, ("ingest.encoding_error",
+                      f"line {row_number}: a string holds a lone surrogate escape (e.g. \\ud800) that cannot be written as UTF-8")
+    except (RecursionError, ValueError):
+        pass  # nesting deeper than json.dumps recurses; let the type check below decide
+    return value, None
+
+
+def check_binary(head: bytes, path: Path | str) -> None:
+    if b"\x00" in head[:BINARY_SNIFF_BYTES]:
+        raise SourceError("ingest.binary_source",
+                          f"{path} is a binary file (NUL bytes in its first {BINARY_SNIFF_BYTES} bytes), not JSON Lines")
+
+
+class JsonlSource:
+    format = "jsonl"
+
+    def __init__(self, path: str | os.PathLike, *, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES, **_ignored):
+        if max_row_bytes < 1:
+            raise ValueError("max_row_bytes must be positive")
+        self.path = Path(path)
+        self.max_row_bytes = max_row_bytes
+
+    def _open(self):
+        try:
+            return open(self.path, "rb", buffering=_CHUNK * 16)
+        except FileNotFoundError:
+            raise SourceError("ingest.source_not_found", f"{self.path} does not exist") from None
+        except IsADirectoryError:
+            raise SourceError("ingest.source_not_found", f"{self.path} is a directory, not a JSON Lines file") from None
+        except OSError as exc:
+            raise SourceError("ingest.source_not_found", f"cannot read {self.path}: {exc.strerror or exc}") from None
+
+    def load(self) -> Iterator[SourceRecord]:
+        f = self._open()
+        with f:
+            head = f.read(BINARY_SNIFF_BYTES)
+            check_binary(head, self.path)
+            offset = len(BOM) if head.startswith(BOM) else 0
+            f.seek(offset)
+            yield from self._records(f, offset)
+
+    def _records(self, f, offset: int) -> Iterator[SourceRecord]:
+        # Hot loop: locals only, one readline per line, orjson on the bytes, the slow path on failure.
+        limit = self.max_row_bytes + 2  # content + "\r\n"
+        near_limit = self.max_row_bytes + 1
+        readline = f.readline
+        loads = orjson.loads
+        decode_error = orjson.JSONDecodeError
+        digits, digit_run = _DIGITS, _DIGIT_RUN
+        record = new_record
+        raw_of = _raw
+        row_number = 0
+        rows = 0
+        while True:
+            line = readline(limit)
+            if not line:
+                break
+            row_number += 1
+            start = offset
+            offset += len(line)
+            if len(line) > near_limit and (line[-1] != 0x0A or len(line.rstrip(b"\r\n")) > near_limit - 1):
+                # Longer than the limit: drain the rest in bounded chunks, never holding it whole.
+                rest, blank, ending = self._drain(readline, line) if line[-1] != 0x0A else (0, not line.strip(), line[-2:])
+                offset += rest
+                if blank:
+                    continue
+                rows += 1
+                size = len(line) + rest - (2 if ending == b"\r\n" else 1 if ending[-1:] == b"\n" else 0)
+                yield record(row_number, start, _raw(line), None,
+                             ("ingest.row_too_long", f"line {row_number}: {size} bytes, longer than the limit of {self.max_row_bytes} bytes"))
+                continue
+            value = _FAILED
+            if digit_run not in line.translate(digits):  # else a possible integer beyond 64 bits: json.loads
+                try:
+                    value = loads(line)
+                except decode_error:
+                    pass
+            if value is _FAILED:
+                if not line.strip():
+                    continue  # a blank line is not a row
+                value, error = _slow_parse(line, row_number)
+                if error is not None:
+                    rows += 1
+                    yield record(row_number, start, _raw(line), None, error)
+                    continue
+            rows += 1
+            if type(value) is dict:
+                yield record(row_number, start, raw_of(line), value, None)
+            else:
+                kind = _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+                yield record(row_number, start, _raw(line), None,
+                             ("ingest.unparseable_row", f"line {row_number}: a JSON {kind}, not an object"))
+        if rows == 0:
+            raise SourceError("ingest.empty_source", f"{self.path} holds no rows (the file is empty or has only blank lines)")
+
+    def _drain(self, readline, first: bytes) -> tuple[int, bool, bytes]:
+        """Skip to the end of an over-long line; returns (bytes skipped, whether the whole line was
+        blank, its last two bytes)."""
+        blank = not first.strip()
+        skipped = 0
+        tail = first[-2:]
+        while True:
+            chunk = readline(_CHUNK)
+            if not chunk:
+                return skipped, blank, tail
+            skipped += len(chunk)
+            tail = (tail + chunk)[-2:]
+            if blank and chunk.strip():
+                blank = False
+            if chunk[-1] == 0x0A:
+                return skipped, blank, tail
+
+    def describe(self) -> SourceDescription:
+        """Reads at most the first 64 KiB: size, BOM, the keys of the first object, a row estimate."""
+        f = self._open()
+        with f:
+            sample = f.read(_DESCRIBE_SAMPLE_BYTES)
+            size = os.fstat(f.fileno()).st_size
+        check_binary(sample, self.path)
+        bom = sample.startswith(BOM)
+        body = sample[len(BOM):] if bom else sample
+        if not body.strip() and size <= len(sample):
+            raise SourceError("ingest.empty_source", f"{self.path} holds no rows (the file is empty or has only blank lines)")
+        complete = body.split(b"\n")
+        if size > len(sample):
+            complete = complete[:-1]  # the last piece may be cut
+        lines = [ln for ln in complete if ln.strip()]
+        columns: list[str] = []
+        for ln in lines:
+            try:
+                value = orjson.loads(ln)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(value, dict):
+                columns = [str(k) for k in value]
+                break
+        estimate = None
+        if lines:
+            sampled_bytes = sum(len(ln) + 1 for ln in complete) or 1
+            estimate = len(lines) if size <= len(sample) else round(len(lines) * (size - len(BOM) * bom) / sampled_bytes)
+        return SourceDescription(
+            scheme="jsonl", location=str(self.path), format="jsonl", size_bytes=size,
+            encoding="utf-8-sig" if bom else "utf-8", columns=columns, row_estimate=estimate,
+            details={"bom": bom, "sampled_rows": len(lines), "max_row_bytes": self.max_row_bytes},
+        )

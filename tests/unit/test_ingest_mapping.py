@@ -1,0 +1,218 @@
+"""Ingest's mapping (every record accepted or rejected with a reason) and the streaming commit that
+writes accepted and rejected rows as artifacts with read = accepted + rejected."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from contracts.common import FieldMapping
+from services.common.artifacts import ArtifactStore
+from services.ingest.domain import IngestError, resolve_mapping, run_ingest
+from services.ingest.mapping import MappingError, RejectedRow, RowMapper, check_fields_present
+from services.ingest.sources.base import SourceRecord
+from services.ingest.sources.jsonl import JsonlSource
+
+SINGLE = FieldMapping(text=["text"], label="label")
+
+
+def rec(fields: dict | None, n: int = 1, error=None) -> SourceRecord:
+    return SourceRecord(n, n * 10, json.dumps(fields) if fields is not None else "<bad>", fields, error)
+
+
+def apply(mapping: FieldMapping, fields: dict, **kw):
+    return RowMapper(mapping, **kw).apply(rec(fields))
+
+
+def code(mapping: FieldMapping, fields: dict, **kw) -> str:
+    out = apply(mapping, fields, **kw)
+    assert isinstance(out, RejectedRow), f"{fields} was accepted as {out}"
+    return out.reason_code
+
+
+# --- classification -------------------------------------------------------------------------------
+
+
+def test_accepted_row_has_trimmed_text_label_row_number_and_default_provenance():
+    assert apply(SINGLE, {"text": "  hello  ", "label": " a "}) == {
+        "row_number": 1, "text": "hello", "label": "a", "provenance": "human"}
+
+
+def test_integer_labels_become_strings_and_other_fields_are_dropped():
+    out = apply(SINGLE, {"text": "x", "label": 3, "noise": [1]})
+    assert out["label"] == "3" and "noise" not in out
+
+
+def test_text_from_two_fields_is_joined_with_a_blank_line_and_one_may_be_absent():
+    m = FieldMapping(text=["summary", "description"], label="priority")
+    assert apply(m, {"summary": "Crash", "description": "NPE at start", "priority": "Major"})["text"] == "Crash\n\nNPE at start"
+    assert apply(m, {"summary": "Crash", "description": None, "priority": "Major"})["text"] == "Crash"
+    assert code(m, {"priority": "Major"}) == "ingest.missing_field"
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"label": "a"}, "ingest.missing_field"),
+    ({"text": None, "label": "a"}, "ingest.missing_field"),
+    ({"text": "x"}, "ingest.missing_field"),
+    ({"text": "   ", "label": "a"}, "ingest.empty_text"),
+    ({"text": {"a": 1}, "label": "a"}, "ingest.invalid_value"),
+    ({"text": "x", "label": True}, "ingest.invalid_label"),
+    ({"text": "x", "label": 1.5}, "ingest.invalid_label"),
+    ({"text": "x", "label": "  "}, "ingest.invalid_label"),
+    ({"text": "x", "label": ["a", "b"]}, "ingest.invalid_label"),
+    ({"text": "x", "label": {"a": 1}}, "ingest.invalid_label"),
+])
+def test_bad_rows_are_rejected_with_their_reason(fields, expected):
+    assert code(SINGLE, fields) == expected
+
+
+def test_a_one_element_list_is_a_single_label():
+    assert apply(SINGLE, {"text": "x", "label": ["a"]})["label"] == "a"
+
+
+def test_labels_outside_the_declared_space_are_rejected():
+    m = FieldMapping(text=["text"], label="label", label_space=["bug", "feature"])
+    assert apply(m, {"text": "x", "label": "bug"})["label"] == "bug"
+    assert code(m, {"text": "x", "label": "question"}) == "ingest.label_outside_space"
+
+
+def test_too_long_text_is_rejected_not_truncated():
+    assert code(SINGLE, {"text": "x" * 101, "label": "a"}, max_text_chars=100) == "ingest.text_too_long"
+
+
+def test_triage_heads_and_tags_are_carried_with_lists_kept_and_empties_as_none():
+    m = FieldMapping(shape="multi_field_triage", text=["summary"], label="priority",
+                     heads={"severity": "priority", "component": "components", "category": "project"}, tags="labels")
+    out = apply(m, {"summary": "s", "priority": "Major", "components": ["ui", "core"], "project": "HDFS", "labels": ["x"]})
+    assert out["heads"] == {"severity": "Major", "component": ["ui", "core"], "category": "HDFS"}
+    assert out["tags"] == ["x"]
+    out = apply(m, {"summary": "s", "priority": "Minor", "components": [], "project": "HDFS", "labels": None})
+    assert out["heads"]["component"] is None and out["tags"] == []
+    assert apply(m, {"summary": "s", "priority": "Minor", "components": ["ui"], "project": "Y",
+                     "labels": "a, b"})["tags"] == ["a", "b"]
+
+
+def test_provenance_comes_from_its_field_or_the_default_and_must_be_known():
+    m = FieldMapping(text=["text"], label="label", provenance="origin")
+    assert apply(m, {"text": "x", "label": "a", "origin": "Synthetic"})["provenance"] == "synthetic"
+    assert apply(m, {"text": "x", "label": "a"}, default_provenance="production_sample")["provenance"] == "production_sample"
+    assert code(m, {"text": "x", "label": "a", "origin": "llm"}) == "ingest.invalid_value"
+
+
+def test_unparseable_records_stay_rejected_with_the_source_reason():
+    out = RowMapper(SINGLE).apply(rec(None, error=("ingest.unparseable_row", "not JSON")))
+    assert isinstance(out, RejectedRow) and out.reason_code == "ingest.unparseable_row" and out.offset == 10
+
+
+# --- other shapes ------------------------------------------------------------------------------------
+
+
+def test_chat_messages_need_a_user_turn_and_must_end_with_the_assistant():
+    m = FieldMapping(shape="chat_messages", messages="messages")
+    good = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert apply(m, {"messages": good})["messages"] == good
+    assert apply(m, {"messages": json.dumps(good)})["messages"] == good
+    assert code(m, {"messages": good[:1]}) == "ingest.invalid_value"
+    assert code(m, {"messages": [{"role": "wizard", "content": "x"}]}) == "ingest.invalid_value"
+    assert code(m, {"messages": "not json"}) == "ingest.invalid_value"
+    assert code(m, {}) == "ingest.missing_field"
+
+
+def test_prompt_completion_json_extraction_and_preference_pairs():
+    pc = FieldMapping(shape="prompt_completion", prompt="q", completion="a")
+    assert apply(pc, {"q": "2+2?", "a": "4"})["completion"] == "4"
+    assert code(pc, {"q": "2+2?", "a": " "}) == "ingest.empty_text"
+    je = FieldMapping(shape="json_extraction", text=["doc"], target="out")
+    assert apply(je, {"doc": "Ann, 31", "out": '{"name": "Ann"}'})["target"] == {"name": "Ann"}
+    assert code(je, {"doc": "Ann", "out": "[1]"}) == "ingest.invalid_value"
+    pp = FieldMapping(shape="preference_pairs", prompt="p", chosen="c", rejected="r")
+    assert apply(pp, {"p": "q", "c": "good", "r": "bad"})["chosen"] == "good"
+    assert code(pp, {"p": "q", "c": "same", "r": "same"}) == "ingest.invalid_value"
+
+
+def test_a_mapping_missing_what_its_shape_needs_is_refused():
+    with pytest.raises(MappingError, match="needs completion"):
+        RowMapper(FieldMapping(shape="prompt_completion", prompt="q"))
+    with pytest.raises(MappingError, match="needs text, label"):
+        RowMapper(FieldMapping())
+
+
+def test_a_mapping_naming_absent_columns_is_refused_for_fixed_schema_sources():
+    with pytest.raises(MappingError, match="body"):
+        check_fields_present(FieldMapping(text=["body"], label="label"), ["title", "label"])
+    check_fields_present(FieldMapping(text=["body"], label="label"), [])  # JSONL: no fixed columns
+
+
+# --- the streaming commit --------------------------------------------------------------------------
+
+
+def write_lines(path, lines: list[bytes]):
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return path
+
+
+MIXED = [
+    b'{"text": "good one", "label": "a"}',
+    b'{"text": "good two", "label": "b"}',
+    b"{not json",
+    b'{"text": "", "label": "a"}',
+    b"[1, 2]",
+    b'{"label": "a"}',
+    b'{"text": "good three", "label": 7}',
+]
+
+
+def read_jsonl(store: ArtifactStore, ref) -> list[dict]:
+    return [json.loads(line) for line in store.read_bytes(ref).splitlines()]
+
+
+def test_commit_accounts_for_every_row_and_keeps_rejected_rows_with_offsets(tmp_path):
+    src = write_lines(tmp_path / "mixed.jsonl", MIXED)
+    store = ArtifactStore(tmp_path / "artifacts")
+    out = run_ingest(JsonlSource(src), SINGLE, store, commit=True, sample_size=2)
+    c = out.counts
+    assert (c.rows_read, c.rows_accepted, c.rows_rejected) == (7, 3, 4)
+    assert c.rows_read == c.rows_accepted + c.rows_rejected
+    assert out.rejected_by_reason == {"ingest.empty_text": 1, "ingest.missing_field": 1, "ingest.unparseable_row": 2}
+    accepted = read_jsonl(store, out.dataset)
+    assert [r["text"] for r in accepted] == ["good one", "good two", "good three"]
+    assert [r["row_number"] for r in accepted] == [1, 2, 7]
+    rejected = read_jsonl(store, out.rejected)
+    assert [r["row_number"] for r in rejected] == [3, 4, 5, 6]
+    data = src.read_bytes()
+    for r in rejected:  # each offset points at the rejected line in the source
+        assert data[r["source_offset"]:].split(b"\n", 1)[0].decode() == r["raw"]
+    assert [r["text"] for r in out.sample_accepted] == ["good one", "good two"]
+
+
+def test_a_dry_run_keeps_the_rejections_but_no_dataset(tmp_path):
+    src = write_lines(tmp_path / "mixed.jsonl", MIXED)
+    out = run_ingest(JsonlSource(src), SINGLE, ArtifactStore(tmp_path / "a"), commit=False, sample_size=5)
+    assert out.dataset is None and out.counts.rows_rejected == 4 and len(out.sample_accepted) == 3
+
+
+def test_an_empty_source_fails_as_a_whole(tmp_path):
+    src = tmp_path / "empty.jsonl"
+    src.write_bytes(b"")
+    with pytest.raises(IngestError) as e:
+        run_ingest(JsonlSource(src), SINGLE, ArtifactStore(tmp_path / "a"), commit=True)
+    assert e.value.reason_code == "ingest.empty_source"
+
+
+def test_no_mapping_uses_a_confident_proposal_and_refuses_a_weak_one_without_force(tmp_path):
+    good = write_lines(tmp_path / "good.jsonl", [json.dumps({"text": f"some ticket text number {i}", "label": "ab"[i % 2]}).encode()
+                                                 for i in range(30)])
+    mapping, confidence, _ = resolve_mapping(JsonlSource(good))
+    assert (mapping.text, mapping.label) == (["text"], "label") and confidence >= 0.8
+    weak = write_lines(tmp_path / "weak.jsonl", [json.dumps({"body": f"free text without any label {i}", "n": i}).encode()
+                                                 for i in range(30)])
+    with pytest.raises(IngestError) as e:
+        resolve_mapping(JsonlSource(weak))
+    assert e.value.reason_code == "ingest.mapping_low_confidence" and "--force" in str(e.value)
+
+
+def test_text_and_label_fields_make_a_mapping_without_introspection(tmp_path):
+    src = write_lines(tmp_path / "x.jsonl", [b'{"t": "x", "l": "a"}'])
+    mapping, confidence, found = resolve_mapping(JsonlSource(src), text_field="t", label_field="l")
+    assert (mapping.text, mapping.label, confidence, found) == (["t"], "l", None, None)

@@ -1,0 +1,185 @@
+"""CsvSource: encoding and dialect detection, header -> dict rows, multi-line quoted fields, bad
+records as records (ragged, undecodable, too long), whole-file failures as SourceError."""
+
+from __future__ import annotations
+
+import codecs
+from pathlib import Path
+
+import pytest
+
+from services.ingest.sources.base import SourceError
+from services.ingest.sources.csv import CsvSource
+
+DATASETS = Path(__file__).resolve().parents[2].parent / "shared" / "datasets"
+
+
+def write(tmp_path, data: bytes, name="d.csv") -> Path:
+    p = tmp_path / name
+    p.write_bytes(data)
+    return p
+
+
+def codes(records):
+    return [r.error[0] if r.error else "ok" for r in records]
+
+
+def test_header_rows_offsets_and_multiline_quoted_fields(tmp_path):
+    data = b'text,label\nhello,a\n"two\nlines, with comma",b\n\n"say ""hi""",c\r\nlast,d'
+    p = write(tmp_path, data)
+    recs = list(CsvSource(p).load())
+    assert [r.fields for r in recs] == [
+        {"text": "hello", "label": "a"}, {"text": "two\nlines, with comma", "label": "b"},
+        {"text": 'say "hi"', "label": "c"}, {"text": "last", "label": "d"}]
+    assert [r.row_number for r in recs] == [2, 3, 6, 7]  # line where each record starts
+    assert [r.offset for r in recs] == [data.index(b"hello"), data.index(b'"two'), data.index(b'"say'), data.index(b"last")]
+    assert recs[1].raw == '"two\nlines, with comma",b'
+
+
+@pytest.mark.parametrize("delimiter", [";", "\t", "|"])
+def test_other_delimiters_are_sniffed(tmp_path, delimiter):
+    rows = [["text", "label"], ["a, b and c", "x"], ["d; e", "y"], ["f", "z"]]
+    body = "\n".join(delimiter.join(f'"{v}"' if delimiter in v else v for v in row) for row in rows) + "\n"
+    p = write(tmp_path, body.encode())
+    src = CsvSource(p)
+    assert src.describe().dialect["delimiter"] == delimiter
+    assert [r.fields["text"] for r in src.load()] == ["a, b and c", "d; e", "f"]
+
+
+@pytest.mark.parametrize("encoding, bom, reported", [
+    ("utf-8-sig", b"", "utf-8-sig"),
+    ("utf-16-le", codecs.BOM_UTF16_LE, "utf-16-le"),
+    ("utf-16-be", codecs.BOM_UTF16_BE, "utf-16-be"),
+])
+def test_bom_encodings(tmp_path, encoding, bom, reported):
+    text = "text,label\ncafé crème,a\n\"multi\nline ☕\",b\n"
+    p = write(tmp_path, bom + text.encode(encoding))
+    src = CsvSource(p)
+    d = src.describe()
+    assert d.encoding == reported and d.details["encoding_source"] == "bom" and d.columns == ["text", "label"]
+    recs = list(src.load())
+    assert [r.fields for r in recs] == [{"text": "café crème", "label": "a"}, {"text": "multi\nline ☕", "label": "b"}]
+    assert recs[0].offset == len(bom + "text,label\n".encode(encoding))
+
+
+def test_cp1252_file_is_detected(tmp_path):
+    rows = ["text,label"] + [f"Le café № {i} coûte 5 € – très cher “vraiment”,prix" for i in range(30)]
+    p = write(tmp_path, ("\n".join(rows) + "\n").encode("cp1252", errors="replace"))
+    src = CsvSource(p)
+    d = src.describe()
+    assert d.details["encoding_source"] == "detected"
+    recs = list(src.load())
+    assert codes(recs) == ["ok"] * 30
+    assert "café" in recs[0].fields["text"] and "€" in recs[0].fields["text"]
+
+
+def test_explicit_encoding_override(tmp_path):
+    p = write(tmp_path, "text,label\nÅngström,x\n".encode("latin-1"))
+    recs = list(CsvSource(p, encoding="latin-1").load())
+    assert recs[0].fields == {"text": "Ångström", "label": "x"}
+    assert CsvSource(p, encoding="latin-1").describe().details["encoding_source"] == "override"
+    with pytest.raises(SourceError) as err:
+        CsvSource(p, encoding="no-such-codec").describe()
+    assert err.value.reason_code == "ingest.encoding_error" and "no-such-codec" in str(err.value)
+
+
+def test_undecodable_row_in_a_utf8_file_is_an_encoding_error_record(tmp_path):
+    good = "".join(f"row {i} é,a\n" for i in range(5000))  # > 64 KiB sample of valid UTF-8
+    p = write(tmp_path, b"text,label\n" + good.encode() + b"bad \xff\xfe byte,b\n" + b"after,c\n")
+    recs = list(CsvSource(p).load())
+    assert codes(recs) == ["ok"] * 5000 + ["ingest.encoding_error", "ok"]
+    bad = recs[5000]
+    assert "do not decode as utf-8" in bad.error[1] and f"line {bad.row_number}" in bad.error[1]
+    assert bad.raw == "bad \ufffd\ufffd byte,b" and recs[-1].fields == {"text": "after", "label": "c"}
+
+
+def test_ragged_rows_are_records_and_good_rows_survive(tmp_path):
+    p = write(tmp_path, b"a,b,c\n1,2,3\n4,5\n6,7,8,9\n10,11,12\n")
+    recs = list(CsvSource(p).load())
+    assert codes(recs) == ["ok", "ingest.ragged_row", "ingest.ragged_row", "ok"]
+    assert recs[1].error[1] == "line 3: 2 field(s), the header has 3" and recs[1].raw == "4,5"
+    assert recs[3].fields == {"a": "10", "b": "11", "c": "12"}
+
+
+def test_header_names_are_made_unique(tmp_path):
+    p = write(tmp_path, b"text,,text\n1,2,3\n")
+    assert list(CsvSource(p).load())[0].fields == {"text": "1", "column_2": "2", "text_2": "3"}
+
+
+def test_over_long_records_and_fields(tmp_path):
+    long_field = "y" * 5000
+    data = (f'text,label\nok,a\n"{long_field}",b\nafter,c\n"multi\n{long_field}\nline",d\nend,e\n').encode()
+    recs = list(CsvSource(write(tmp_path, data), max_row_bytes=1000).load())
+    assert codes(recs) == ["ok", "ingest.row_too_long", "ok", "ingest.row_too_long", "ok"]
+    assert "longer than the limit of 1000 bytes" in recs[1].error[1]
+    assert [r.fields["text"] for r in recs if r.fields] == ["ok", "after", "end"]
+
+
+def test_a_50_mb_csv_line_is_read_in_bounded_memory(tmp_path):
+    import tracemalloc
+
+    p = tmp_path / "huge.csv"
+    with open(p, "wb") as f:
+        f.write(b'text,label\nbefore,a\n"')
+        for _ in range(50):
+            f.write(b'ab""cdefghij' * 83_333)
+        f.write(b'",b\nafter,c\n')
+    tracemalloc.start()
+    try:
+        recs = list(CsvSource(p).load())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert codes(recs) == ["ok", "ingest.row_too_long", "ok"]
+    assert recs[2].fields == {"text": "after", "label": "c"}
+    assert peak < 12 * 2**20, f"peak traced allocation {peak / 2**20:.1f} MiB"
+
+
+def test_binary_and_empty_files_are_refused(tmp_path):
+    cases = [(b"PK\x03\x04\x00\x00" + bytes(range(256)) * 8, "ingest.binary_source"),
+             (b"", "ingest.empty_source"), (b"\n \n", "ingest.empty_source"),
+             (b"text,label\n", "ingest.empty_source")]
+    for data, code in cases:
+        p = write(tmp_path, data)
+        with pytest.raises(SourceError) as err:
+            list(CsvSource(p).load())
+        assert err.value.reason_code == code and "d.csv" in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(SourceError) as err:
+        CsvSource(tmp_path / "nope.csv").describe()
+    assert err.value.reason_code == "ingest.source_not_found" and "nope.csv" in str(err.value)
+
+
+def test_describe(tmp_path):
+    p = write(tmp_path, ("text,label\n" + "".join(f"row {i},l{i % 4}\n" for i in range(10_000))).encode())
+    d = CsvSource(p).describe()
+    assert (d.scheme, d.format, d.encoding, d.columns) == ("csv", "csv", "utf-8", ["text", "label"])
+    assert d.dialect["delimiter"] == "," and d.dialect["header"] is True
+    assert 8_000 < d.row_estimate < 12_000 and d.size_bytes == p.stat().st_size
+
+
+def _dataset(*parts: str) -> Path:
+    path = DATASETS.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared/datasets is not on this machine)")
+    return path
+
+
+@pytest.mark.dataset
+@pytest.mark.parametrize("parts, columns, rows", [
+    (("nlbse24_issue_report_classification", "issues_train.csv"), ["repo", "created_at", "label", "title", "body"], 1500),
+    (("banking77", "train.csv"), ["text", "category"], 10_003),
+    (("bitext_customer_support_20k", "Bitext_Sample_Customer_Support_20k_utterances.csv"),
+     ["flags", "utterance", "category", "intent"], 21_534),
+])
+def test_shared_csv_datasets_load(parts, columns, rows):
+    src = CsvSource(_dataset(*parts))
+    d = src.describe()
+    assert d.columns == columns
+    recs = list(src.load())
+    assert len(recs) == rows and all(r.error is None for r in recs)
+    assert all(set(r.fields) == set(columns) for r in recs)
+    if parts[0].startswith("bitext"):
+        assert d.encoding == "utf-8-sig"
