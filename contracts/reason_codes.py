@@ -69,6 +69,9 @@ _CODES = [
     ReasonCode("training.runtime_error", "trainer", "Training raised an error."),
     ReasonCode("training.oom", "trainer", "Training ran out of memory."),
     ReasonCode("training.diverged", "trainer", "The loss became NaN or infinite."),
+    ReasonCode("training.timeout", "trainer", "Training (or a hosted job) did not finish within its time limit.", retryable=True),
+    ReasonCode("training.cancelled", "trainer", "Training was cancelled by a command or by the hosted provider."),
+    ReasonCode("training.capability_unsupported", "trainer", "The backend or base model cannot do what the plan asks (e.g. fine-tuning Claude: only through Amazon Bedrock)."),
     ReasonCode("training.base_model_unavailable", "trainer", "The base model could not be loaded from its path or id."),
     # Evaluation.
     ReasonCode("eval.runtime_error", "evaluator", "Evaluation raised an error."),

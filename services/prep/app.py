@@ -1,17 +1,19 @@
-"""Prep service: `ingest.committed` -> dedup, stratified split, manifest -> `prep.prepared` / `prep.failed`."""
+"""Prep service: `ingest.committed` -> clean, split, manifest -> `prep.cleaned` + `prep.prepared` / `prep.failed`."""
 
 from __future__ import annotations
 
-import json
+import asyncio
 
 from contracts import subjects
-from contracts.events import PrepFailed, PrepPrepared
+from contracts.events import PrepCleaned, PrepFailed, PrepPrepared
 from services.common.app import Service
 from services.common.artifacts import ArtifactIntegrityError
 from services.common.delivery import ConsumerSpec, StageContext, StageError
-from services.common.jsonl import dumps_jsonl, loads_jsonl
-from services.prep.domain import InsufficientData, manifest, stratified_split
+from services.common.logging import get_logger
+from services.prep.domain import InsufficientData, PrepBlocked, load_rows, prepare
 from services.prep.settings import PrepSettings
+
+log = get_logger(__name__)
 
 COMMITTED = ConsumerSpec(service="prep", durable="prep-ingest-committed",
                          subject=subjects.subject_for("ingest.committed", kind="event"),
@@ -20,23 +22,39 @@ COMMITTED = ConsumerSpec(service="prep", durable="prep-ingest-committed",
 
 async def on_committed(ctx: StageContext) -> None:
     p = ctx.payload
+    s: PrepSettings = ctx.settings  # type: ignore[assignment]
+    plan = p.plan if p.plan.mapping or not p.mapping else p.plan.model_copy(update={"mapping": p.mapping})
+
+    def work():
+        rows = load_rows(ctx.artifacts, p.dataset)
+        eval_rows = load_rows(ctx.artifacts, p.eval_source.dataset) if p.eval_source else None
+        return prepare(rows, plan, ctx.artifacts, eval_rows=eval_rows, base_policy=s.policy(),
+                       source_sha256=p.dataset.sha256, hosted_model=s.hosted_model, hosted_epochs=s.hosted_epochs)
+
     try:
-        rows = loads_jsonl(ctx.artifacts.read_bytes(p.dataset))
+        async with ctx.keep_alive():
+            out = await asyncio.to_thread(work)
     except ArtifactIntegrityError as exc:
         raise StageError("prep.artifact_unreadable", str(exc)) from exc
-    try:
-        split = stratified_split(rows, p.plan.eval_fraction, p.plan.seed)
-    except InsufficientData as exc:
+    except (InsufficientData, PrepBlocked) as exc:
         raise StageError(exc.reason_code, str(exc)) from exc
-    train = ctx.artifacts.put_bytes(dumps_jsonl(split.train))
-    eval_ = ctx.artifacts.put_bytes(dumps_jsonl(split.eval))
-    m = manifest(split, source_sha256=p.dataset.sha256, train_sha256=train.sha256, eval_sha256=eval_.sha256,
-                 rows_in=len(rows))
-    manifest_ref = ctx.artifacts.put_bytes(json.dumps(m, indent=1, sort_keys=True).encode())
+    c = out.cleaning
+    await ctx.emit(PrepCleaned(
+        plan=plan, rows_in=out.rows_in + out.manifest["counts"]["eval_rows_in"],
+        rows_kept=out.train_rows + out.eval_rows, dropped_by_reason=out.dropped_by_reason, dropped=out.dropped,
+        pii_by_kind={k: v for k, v in (c.get("pii_by_kind") or {}).items() if v},
+        rows_with_pii=c.get("rows_with_pii", 0),
+        stats={k: c[k] for k in ("outlier_share", "pii_row_share", "quality_histogram", "timings_s") if k in c},
+    ))
+    for w in out.warnings:
+        log.warning("data_sufficiency", reason_code=w.reason_code, detail=w.message)
     await ctx.emit(PrepPrepared(
-        plan=p.plan, manifest=manifest_ref, train=train, eval=eval_, label_space=m["label_space"],
-        train_rows=len(split.train), eval_rows=len(split.eval), dataset_version=m["dataset_version"],
-        duplicates_dropped=split.duplicates_dropped + split.conflicting_labels_dropped,
+        plan=plan, manifest=out.manifest_ref, train=out.train, eval=out.eval, label_space=out.label_space,
+        train_rows=out.train_rows, eval_rows=out.eval_rows, dataset_version=out.manifest["dataset_version"],
+        duplicates_dropped=sum(v for k, v in out.dropped_by_reason.items()
+                               if k in ("cleaning.exact_duplicate", "cleaning.near_duplicate", "cleaning.conflicting_labels")),
+        openai_train=out.openai_train, openai_eval=out.openai_eval,
+        token_estimate=out.cost.training_tokens if out.cost else None, cost_estimate=out.cost, warnings=out.warnings,
     ))
 
 

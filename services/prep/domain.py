@@ -1,74 +1,65 @@
-"""Prep logic without I/O: exact dedup, a seeded stratified split with zero overlap, the manifest."""
+"""Prep: clean the committed rows, split them (or check an explicit eval set for overlap), and write
+the dataset version: train.jsonl, eval.jsonl, the OpenAI chat JSONL of both, every dropped row, and
+manifest.json, the single source of truth downstream.
+
+Accounting, asserted: rows_in = train + eval + dropped (every dropped row named with its reason in
+dropped.jsonl). Near-duplicates are removed before the split, so no text or near-copy of it is on
+both sides; an explicit eval set is cleaned with the same PII placeholders and every train row that
+equals or nearly equals an eval row is dropped from train (`cleaning.eval_overlap`).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import random
-import unicodedata
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+
+import orjson
+
+from contracts.common import CLASSIFICATION_SHAPES, ArtifactRef, RunPlan
+from contracts.events import CostEstimate, Notice
+from services.common.artifacts import ArtifactStore
+from services.prep.clean import CleaningBlocked, CleaningPolicy, check_eval_overlap, clean
+from services.prep.formats import estimate_cost, estimate_example_tokens, openai_chat_example, system_prompt
+from services.prep.pii import Scrubber
 
 MIN_ROWS = 10
 MIN_ROWS_PER_CLASS = 2  # one to train on, one to evaluate
+WARN_ROWS_PER_CLASS = 50
+WARN_ROWS_TOTAL = 500
 
 
 class InsufficientData(ValueError):
     reason_code = "prep.insufficient_data"
 
 
-def normalized(text: str) -> str:
-    return " ".join(unicodedata.normalize("NFKC", text).split()).casefold()
+class PrepBlocked(ValueError):
+    """Cleaning refused the dataset (`cleaning.pii_block`, `cleaning.outlier_threshold_exceeded`)."""
+
+    def __init__(self, reason_code: str, message: str):
+        super().__init__(message)
+        self.reason_code = reason_code
 
 
-def text_key(text: str) -> str:
-    return hashlib.sha256(normalized(text).encode()).hexdigest()
+def load_rows(store: ArtifactStore, ref: ArtifactRef) -> list[dict]:
+    with open(store.path(ref), "rb") as f:
+        return [orjson.loads(line) for line in f if line.strip()]
 
 
-@dataclass(frozen=True)
-class Split:
-    train: list[dict]
-    eval: list[dict]
-    duplicates_dropped: int
-    conflicting_labels_dropped: int
-
-
-def dedup(rows: list[dict]) -> tuple[list[dict], int, int]:
-    """Keep the first row of each normalised text; a text seen under two labels is dropped entirely,
-    since either copy would teach the model a contradiction."""
-    by_key: dict[str, list[dict]] = defaultdict(list)
-    order = []
-    for r in rows:
-        k = text_key(r["text"])
-        if k not in by_key:
-            order.append(k)
-        by_key[k].append(r)
-    kept, dup, conflict = [], 0, 0
-    for k in order:
-        group = by_key[k]
-        if len({r["label"] for r in group}) > 1:
-            conflict += len(group)
-            continue
-        kept.append(group[0])
-        dup += len(group) - 1
-    return kept, dup, conflict
-
-
-def stratified_split(rows: list[dict], eval_fraction: float, seed: int) -> Split:
-    """Per label, a seeded shuffle puts round(n * fraction) rows (at least one) into eval.
-
-    Exact duplicates are removed first, so no text is on both sides.
-    """
-    kept, dup, conflict = dedup(rows)
-    if len(kept) < MIN_ROWS:
-        raise InsufficientData(f"{len(kept)} distinct rows after dedup; at least {MIN_ROWS} are needed")
+def stratified_split(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Per label, a seeded shuffle puts round(n * fraction) rows (at least one, never all) into eval.
+    Both sides keep source row order."""
+    if len(rows) < MIN_ROWS:
+        raise InsufficientData(f"{len(rows)} rows after cleaning; at least {MIN_ROWS} are needed")
     by_label: dict[str, list[dict]] = defaultdict(list)
-    for r in kept:
+    for r in rows:
         by_label[r["label"]].append(r)
     if len(by_label) < 2:
         raise InsufficientData(f"only one label ({next(iter(by_label))!r}): a classifier needs at least two")
     small = sorted(label for label, rs in by_label.items() if len(rs) < MIN_ROWS_PER_CLASS)
     if small:
-        raise InsufficientData(f"labels with fewer than {MIN_ROWS_PER_CLASS} rows: {', '.join(small[:10])}")
+        raise InsufficientData(f"labels with fewer than {MIN_ROWS_PER_CLASS} rows after cleaning: {', '.join(small[:10])}")
     train, eval_ = [], []
     for label in sorted(by_label):
         rs = list(by_label[label])
@@ -78,31 +69,192 @@ def stratified_split(rows: list[dict], eval_fraction: float, seed: int) -> Split
         train += rs[n_eval:]
     train.sort(key=lambda r: r["row_number"])
     eval_.sort(key=lambda r: r["row_number"])
-    return Split(train, eval_, dup, conflict)
+    return train, eval_
 
 
-def manifest(split: Split, *, source_sha256: str, train_sha256: str, eval_sha256: str, rows_in: int) -> dict:
-    labels = sorted({r["label"] for r in split.train} | {r["label"] for r in split.eval})
-    version = hashlib.sha256(f"{train_sha256}:{eval_sha256}".encode()).hexdigest()[:16]
-    return {
-        "task_profile": "single_label_classification",
-        "label_space": labels,
-        "output_schema": {"type": "string", "enum": labels},
-        "scoring_mode": "exact_label",
+def random_split(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Shapes without a label (chat, prompt/completion, ...): a seeded split by row."""
+    if len(rows) < MIN_ROWS:
+        raise InsufficientData(f"{len(rows)} rows after dedup; at least {MIN_ROWS} are needed")
+    order = sorted(rows, key=lambda r: hashlib.blake2b(f"{seed}:{r['row_number']}".encode(), digest_size=8).digest())
+    n_eval = min(len(rows) - 1, max(1, round(len(rows) * eval_fraction)))
+    ev = {r["row_number"] for r in order[:n_eval]}
+    return [r for r in rows if r["row_number"] not in ev], [r for r in rows if r["row_number"] in ev]
+
+
+def sufficiency_warnings(rows: list[dict], classification: bool) -> list[Notice]:
+    out = []
+    if len(rows) < WARN_ROWS_TOTAL:
+        out.append(Notice(reason_code="prep.few_rows_total",
+                          message=f"{len(rows)} rows in all (train + eval); fewer than {WARN_ROWS_TOTAL} rarely fine-tune well"))
+    if classification:
+        counts = Counter(r["label"] for r in rows)
+        small = sorted((n, label) for label, n in counts.items() if n < WARN_ROWS_PER_CLASS)
+        if small:
+            shown = ", ".join(f"{label} ({n})" for n, label in small[:10])
+            out.append(Notice(reason_code="prep.few_rows_for_class",
+                              message=f"{len(small)} of {len(counts)} classes have fewer than {WARN_ROWS_PER_CLASS} rows: "
+                                      f"{shown}{' ...' if len(small) > 10 else ''}"))
+    return out
+
+
+def _exact_dedup_structured(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Non-classification shapes: drop exact repeats of the row's content (canonical JSON)."""
+    seen: dict[bytes, int] = {}
+    kept, dropped = [], []
+    for r in rows:
+        content = {k: v for k, v in r.items() if k not in ("row_number", "provenance")}
+        key = hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).digest()
+        if key in seen:
+            dropped.append({"row_number": r["row_number"], "reason_code": "cleaning.exact_duplicate",
+                            "detail": "same content as an earlier row", "duplicate_of": seen[key]})
+        else:
+            seen[key] = r["row_number"]
+            kept.append(r)
+    return kept, dropped
+
+
+@dataclass
+class Prepared:
+    manifest: dict
+    manifest_ref: ArtifactRef
+    train: ArtifactRef
+    eval: ArtifactRef
+    dropped: ArtifactRef
+    openai_train: ArtifactRef | None
+    openai_eval: ArtifactRef | None
+    label_space: list[str]
+    train_rows: int
+    eval_rows: int
+    rows_in: int
+    dropped_by_reason: dict[str, int]
+    cleaning: dict
+    warnings: list[Notice] = field(default_factory=list)
+    cost: CostEstimate | None = None
+
+
+def policy_for(plan: RunPlan, base: CleaningPolicy) -> CleaningPolicy:
+    c = plan.cleaning
+    overrides = {k: v for k, v in {
+        "pii_scrub": c.pii_scrub, "pii_block_threshold": c.pii_block_threshold, "near_dup": c.near_dup,
+        "quality_threshold": c.quality_threshold, "outlier_block_threshold": c.outlier_block_threshold,
+        "synthetic_cap": c.synthetic_cap}.items() if v is not None}
+    return replace(base, seed=plan.seed, **overrides)
+
+
+def _jsonl(store: ArtifactStore, rows) -> ArtifactRef:
+    with store.writer() as w:
+        for r in rows:
+            w.write(orjson.dumps(r) + b"\n")
+        return w.commit()
+
+
+def prepare(rows: list[dict], plan: RunPlan, store: ArtifactStore, *, eval_rows: list[dict] | None = None,
+            base_policy: CleaningPolicy | None = None, source_sha256: str = "", hosted_model: str = "gpt-4o-mini-2024-07-18",
+            hosted_epochs: int = 3) -> Prepared:
+    """Clean, split (or overlap-check the explicit eval set), write every artifact and the manifest."""
+    shape = plan.mapping.shape if plan.mapping else "single_label_classification"
+    classification = shape in CLASSIFICATION_SHAPES
+    policy = policy_for(plan, base_policy or CleaningPolicy())
+    rows_in, eval_in = len(rows), len(eval_rows or [])
+    dropped: list[dict] = []
+    cleaning_stats: dict = {}
+    try:
+        if classification:
+            scrubber = Scrubber()  # one scrubber: train and eval share placeholders
+            res = clean(rows, policy, scrubber=scrubber)
+            kept, cleaning_stats = res.kept, {k: v for k, v in res.stats.items() if k != "policy"}
+            cleaning_stats["timings_s"] = res.timings
+            dropped += [d | {"side": "source"} for d in res.dropped]
+            if eval_rows is not None:
+                eres = clean(eval_rows, policy, scrubber=scrubber)
+                dropped += [d | {"side": "eval"} for d in eres.dropped]
+                train, overlap = check_eval_overlap(kept, eres.kept, policy)
+                dropped += [d | {"side": "source"} for d in overlap]
+                eval_ = eres.kept
+                cleaning_stats["eval"] = {k: eres.stats[k] for k in ("rows_in", "kept", "dropped_by_reason")}
+            else:
+                train, eval_ = stratified_split(kept, plan.eval_fraction, plan.seed)
+        else:
+            kept, d = _exact_dedup_structured(rows)
+            dropped += [x | {"side": "source"} for x in d]
+            if eval_rows is not None:
+                ekept, ed = _exact_dedup_structured(eval_rows)
+                dropped += [x | {"side": "eval"} for x in ed]
+                train, eval_ = kept, ekept
+            else:
+                train, eval_ = random_split(kept, plan.eval_fraction, plan.seed)
+            cleaning_stats = {"note": f"{shape}: exact dedup only; text cleaning applies to classification shapes"}
+    except CleaningBlocked as exc:
+        raise PrepBlocked(exc.reason_code, exc.message) from exc
+    if classification and eval_rows is not None:
+        missing = sorted({r["label"] for r in eval_} - {r["label"] for r in train})
+        if not train or not eval_:
+            raise InsufficientData(f"after cleaning and the overlap check: {len(train)} train rows, {len(eval_)} eval rows")
+        if missing:
+            raise InsufficientData(f"eval labels with no train row after the overlap check: {', '.join(missing[:10])}")
+    assert rows_in + eval_in == len(train) + len(eval_) + len(dropped), "prep accounting broken"
+
+    label_space = sorted({r["label"] for r in train} | {r["label"] for r in eval_}) if classification else []
+    train_ref, eval_ref = _jsonl(store, train), _jsonl(store, eval_)
+    dropped_ref = _jsonl(store, sorted(dropped, key=lambda d: (d["side"], d["row_number"])))
+    openai_train = openai_eval = None
+    tokens = None
+    cost = None
+    if classification:
+        sp = system_prompt(label_space)
+        examples = [openai_chat_example(r, label_space, system=sp) for r in train]
+        openai_train = _jsonl(store, examples)
+        openai_eval = _jsonl(store, (openai_chat_example(r, label_space, system=sp) for r in eval_))
+        tokens = sum(estimate_example_tokens(e) for e in examples)
+        c = estimate_cost(tokens, hosted_epochs, hosted_model)
+        cost = CostEstimate(model=hosted_model, training_tokens=tokens, epochs=hosted_epochs,
+                            usd_per_1m_tokens=c["usd_per_1m_tokens"], usd=c["estimate_usd"], buffer=c["buffer"],
+                            prices_as_of=c.get("prices_as_of", "") or "")
+    warnings = sufficiency_warnings(train + eval_, classification)
+    by_reason = dict(sorted(Counter(d["reason_code"] for d in dropped).items()))
+    version = hashlib.sha256(f"{train_ref.sha256}:{eval_ref.sha256}".encode()).hexdigest()[:16]
+    manifest = {
         "dataset_version": version,
+        "task_profile": shape,
+        "label_space": label_space,
+        "output_schema": {"type": "string", "enum": label_space} if classification else {"shape": shape},
+        "scoring_mode": "exact_label" if classification else ("json_match" if shape == "json_extraction" else "judge"),
+        "mapping": plan.mapping.model_dump(exclude_defaults=True) if plan.mapping else None,
         "source_sha256": source_sha256,
-        "counts": {
-            "rows_in": rows_in,
-            "duplicates_dropped": split.duplicates_dropped,
-            "conflicting_labels_dropped": split.conflicting_labels_dropped,
-            "train": len(split.train),
-            "eval": len(split.eval),
-        },
+        "split": {"method": "explicit_eval" if eval_rows is not None else ("stratified" if classification else "random"),
+                  "eval_fraction": plan.eval_fraction if eval_rows is None else None, "seed": plan.seed,
+                  "eval_locator": plan.eval_locator},
+        "counts": {"rows_in": rows_in, "eval_rows_in": eval_in, "train": len(train), "eval": len(eval_),
+                   "dropped": len(dropped), "dropped_by_reason": by_reason},
         "class_histogram": {
-            "train": dict(sorted(Counter(r["label"] for r in split.train).items())),
-            "eval": dict(sorted(Counter(r["label"] for r in split.eval).items())),
+            "train": dict(sorted(Counter(r["label"] for r in train).items())),
+            "eval": dict(sorted(Counter(r["label"] for r in eval_).items())),
+        } if classification else {},
+        "heads": _head_spaces(train + eval_) if shape == "multi_field_triage" else {},
+        "provenance": dict(sorted(Counter(r.get("provenance", "human") for r in train + eval_).items())),
+        "token_estimate": {"openai_chat_train_tokens": tokens, "method": "chars/4 + message overhead"} if tokens else None,
+        "cost_estimate": cost.model_dump() if cost else None,
+        "cleaning": cleaning_stats,
+        "warnings": [w.model_dump() for w in warnings],
+        "files": {
+            "train": {"sha256": train_ref.sha256, "rows": len(train)},
+            "eval": {"sha256": eval_ref.sha256, "rows": len(eval_)},
+            "dropped": {"sha256": dropped_ref.sha256, "rows": len(dropped)},
+            **({"openai_train": {"sha256": openai_train.sha256}, "openai_eval": {"sha256": openai_eval.sha256}}
+               if openai_train else {}),
         },
-        # A rough token estimate (words x 1.3) until a tokenizer-backed count lands with prep proper.
-        "token_estimate": int(sum(len(r["text"].split()) for r in split.train) * 1.3),
-        "files": {"train": {"sha256": train_sha256}, "eval": {"sha256": eval_sha256}},
     }
+    manifest_ref = store.put_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+    return Prepared(manifest, manifest_ref, train_ref, eval_ref, dropped_ref, openai_train, openai_eval, label_space,
+                    len(train), len(eval_), rows_in, by_reason, cleaning_stats, warnings, cost)
+
+
+def _head_spaces(rows: list[dict]) -> dict[str, dict[str, int]]:
+    """Per triage head, its values and how often they occur (list-valued heads count each value)."""
+    out: dict[str, Counter] = defaultdict(Counter)
+    for r in rows:
+        for head, v in (r.get("heads") or {}).items():
+            for x in (v if isinstance(v, list) else [v]):
+                out[head][x if x is not None else "(none)"] += 1
+    return {h: dict(c.most_common(200)) for h, c in sorted(out.items())}

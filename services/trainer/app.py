@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from contracts import subjects
+from contracts.common import CLASSIFICATION_SHAPES
 from contracts.events import TrainingCompleted, TrainingFailed, TrainingProgressed, TrainingStarted
 from services.common.app import Service
 from services.common.artifacts import ArtifactIntegrityError
@@ -50,6 +51,11 @@ def failure_reason(exc: BaseException) -> str:
 def make_on_prepared(settings: TrainerSettings):
     async def on_prepared(ctx: StageContext) -> None:
         p = ctx.payload
+        shape = p.plan.mapping.shape if p.plan.mapping else "single_label_classification"
+        if shape not in CLASSIFICATION_SHAPES:
+            raise StageError("training.capability_unsupported",
+                             f"the local trainer fine-tunes classifiers; a {shape} dataset needs the chat SFT recipe, "
+                             f"which is not available yet")
         try:
             rows = loads_jsonl(ctx.artifacts.read_bytes(p.train))
         except ArtifactIntegrityError as exc:

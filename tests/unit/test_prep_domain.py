@@ -1,172 +1,190 @@
-"""Prep's pure logic: dedup, the seeded stratified split with zero overlap, and the manifest."""
+"""Prep: the seeded stratified split, and `prepare` end to end on an artifact store — accounting
+(rows_in = train + eval + dropped), zero overlap including near-duplicates, consistent PII
+placeholders with an explicit eval set, the manifest, the OpenAI JSONL, cost and warnings."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
 
-from services.prep.domain import (
-    InsufficientData,
-    Split,
-    dedup,
-    manifest,
-    normalized,
-    stratified_split,
-)
+from contracts.common import CleaningSettings, FieldMapping, RunPlan
+from services.common.artifacts import ArtifactStore
+from services.prep.domain import InsufficientData, PrepBlocked, load_rows, prepare, stratified_split
+from services.prep.formats import TRAINING_PRICE_PER_1M
+
+TOPICS = {
+    "billing": "my invoice for {i} shows a charge I do not recognise and the amount {i} is wrong",
+    "login": "I cannot sign in to account {i} since the password reset mail {i} never arrived",
+    "shipping": "parcel {i} is stuck in the depot and the tracking page for order {i} has not moved",
+}
 
 
-def rows_from(pairs: list[tuple[str, str]]) -> list[dict]:
-    return [{"text": t, "label": lab, "row_number": i} for i, (t, lab) in enumerate(pairs, start=1)]
+def rows_for(per_class: dict[str, int], start: int = 1, first: int = 0) -> list[dict]:
+    rows, n = [], start
+    for label, k in per_class.items():
+        for i in range(first, first + k):
+            words = " ".join(f"w{label[:2]}{i}x{j}" for j in range(6))
+            rows.append({"row_number": n, "text": TOPICS[label].format(i=i) + " " + words, "label": label,
+                         "provenance": "human"})
+            n += 1
+    return rows
 
 
-def balanced(per_class: dict[str, int]) -> list[dict]:
-    pairs = [(f"{label} example number {i}", label) for label, n in per_class.items() for i in range(n)]
-    return rows_from(pairs)
+def plan(**kw) -> RunPlan:
+    return RunPlan(locator="jsonl:/x.jsonl", target="t", **kw)
 
 
-def texts(rs: list[dict]) -> set[str]:
-    return {normalized(r["text"]) for r in rs}
+@pytest.fixture()
+def store(tmp_path):
+    return ArtifactStore(tmp_path / "artifacts")
 
 
-def test_no_normalized_text_is_on_both_sides_even_with_variant_duplicates():
-    base = balanced({"a": 30, "b": 30, "c": 30})
-    variants = [{"text": "  " + r["text"].upper().replace(" ", "   ") + "\t", "label": r["label"],
-                 "row_number": 1000 + i} for i, r in enumerate(base)]
-    split = stratified_split(base + variants, eval_fraction=0.3, seed=7)
-    assert texts(split.train).isdisjoint(texts(split.eval))
-    assert split.duplicates_dropped == len(variants)
-    assert len(split.train) + len(split.eval) == len(base)
+# --- split ----------------------------------------------------------------------------------------
 
 
-def test_every_class_is_on_both_sides_even_when_tiny():
-    rows = balanced({"big": 40, "small": 2, "three": 3})
-    split = stratified_split(rows, eval_fraction=0.01, seed=1)
-    assert {r["label"] for r in split.train} == {"big", "small", "three"}
-    assert {r["label"] for r in split.eval} == {"big", "small", "three"}
+def test_split_is_stratified_seeded_disjoint_and_in_source_order():
+    rows = rows_for({"billing": 30, "login": 20, "shipping": 10})
+    train, ev = stratified_split(rows, 0.2, seed=7)
+    assert {r["row_number"] for r in train}.isdisjoint(r["row_number"] for r in ev)
+    assert len(train) + len(ev) == len(rows)
+    assert Counter(r["label"] for r in ev) == {"billing": 6, "login": 4, "shipping": 2}
+    assert [r["row_number"] for r in train] == sorted(r["row_number"] for r in train)
+    assert stratified_split(rows, 0.2, seed=7) == (train, ev)
+    assert stratified_split(rows, 0.2, seed=8)[1] != ev
 
 
-def test_a_huge_eval_fraction_still_leaves_one_row_per_class_to_train_on():
-    split = stratified_split(balanced({"a": 5, "b": 5}), eval_fraction=0.99, seed=1)
-    assert Counter(r["label"] for r in split.train) == {"a": 1, "b": 1}
-    assert Counter(r["label"] for r in split.eval) == {"a": 4, "b": 4}
+def test_a_tiny_class_still_has_a_row_on_each_side():
+    train, ev = stratified_split(rows_for({"billing": 30, "login": 2}), 0.9, seed=1)
+    assert Counter(r["label"] for r in train)["login"] == 1 and Counter(r["label"] for r in ev)["login"] == 1
 
 
-def test_same_seed_gives_the_same_split():
-    rows = balanced({"a": 50, "b": 50})
-    one, two = stratified_split(rows, 0.2, seed=42), stratified_split(list(rows), 0.2, seed=42)
-    assert one == two
+@pytest.mark.parametrize("per_class, match", [
+    ({"billing": 5}, "at least 10"),
+    ({"billing": 12}, "only one label"),
+    ({"billing": 12, "login": 1}, "login"),
+])
+def test_insufficient_data_names_the_problem(per_class, match):
+    with pytest.raises(InsufficientData, match=match):
+        stratified_split(rows_for(per_class), 0.2, seed=1)
 
 
-def test_another_seed_gives_a_different_split():
-    rows = balanced({"a": 50, "b": 50})
-    assert texts(stratified_split(rows, 0.2, seed=1).eval) != texts(stratified_split(rows, 0.2, seed=2).eval)
+# --- prepare ----------------------------------------------------------------------------------------
 
 
-def test_both_sides_are_in_source_row_order():
-    split = stratified_split(balanced({"a": 20, "b": 20, "c": 20}), 0.25, seed=3)
-    for side in (split.train, split.eval):
-        numbers = [r["row_number"] for r in side]
-        assert numbers == sorted(numbers)
+def test_every_row_is_accounted_for_and_dropped_rows_say_why(store):
+    rows = rows_for({"billing": 40, "login": 40, "shipping": 40})
+    dup = dict(rows[0], row_number=500)                                   # exact duplicate
+    near = dict(rows[1], row_number=501, text=rows[1]["text"] + " thanks")  # near duplicate
+    conflict = [dict(rows[2], row_number=502, label="login")]               # same text, other label
+    empty = {"row_number": 503, "text": "\u200b \t", "label": "billing"}
+    allrows = rows + [dup, near, empty] + conflict
+    out = prepare(allrows, plan(), store)
+    dropped = load_rows(store, out.dropped)
+    assert out.rows_in == len(allrows) == out.train_rows + out.eval_rows + len(dropped)
+    assert out.dropped_by_reason == {"cleaning.conflicting_labels": 2, "cleaning.empty_after_cleaning": 1,
+                                     "cleaning.exact_duplicate": 1, "cleaning.near_duplicate": 1}
+    by_row = {d["row_number"]: d for d in dropped}
+    assert by_row[500]["duplicate_of"] == rows[0]["row_number"] and by_row[501]["reason_code"] == "cleaning.near_duplicate"
+    m = out.manifest
+    assert m["counts"]["train"] + m["counts"]["eval"] + m["counts"]["dropped"] == m["counts"]["rows_in"]
 
 
-@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.25, 0.5])
-def test_eval_share_per_class_is_the_rounded_fraction(fraction):
-    per_class = {"a": 40, "b": 17, "c": 100}
-    split = stratified_split(balanced(per_class), fraction, seed=11)
-    evals = Counter(r["label"] for r in split.eval)
-    for label, n in per_class.items():
-        assert abs(evals[label] - n * fraction) <= 1, (label, evals[label])
-        assert evals[label] == max(1, round(n * fraction))
+def test_near_duplicates_never_straddle_the_split(store):
+    rows = rows_for({"billing": 40, "login": 40, "shipping": 40})
+    variants = [dict(r, row_number=1000 + r["row_number"], text=r["text"].upper() + " !!") for r in rows]
+    out = prepare(rows + variants, plan(), store)
+    train, ev = load_rows(store, out.train), load_rows(store, out.eval)
+    norm = lambda r: " ".join(r["text"].casefold().replace("!", "").split())  # noqa: E731
+    assert {norm(r) for r in train}.isdisjoint(norm(r) for r in ev)
+    assert out.train_rows + out.eval_rows == len(rows)
 
 
-def test_duplicates_are_dropped_and_counted_keeping_the_first():
-    rows = rows_from([("Hello there", "a"), ("hello   THERE", "a"), ("\thello there ", "a"), ("ＨＥＬＬＯ there", "a")]
-                     + [(f"a{i}", "a") for i in range(6)] + [(f"b{i}", "b") for i in range(6)])
-    split = stratified_split(rows, 0.2, seed=0)
-    assert split.duplicates_dropped == 3  # whitespace, case and NFKC (full-width) variants
-    assert split.conflicting_labels_dropped == 0
-    kept = [r for r in split.train + split.eval if normalized(r["text"]) == "hello there"]
-    assert [r["row_number"] for r in kept] == [1]
+def test_pii_is_scrubbed_with_placeholders_shared_by_train_and_an_explicit_eval_set(store):
+    rows = rows_for({"billing": 30, "login": 30})
+    rows[0]["text"] += " write to jane.doe@example.com"
+    ev = rows_for({"billing": 5, "login": 5}, start=900, first=100)
+    ev[0]["text"] = "jane.doe@example.com says the invoice total is wrong again for the third month"
+    out = prepare(rows, plan(eval_locator="jsonl:/eval.jsonl"), store, eval_rows=ev)
+    train, evs = load_rows(store, out.train), load_rows(store, out.eval)
+    blob = json.dumps(train + evs)
+    assert "jane.doe@example.com" not in blob
+    t = next(r for r in train if r["row_number"] == 1)["text"]
+    e = next(r for r in evs if r["row_number"] == 900)["text"]
+    placeholder = t.rsplit(" ", 1)[-1]
+    assert placeholder.startswith("<EMAIL") and placeholder in e
+    assert out.manifest["split"]["method"] == "explicit_eval"
 
 
-def test_a_text_under_two_labels_is_dropped_entirely_and_counted():
-    rows = rows_from([("ambiguous", "a"), ("AMBIGUOUS ", "b"), ("ambiguous", "a")]
-                     + [(f"a{i}", "a") for i in range(6)] + [(f"b{i}", "b") for i in range(6)])
-    split = stratified_split(rows, 0.2, seed=0)
-    assert split.conflicting_labels_dropped == 3  # every copy of the contradictory text
-    assert split.duplicates_dropped == 0
-    assert "ambiguous" not in texts(split.train) | texts(split.eval)
-    assert len(split.train) + len(split.eval) == 12
+def test_train_rows_overlapping_the_explicit_eval_set_are_dropped_from_train(store):
+    rows = rows_for({"billing": 30, "login": 30})
+    ev = [dict(rows[3], row_number=900), dict(rows[40], row_number=901, text=rows[40]["text"] + " ok")]
+    ev += rows_for({"billing": 3, "login": 3}, start=950, first=100)
+    out = prepare(rows, plan(eval_locator="jsonl:/eval.jsonl"), store, eval_rows=ev)
+    dropped = [d for d in load_rows(store, out.dropped) if d["reason_code"] == "cleaning.eval_overlap"]
+    assert sorted(d["row_number"] for d in dropped) == [rows[3]["row_number"], rows[40]["row_number"]]
+    assert out.train_rows == len(rows) - 2 and out.eval_rows == len(ev)
 
 
-def test_dedup_keeps_first_occurrence_order():
-    kept, dup, conflict = dedup(rows_from([("b", "x"), ("a", "x"), ("B", "x"), ("c", "y")]))
-    assert [r["text"] for r in kept] == ["b", "a", "c"]
-    assert (dup, conflict) == (1, 0)
+def test_manifest_is_the_source_of_truth_and_matches_the_files(store):
+    out = prepare(rows_for({"billing": 60, "login": 60, "shipping": 60}), plan(seed=3), store, source_sha256="s" * 64)
+    m = json.loads(store.read_bytes(out.manifest_ref))
+    assert m == json.loads(json.dumps(out.manifest))
+    assert m["task_profile"] == "single_label_classification"
+    assert m["label_space"] == ["billing", "login", "shipping"]
+    assert m["output_schema"] == {"type": "string", "enum": m["label_space"]} and m["scoring_mode"] == "exact_label"
+    assert m["files"]["train"]["sha256"] == out.train.sha256 and m["files"]["eval"]["sha256"] == out.eval.sha256
+    assert sum(m["class_histogram"]["train"].values()) == m["counts"]["train"] == out.train_rows
+    assert m["source_sha256"] == "s" * 64 and len(m["dataset_version"]) == 16
+    again = prepare(rows_for({"billing": 60, "login": 60, "shipping": 60}), plan(seed=3), store)
+    assert again.manifest["dataset_version"] == m["dataset_version"]
+    other = prepare(rows_for({"billing": 60, "login": 60, "shipping": 60}), plan(seed=4), store)
+    assert other.manifest["dataset_version"] != m["dataset_version"]
 
 
-def test_fewer_than_ten_distinct_rows_is_insufficient():
-    with pytest.raises(InsufficientData) as exc:
-        stratified_split(balanced({"a": 5, "b": 4}), 0.2, seed=0)
-    assert exc.value.reason_code == "prep.insufficient_data"
+def test_openai_chat_jsonl_follows_the_fine_tuning_format_and_the_cost_has_a_20_percent_buffer(store):
+    out = prepare(rows_for({"billing": 60, "login": 60}), plan(), store)
+    lines = load_rows(store, out.openai_train)
+    assert len(lines) == out.train_rows
+    for ex in lines:
+        assert list(ex) == ["messages"]
+        assert [m["role"] for m in ex["messages"]] == ["system", "user", "assistant"]
+        assert ex["messages"][2]["content"] in ("billing", "login")
+    price = TRAINING_PRICE_PER_1M[out.cost.model]["usd_per_1m"]
+    assert out.cost.usd == pytest.approx(out.cost.training_tokens * out.cost.epochs * price / 1e6 * 1.2, rel=1e-3)
 
 
-def test_ten_rows_only_after_counting_duplicates_is_insufficient():
-    rows = balanced({"a": 4, "b": 4}) + rows_from([("a example number 0", "a"), ("A EXAMPLE NUMBER 1", "a")])
-    with pytest.raises(InsufficientData, match="8 distinct rows"):
-        stratified_split(rows, 0.2, seed=0)
+def test_small_data_gets_sufficiency_warnings_with_reason_codes(store):
+    out = prepare(rows_for({"billing": 60, "login": 20, "shipping": 20}), plan(), store)
+    codes = {w.reason_code: w.message for w in out.warnings}
+    assert set(codes) == {"prep.few_rows_total", "prep.few_rows_for_class"}
+    assert "login" in codes["prep.few_rows_for_class"] and "billing" not in codes["prep.few_rows_for_class"]
 
 
-def test_a_single_label_is_insufficient():
-    with pytest.raises(InsufficientData) as exc:
-        stratified_split(balanced({"only": 50}), 0.2, seed=0)
-    assert exc.value.reason_code == "prep.insufficient_data"
-    assert "only" in str(exc.value)
+def test_a_pii_heavy_dataset_is_blocked_with_its_share_and_the_threshold(store):
+    rows = rows_for({"billing": 20, "login": 20})
+    for i, r in enumerate(rows):
+        r["text"] += f" contact me at person{i}@example.org"
+    with pytest.raises(PrepBlocked) as e:
+        prepare(rows, plan(), store)
+    assert e.value.reason_code == "cleaning.pii_block" and "100.0%" in str(e.value)
+    out = prepare(rows, plan(cleaning=CleaningSettings(pii_block_threshold=1.0)), store)  # a plan may accept it
+    assert out.cleaning["rows_with_pii"] == len(rows)
 
 
-def test_a_class_with_a_single_row_is_insufficient_and_named():
-    with pytest.raises(InsufficientData) as exc:
-        stratified_split(balanced({"a": 10, "b": 10, "lonely": 1}), 0.2, seed=0)
-    assert exc.value.reason_code == "prep.insufficient_data"
-    assert "lonely" in str(exc.value)
+def test_synthetic_rows_are_capped_to_their_share(store):
+    rows = rows_for({"billing": 40, "login": 40, "shipping": 40})
+    for r in rows[::2]:
+        r["provenance"] = "synthetic"
+    out = prepare(rows, plan(), store)
+    assert out.dropped_by_reason["cleaning.synthetic_cap"] > 0
+    assert out.manifest["provenance"]["synthetic"] / (out.train_rows + out.eval_rows) <= 0.3 + 1e-9
 
 
-def test_insufficient_data_is_a_value_error():
-    with pytest.raises(ValueError):
-        stratified_split([], 0.2, seed=0)
-
-
-# --- manifest --------------------------------------------------------------------------------
-
-
-def make_manifest(split: Split, train_sha: str = "t" * 64, eval_sha: str = "e" * 64, rows_in: int = 0) -> dict:
-    return manifest(split, source_sha256="s" * 64, train_sha256=train_sha, eval_sha256=eval_sha, rows_in=rows_in)
-
-
-def test_manifest_counts_labels_and_histograms_describe_the_split():
-    rows = balanced({"zeta": 12, "alpha": 9, "mid": 20}) + rows_from([("alpha example number 0", "alpha")])
-    split = stratified_split(rows, 0.25, seed=5)
-    m = make_manifest(split, rows_in=len(rows))
-    assert m["label_space"] == ["alpha", "mid", "zeta"]
-    assert m["output_schema"] == {"type": "string", "enum": ["alpha", "mid", "zeta"]}
-    assert m["counts"] == {"rows_in": 42, "duplicates_dropped": 1, "conflicting_labels_dropped": 0,
-                           "train": len(split.train), "eval": len(split.eval)}
-    hist = m["class_histogram"]
-    assert sum(hist["train"].values()) == m["counts"]["train"]
-    assert sum(hist["eval"].values()) == m["counts"]["eval"]
-    assert {k: hist["train"][k] + hist["eval"][k] for k in hist["train"]} == {"alpha": 9, "mid": 20, "zeta": 12}
-    assert list(hist["train"]) == sorted(hist["train"])
-    assert m["files"] == {"train": {"sha256": "t" * 64}, "eval": {"sha256": "e" * 64}}
-    assert m["source_sha256"] == "s" * 64
-
-
-def test_dataset_version_is_stable_for_the_same_files_and_changes_with_them():
-    split = stratified_split(balanced({"a": 10, "b": 10}), 0.2, seed=5)
-    v = make_manifest(split)["dataset_version"]
-    assert v == make_manifest(split)["dataset_version"]
-    assert len(v) == 16 and int(v, 16) >= 0
-    assert v != make_manifest(split, train_sha="u" * 64)["dataset_version"]
-    assert v != make_manifest(split, eval_sha="f" * 64)["dataset_version"]
-    # train and eval are not interchangeable
-    assert v != make_manifest(split, train_sha="e" * 64, eval_sha="t" * 64)["dataset_version"]
+def test_structured_shapes_get_exact_dedup_and_a_seeded_split(store):
+    rows = [{"row_number": i, "prompt": f"q{i % 30}", "completion": f"a{i % 30}", "provenance": "human"} for i in range(1, 41)]
+    out = prepare(rows, plan(mapping=FieldMapping(shape="prompt_completion", prompt="q", completion="a")), store)
+    assert out.dropped_by_reason == {"cleaning.exact_duplicate": 10}
+    assert out.train_rows + out.eval_rows == 30 and out.openai_train is None
+    assert out.manifest["task_profile"] == "prompt_completion"

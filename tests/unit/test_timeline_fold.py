@@ -326,3 +326,39 @@ def test_a_successful_run_gives_the_same_rows_in_any_batching():
 def test_a_late_running_event_after_success_is_split_independent():
     rows = renumber(as_rows(successful_run("run-l") + [progress("run-l", 99)]))
     assert project(rows, [len(rows) - 1]) == project(rows, [])
+
+
+# --- runs that stop early (plan.until) and one-step ingest questions --------------------------------
+
+
+def test_a_run_planned_until_prep_succeeds_at_prep_prepared():
+    from contracts.commands import CommitIngest
+    from contracts.events import IngestCommitted, PrepPrepared
+    from tests.factories import plan, ref
+
+    p = plan().model_copy(update={"until": "prep"})
+    start = envelope(CommitIngest(plan=p), run_id="r-p", producer="cli")
+    committed = envelope(IngestCommitted(plan=p, dataset=ref("d"), rejected=ref("r"), rows_read=3, rows_accepted=3,
+                                         rows_rejected=0, rejected_by_reason={}), run_id="r-p", producer="ingest")
+    b = fold(as_rows([start, committed]))
+    assert b.runs["r-p"].status == "running" and b.runs["r-p"].target == p.target
+    prepared = envelope(PrepPrepared(plan=p, manifest=ref("m"), train=ref("t"), eval=ref("e"), label_space=["a"],
+                                     train_rows=2, eval_rows=1, dataset_version="v"), run_id="r-p", producer="prep")
+    b = fold(as_rows([start, committed, prepared]))
+    assert b.runs["r-p"].status == "succeeded"
+    assert summarize("ingest.commit", start.payload, None).endswith("(until prep)")
+
+
+def test_an_introspection_is_a_run_of_one_step_with_its_proposal_in_the_timeline():
+    from contracts.commands import IntrospectSource
+    from contracts.common import FieldMapping
+    from contracts.events import IngestIntrospected, ShapeHypothesis
+
+    ask = envelope(IntrospectSource(locator="csv:/d.csv"), run_id="r-i", producer="cli")
+    h = ShapeHypothesis(shape="single_label_classification", confidence=0.62, rationale="r",
+                        mapping=FieldMapping(text=["t"], label="l"))
+    answer = envelope(IngestIntrospected(locator="csv:/d.csv", source={}, sample_rows=20, fields=["t", "l"],
+                                         hypotheses=[h], auto_pick=False), run_id="r-i", producer="ingest")
+    b = fold(as_rows([ask, answer]))
+    assert b.runs["r-i"].status == "succeeded" and b.runs["r-i"].locator == "csv:/d.csv"
+    assert b.entries[-1][-1] == "introspected 20 sample rows: best single_label_classification at 0.62 (below 0.80: not picked)"

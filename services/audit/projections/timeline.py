@@ -33,8 +33,13 @@ STAGES = ("ingest", "prep", "trainer", "evaluator", "export", "registry")
 
 _SUCCEEDED = {
     "ingest.committed", "prep.prepared", "training.completed", "eval.completed", "export.completed",
-    "registry.version_registered",
+    "registry.version_registered", "ingest.introspected", "ingest.dry_run_completed",
 }
+# Events that end a run when they come from the last stage its plan goes through (`plan.until`;
+# plans before v2 had no `until` and went through the registry). Introspection and dry-run
+# commands are runs of one step.
+_ENDS_A_RUN_ALWAYS = {"registry.version_registered", "ingest.introspected", "ingest.dry_run_completed"}
+_STARTS_A_RUN = {"run.start", "ingest.commit", "ingest.introspect", "ingest.dry_run"}
 _RUNNING = {"training.started", "training.progress"}
 
 
@@ -70,18 +75,38 @@ def summarize(event_type: str, payload: dict, reason_code: str | None) -> str:
     """One human line per event, for the timeline."""
     p = payload
     match event_type:
-        case "run.start":
+        case "run.start" | "ingest.commit":
             plan = p["plan"]
-            return f"run requested: {plan['locator']} -> target {plan['target']}"
+            until = plan.get("until", "registry")
+            return (f"{'run' if event_type == 'run.start' else 'ingest commit'} requested: {plan['locator']} -> target "
+                    f"{plan['target']}" + ("" if until == "registry" else f" (until {until})"))
+        case "ingest.introspect":
+            return f"introspection requested: {p['locator']}"
+        case "ingest.dry_run":
+            return f"dry run requested: {p['locator']}"
+        case "ingest.introspected":
+            hyps = p["hypotheses"]
+            best = f"best {hyps[0]['shape']} at {hyps[0]['confidence']:.2f}" if hyps else "no proposal"
+            return f"introspected {p['sample_rows']} sample rows: {best}" + ("" if p["auto_pick"] else " (below 0.80: not picked)")
+        case "ingest.dry_run_completed":
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(p["rejected_by_reason"].items()))
+            return (f"dry run: read {p['rows_read']} rows: {p['rows_accepted']} would be accepted, "
+                    f"{p['rows_rejected']} rejected" + (f" ({reasons})" if reasons else ""))
+        case "prep.cleaned":
+            reasons = ", ".join(f"{k.split('.', 1)[1]}: {v}" for k, v in sorted(p["dropped_by_reason"].items()))
+            pii = sum(p["pii_by_kind"].values())
+            return (f"cleaned {p['rows_in']} rows: kept {p['rows_kept']}" + (f", dropped {reasons}" if reasons else "")
+                    + (f"; {pii} PII values scrubbed in {p['rows_with_pii']} rows" if pii else ""))
         case "ingest.committed":
             reasons = ", ".join(f"{k}: {v}" for k, v in sorted(p["rejected_by_reason"].items()))
             return (f"read {p['rows_read']} rows: {p['rows_accepted']} accepted, {p['rows_rejected']} rejected"
                     + (f" ({reasons})" if reasons else ""))
         case "prep.prepared":
             dropped = p.get("duplicates_dropped", 0)
+            warnings = [w["reason_code"] for w in p.get("warnings", [])]
             return (f"split {p['train_rows']} train / {p['eval_rows']} eval over {len(p['label_space'])} labels"
                     + (f" after dropping {dropped} duplicate rows" if dropped else "")
-                    + f", dataset {p['dataset_version']}")
+                    + f", dataset {p['dataset_version']}" + (f"; warnings: {', '.join(warnings)}" if warnings else ""))
         case "training.started":
             return f"LoRA fine-tune of {model_name(p['base_model'])} for {p['max_steps']} steps on {p['train_rows']} rows"
         case "training.progress":
@@ -156,14 +181,16 @@ def fold(rows: list) -> TimelineBatch:
             if run is None:
                 run = b.runs[run_id] = RunFold(r["correlation_id"], at, at, pos)
             run.updated_at, run.last_position = at, pos
-            if etype == "run.start":
-                run.target, run.locator = payload["plan"]["target"], payload["plan"]["locator"]
+            if etype in _STARTS_A_RUN:
+                plan = payload.get("plan") or {}
+                run.target, run.locator = plan.get("target"), plan.get("locator") or payload.get("locator")
                 run.status = run.status or "running"
             status = stage_status(etype) if stage in STAGES else None
             if etype == "bus.message_dead_lettered" or (etype.endswith(".failed")):
                 if run.status != "failed":  # the first failure names the run's failure
                     run.status, run.reason_code, run.failure = "failed", r["reason_code"], summary
-            elif etype == "registry.version_registered" and run.status != "failed":
+            elif run.status != "failed" and (etype in _ENDS_A_RUN_ALWAYS or (
+                    etype in _SUCCEEDED and (payload.get("plan") or {}).get("until", "registry") == stage)):
                 run.status = "succeeded"
             elif status is not None and run.status not in ("failed", "succeeded"):
                 run.status = "running"

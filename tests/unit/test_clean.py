@@ -1,0 +1,129 @@
+import pytest
+
+from services.prep.clean import CleaningBlocked, CleaningPolicy, check_eval_overlap, clean, normalise, quality
+from services.prep.pii import Scrubber
+
+PROSE = [
+    "The scheduler drops container requests when the queue is full and never retries them later on.",
+    "Datanode heartbeat times out under heavy load because the lock is held during the block report.",
+    "The web UI shows a wrong number of live nodes after a restart of the resource manager process.",
+    "Snapshot diff reports deleted files twice when the directory was renamed between two snapshots.",
+    "Balancer moves blocks to a node that is being decommissioned and the move fails every time.",
+    "Audit log misses the client address for rename operations issued through the HTTP gateway.",
+    "Checksum verification is skipped on short-circuit reads when the block is opened by mmap here.",
+    "Lease recovery hangs forever when the last block has no replicas reported by any datanode.",
+    "The shuffle handler leaks file descriptors when a reducer disconnects in the middle of a fetch.",
+    "Quota usage is not updated after truncate, so users hit the limit with an almost empty folder.",
+]
+
+
+def rows_of(texts, label="Major", **extra):
+    return [{"row_number": i + 1, "text": t, "label": label, **extra} for i, t in enumerate(texts)]
+
+
+def policy(**kw):
+    kw.setdefault("outlier_block_threshold", None)
+    return CleaningPolicy(**kw)
+
+
+def check(res, n):
+    assert len(res.kept) + len(res.dropped) == n
+
+
+def test_normalise():
+    assert normalise("  a\t\tb  \r\n\r\n\r\n\r\nc \x00d\u200b  ") == "a b\n\nc d"
+    assert normalise("ﬁne　text\u00a0here") == "fine text here"
+    assert normalise("line1\nline2") == "line1\nline2"
+    assert normalise(" \x01\x02 ") == ""
+
+
+def test_kept_rows_carry_keys_quality_and_sha():
+    rows = rows_of(PROSE, extra_key={"a": 1})
+    res = clean(rows, policy())
+    check(res, len(rows))
+    assert len(res.kept) == len(PROSE) and not res.dropped
+    r = res.kept[0]
+    assert r["extra_key"] == {"a": 1} and 0.9 <= r["quality"] <= 1 and len(r["text_sha256"]) == 64
+
+
+def test_empty_exact_duplicate_and_conflicts():
+    rows = rows_of(PROSE) + [
+        {"row_number": 11, "text": "  \x00 ", "label": "Major"},
+        {"row_number": 12, "text": PROSE[0].upper() + "  ", "label": "Major"},
+        {"row_number": 13, "text": PROSE[1], "label": "Minor"},
+    ]
+    res = clean(rows, policy(near_dup=False))
+    check(res, len(rows))
+    by = {d["row_number"]: d for d in res.dropped}
+    assert by[11]["reason_code"] == "cleaning.empty_after_cleaning"
+    assert by[12]["reason_code"] == "cleaning.exact_duplicate" and by[12]["duplicate_of"] == 1
+    assert by[2]["reason_code"] == by[13]["reason_code"] == "cleaning.conflicting_labels"
+    assert res.stats["dropped_by_reason"]["cleaning.conflicting_labels"] == 2
+
+
+def test_near_duplicate_keeps_the_first():
+    rows = rows_of(PROSE + [PROSE[3] + " Thanks!"])
+    res = clean(rows, policy())
+    check(res, len(rows))
+    assert [(d["row_number"], d["reason_code"], d["duplicate_of"]) for d in res.dropped] == [
+        (11, "cleaning.near_duplicate", 4)]
+
+
+def test_low_quality_and_outliers():
+    rows = rows_of(PROSE * 3 + ["$$$ ### %%% 123 456 ... !!! ??? ((( ))) 789 *** &&& ^^^ 1.0 2.0 3.0 +++ === --- 42 17 99 ~~~ ||| 0x1f 0x2e ///", "x " * 20000])
+    for i, r in enumerate(rows[:30]):
+        r["text"] = f"{r['text']} Case {i} differs."
+    res = clean(rows, policy(near_dup=False))
+    check(res, len(rows))
+    codes = {d["row_number"]: d["reason_code"] for d in res.dropped}
+    assert codes == {31: "cleaning.low_quality", 32: "cleaning.length_outlier"}
+    with pytest.raises(CleaningBlocked) as e:
+        clean(rows, CleaningPolicy(near_dup=False, outlier_block_threshold=0.01))
+    assert e.value.reason_code == "cleaning.outlier_threshold_exceeded" and "1.0%" in e.value.message
+
+
+def test_quality_heuristics():
+    assert quality(PROSE[0]) == 1.0
+    assert quality("NPE") < 0.2
+    assert quality("1 2 3 4 5 6 7 8 9 10 11 12") == 0
+    assert quality("\n".join(["same line here"] * 20)) < 0.2
+
+
+def test_pii_is_scrubbed_and_a_pii_dump_blocks():
+    rows = rows_of([f"{t} Reported by user{i}@example.com" for i, t in enumerate(PROSE)])
+    with pytest.raises(CleaningBlocked) as e:
+        clean(rows, policy())
+    assert e.value.reason_code == "cleaning.pii_block" and "100.0%" in e.value.message and "25.0%" in e.value.message
+    res = clean(rows, policy(pii_block_threshold=None))
+    assert all("<EMAIL_" in r["text"] and "@" not in r["text"] for r in res.kept)
+    assert res.stats["pii_by_kind"]["email"] == 10 and res.stats["rows_with_pii"] == 10
+    res = clean(rows, policy(pii_scrub=False))
+    assert res.kept[0]["text"].endswith("user0@example.com") and res.stats["rows_with_pii"] == 0
+
+
+def test_synthetic_cap_is_seeded_and_respected():
+    texts = [f"{t} Variant number {i}." for i in range(4) for t in PROSE]
+    rows = rows_of(texts)
+    for r in rows[10:]:
+        r["provenance"] = "synthetic"
+    res = clean(rows, policy(near_dup=False))
+    check(res, len(rows))
+    syn = sum(1 for r in res.kept if r.get("provenance") == "synthetic")
+    assert syn <= 0.30 * len(res.kept) and syn == 4
+    again = clean(rows, policy(near_dup=False))
+    assert [d["row_number"] for d in again.dropped] == [d["row_number"] for d in res.dropped]
+    other = clean(rows, policy(near_dup=False, seed=7))
+    assert {d["row_number"] for d in other.dropped} != {d["row_number"] for d in res.dropped}
+
+
+def test_eval_overlap_with_a_shared_scrubber():
+    sc = Scrubber()
+    train = clean(rows_of(PROSE[:6] + ["Contact admin@corp.com about " + PROSE[6]]), policy(), scrubber=sc).kept
+    ev = clean([{"row_number": 1, "text": PROSE[0], "label": "Major"},
+                {"row_number": 2, "text": PROSE[2] + " Again.", "label": "Major"},
+                {"row_number": 3, "text": "Contact admin@corp.com about " + PROSE[6], "label": "Major"}],
+               policy(pii_block_threshold=None), scrubber=sc).kept
+    kept, dropped = check_eval_overlap(train, ev, policy())
+    assert len(kept) + len(dropped) == len(train)
+    assert {(d["row_number"], d["duplicate_of"]) for d in dropped} == {(1, 1), (3, 2), (7, 3)}
+    assert all(d["reason_code"] == "cleaning.eval_overlap" for d in dropped)

@@ -1,0 +1,93 @@
+from services.prep.pii import Scrubber, luhn_ok, candidate_kinds
+
+
+def scrub(text, s=None):
+    return (s or Scrubber()).scrub(text)
+
+
+def test_email_phone_ip_are_replaced_with_numbered_placeholders():
+    r = scrub("mail bob@example.com or call 555-123-4567 from 10.1.2.3")
+    assert r.text == "mail <EMAIL_1> or call <PHONE_1> from <IP_1>"
+    assert r.counts == {"email": 1, "phone": 1, "ipv4": 1}
+
+
+def test_same_value_same_placeholder_across_rows_in_order_of_first_appearance():
+    s = Scrubber()
+    out = s.scrub_many(["a@x.org then b@y.org", "B@Y.org again", "c@z.org and a@x.org"])
+    assert [o.text for o in out] == ["<EMAIL_1> then <EMAIL_2>", "<EMAIL_2> again", "<EMAIL_3> and <EMAIL_1>"]
+    assert s.distinct_values["EMAIL"] == 3
+
+
+def test_scrub_many_equals_scrub_one_by_one():
+    texts = ["ip 192.168.1.20 here", "nothing", "key sk-proj-abcDEF1234567890abcdef123 ok", "x" * 50,
+             "card 4111 1111 1111 1111", "fe80::1ff:fe23:4567:890a", "+44 20 7946 0958"]
+    a, b = Scrubber(), Scrubber()
+    assert [r.text for r in a.scrub_many(texts)] == [b.scrub(t).text for t in texts]
+
+
+def test_versions_timestamps_stack_traces_ports_uuids_are_not_pii():
+    texts = [
+        "upgrade to hadoop-2.7.1.3 fixes it", "version 1.2.3.4 is affected", "v1.2.3.4", "1.2.3.4.5",
+        "2006-10-25T20:12:50.000+0000", "at org.apache.Foo.bar(Foo.java:1234)", "listening on host:8080",
+        "550e8400-e29b-41d4-a716-446655440000", "blk_-3544583377289625101", "0x7f3a2b1c9d8e", "took 1234567 ms",
+        "timestamp 1161807170123", "127.0.0.1 and 0.0.0.0", "std::vector<int>", "at 20:12:50",
+        "job_200903041223_0259", "sizes 1024 2048 4096 8192",
+    ]
+    for t in texts:
+        assert scrub(t).text == t, t
+
+
+def test_ipv4_and_ipv6_are_scrubbed():
+    r = scrub("from /10.17.202.19:19888 and 2001:db8:85a3::8a2e:370:7334 and 2001:0db8:85a3:0000:0000:8a2e:0370:7334")
+    assert r.text == "from /<IP_1>:19888 and <IP_2> and <IP_2>"
+    assert r.counts == {"ipv4": 1, "ipv6": 2}
+
+
+def test_cards_need_luhn_and_a_network_prefix():
+    assert luhn_ok("4111111111111111") and not luhn_ok("4111111111111112")
+    assert scrub("pay 4111-1111-1111-1111 now").text == "pay <CARD_1> now"
+    assert scrub("amex 378282246310005").counts == {"card": 1}
+    assert scrub("pay 4111-1111-1111-1112 now").counts == {}  # Luhn fails
+    assert scrub("id 1234567890123452").counts == {}  # Luhn ok, no network starts with 1
+
+
+def test_secrets():
+    cases = [
+        "sk-ant-api03-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789",
+        "sk-proj-AbCdEfGhIjKlMnOpQrStUvWx0123456789",
+        "ghp_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789",
+        "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuv",
+        "AKIAIOSFODNN7EXAMPLE",
+        "xoxb-123456789012-abcdefghijkl",
+        "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
+        "AIzaSyA1234567890abcdefghijklmnopqrstuv",
+        "glpat-abcdefghij0123456789",
+        "hf_abcdefghijklmnopqrstuvwxyz01234567",
+    ]
+    for c in cases:
+        r = scrub(f"token {c} end")
+        assert r.text == "token <SECRET_1> end", (c, r.text)
+    assert scrub("Authorization: Bearer abc123def456ghi789jkl").text == "Authorization: Bearer <SECRET_1>"
+    assert scrub("ftp://test:123456@192.168.44.1/x").text == "ftp://<SECRET_1>@<IP_1>/x"
+    assert scrub("db.password=hunter22x").text == "db.password=<SECRET_1>"
+    pk = "-----BEGIN RSA PRIVATE KEY-----\nMIIEow\nabc\n-----END RSA PRIVATE KEY-----"
+    assert scrub(f"key:\n{pk}\nafter").text == "key:\n<SECRET_1>\nafter"
+
+
+def test_secret_look_alikes_are_kept():
+    for t in ["the task-management-subsystem-overview-page", "password: ******", "password=${db.pass}",
+              "Bearer authentication is broken", "disk-usage-monitoring-thresholds-page"]:
+        assert scrub(t).text == t, t
+
+
+def test_candidate_rows_are_a_superset_of_rows_with_matches():
+    texts = ["a@b.co", "none here", "10.0.0.5", "555-123-4567", "sk-abcdefghijklmnop1234567", "é 10.0.0.7"]
+    c = candidate_kinds(texts)
+    for i, t in enumerate(texts):
+        found = {s[2] for s in Scrubber.find(t)}
+        assert found <= c.get(i, set()), (t, found, c.get(i))
+
+
+def test_international_phone():
+    assert scrub("call +44 20 7946 0958 today").counts == {"phone": 1}
+    assert scrub("(555) 123-4567").text == "<PHONE_1>"
