@@ -36,6 +36,7 @@ demo: install ## start the embedded stack, run the skeleton on a generated datas
 
 bench: install ## benchmarks: print a table, write bench/results/*.json
 	$(PY) -m bench.recorder
+	$(PY) -m bench.ingest
 
 schemas: install ## write JSON Schema snapshots for new contract versions
 	$(PY) -m contracts.snapshots

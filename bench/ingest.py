@@ -112,13 +112,21 @@ def _child(path: str, store: str) -> None:
     from services.ingest.domain import run_ingest
     from services.ingest.sources.jsonl import JsonlSource
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _vm_hwm_mb()
     out = run_ingest(JsonlSource(Path(path)), FieldMapping(text=["text"], label="label"), ArtifactStore(Path(store)),
                      commit=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _vm_hwm_mb()
     print(json.dumps({"rows_read": out.counts.rows_read, "accepted": out.counts.rows_accepted,
-                      "rejected": out.counts.rows_rejected, "peak_rss_mb": round(peak / 1024, 1),
-                      "rss_after_imports_mb": round(before / 1024, 1)}))
+                      "rejected": out.counts.rows_rejected, "peak_rss_mb": peak, "rss_after_imports_mb": before}))
+
+
+def _vm_hwm_mb() -> float:
+    """This process's peak RSS (VmHWM). Not getrusage's ru_maxrss: Linux carries that across exec, so
+    a child would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def measure_rss() -> dict:

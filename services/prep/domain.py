@@ -142,10 +142,16 @@ def policy_for(plan: RunPlan, base: CleaningPolicy) -> CleaningPolicy:
     return replace(base, seed=plan.seed, **overrides)
 
 
-def _jsonl(store: ArtifactStore, rows) -> ArtifactRef:
+def _jsonl(store: ArtifactStore, rows, chunk: int = 2000) -> ArtifactRef:
+    dumps, buf = orjson.dumps, []
     with store.writer() as w:
         for r in rows:
-            w.write(orjson.dumps(r) + b"\n")
+            buf.append(dumps(r))
+            if len(buf) >= chunk:
+                w.write(b"\n".join(buf) + b"\n")
+                buf.clear()
+        if buf:
+            w.write(b"\n".join(buf) + b"\n")
         return w.commit()
 
 

@@ -98,7 +98,7 @@ _VERSION_CONTEXT = re.compile(r"(?i)(?:version|release|upgrad|downgrad|build|jdk
 _DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
 _IPV4_TRIGGER = re.compile(rb"0\.0{1,3}\.0{1,3}\.0")
 _PHONE_TRIGGER = re.compile(rb"000[-. ]0000|\+0")
-_CARD_TRIGGER = re.compile(rb"0000[ -]?0000")
+_CARD_TRIGGER = re.compile(rb"0(?:[ -]?0){12}")  # 13 digits ("0000[ -]?0000" missed "411 111 111 111 1111")
 _IPV6_TRIGGER = re.compile(rb":[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:")
 
 

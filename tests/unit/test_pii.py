@@ -91,3 +91,28 @@ def test_candidate_rows_are_a_superset_of_rows_with_matches():
 def test_international_phone():
     assert scrub("call +44 20 7946 0958 today").counts == {"phone": 1}
     assert scrub("(555) 123-4567").text == "<PHONE_1>"
+
+
+def test_scrub_many_prefilter_matches_scrub(monkeypatch):
+    """scrub_many's pre-filter (hyperscan routing with search windows when installed, the substring
+    pre-scan otherwise) changes nothing: same texts, counts and placeholders as scrub() per text."""
+    from services.prep import pii
+
+    texts = [
+        "ping 10.1.2.3 and 192.168.0.1, not v1.2.3.4 or hadoop-2.7.1.3; ts 1477000000000",
+        "card 4111 1111 1111 1111 and 4111-1111-1111-1111 and 4111111111111111 then 5500 0000 0000 0004",
+        "call 555-123-4567 or (555) 123-4567 or +44 20 7946 0958 or +1 555 123 4567; +0530 2016",
+        "key=AKIAIOSFODNN7EXAMPLE password: hunter2abc Bearer abcdef0123456789abcdef token",
+        "see https://user:pa55word@example.com/x and mail a.b@example.org; ::1 and fe80::1ff:fe23:4567:890a",
+        "sk-" + "a1" * 15 + " ghp_" + "b2" * 16 + " xoxb-1234567890-abc" + " AIza" + "c" * 35,
+        "no pii here at all, just 12345678 and 2016-10-25T20:12:50",
+        "Ünïcode row: mail ü@example.com, ip 10.0.0.7, password = s3cretValue",
+        "1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 and " + "9" * 40 + " and 4111 1111 1111 1111",
+        "pay 4 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 now, or 411 111 111 111 1111 later",  # not in 4-digit groups
+    ] * 3
+    expected_scrubber = Scrubber()
+    expected = [expected_scrubber.scrub(t) for t in texts]
+    for db in ({pii._HS_DB}, {None}):
+        monkeypatch.setattr(pii, "_HS_DB", db.pop())
+        got = Scrubber().scrub_many(texts)
+        assert [(r.text, dict(r.counts)) for r in got] == [(r.text, dict(r.counts)) for r in expected]
