@@ -8,7 +8,9 @@ from services.common.settings import ServiceSettings
 class AuditSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="TUNELINE_AUDIT_", extra="ignore", frozen=True)
 
-    recorder_batch: int = 500
+    # Messages per recorder transaction (and per pull): fewer, larger commits cost PostgreSQL less;
+    # a pull returns what is there, so a small load is not held back waiting for a full batch.
+    recorder_batch: int = 2000
     recorder_fetch_timeout_s: float = 2.0
     projector_batch: int = 2000
     projector_poll_s: float = 1.0

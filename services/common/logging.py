@@ -22,6 +22,17 @@ def _redact_secrets(_logger, _name, event_dict):
     return event_dict
 
 
+class _CurrentStderr:
+    """Writes to whatever sys.stderr is when a line is logged, not the one at configure time
+    (loggers are cached on first use; a replaced stderr must still get the lines)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(service: str, level: str = "INFO") -> None:
     logging.basicConfig(format="%(message)s", stream=sys.stderr, level=level.upper())
     # FastStream and nats log through stdlib; keep them, but quieter than our own events.
@@ -37,7 +48,7 @@ def configure_logging(service: str, level: str = "INFO") -> None:
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.clear_contextvars()

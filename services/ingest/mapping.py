@@ -109,6 +109,8 @@ def _label_value(obj: dict, name: str, label_space: frozenset[str] | None) -> st
         raise _Reject("ingest.missing_field", f"missing label field {name!r}")
     v = obj[name]
     if isinstance(v, list):  # a list-valued field used as a single label needs exactly one value
+        if not v:
+            raise _Reject("ingest.missing_field", f"label field {name!r} is an empty list")
         if len(v) != 1:
             raise _Reject("ingest.invalid_label", f"label field {name!r} holds {len(v)} values; a single label needs one")
         v = v[0]

@@ -61,6 +61,7 @@ def test_text_from_two_fields_is_joined_with_a_blank_line_and_one_may_be_absent(
     ({"text": "x", "label": 1.5}, "ingest.invalid_label"),
     ({"text": "x", "label": "  "}, "ingest.invalid_label"),
     ({"text": "x", "label": ["a", "b"]}, "ingest.invalid_label"),
+    ({"text": "x", "label": []}, "ingest.missing_field"),
     ({"text": "x", "label": {"a": 1}}, "ingest.invalid_label"),
 ])
 def test_bad_rows_are_rejected_with_their_reason(fields, expected):

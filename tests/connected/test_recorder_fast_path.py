@@ -1,0 +1,115 @@
+"""The recorder's fast path (orjson and shape checks) against decode(): the same rows for what it
+accepts, and decode() still judging (and dead-lettering) what it does not."""
+
+from __future__ import annotations
+
+import json
+
+import asyncpg
+import pytest
+
+from contracts import subjects
+from contracts.registry import encode
+from services.audit.recorder import Recorder, _fast_row
+from services.common.bus import publish
+from tests.factories import failed_run, successful_run
+
+pytestmark = pytest.mark.connected
+
+
+def subject_of(env):
+    kind = "command" if env.type == "run.start" else "event"
+    return subjects.subject_for(env.type, kind=kind, target=env.payload.get("target"))
+
+
+_ROW = ("SELECT global_position, event_id, type, schema_version, run_id, correlation_id, causation_id, occurred_at,"
+        " producer, severity, reason_code, subject, payload FROM run_events ORDER BY global_position")
+
+
+async def _record(js, database, durable, *, full_decode):
+    pool = await asyncpg.create_pool(database, server_settings={"role": "tuneline_app"})
+    sub = await js.pull_subscribe(f"{subjects.ROOT}.>", durable=durable, stream=subjects.STREAM)
+    info = await js.stream_info(subjects.STREAM)
+    msgs = await sub.fetch(info.state.messages, timeout=5)
+    recorder = Recorder(pool, js)
+    batch = recorder.prepare(msgs, full_decode=full_decode)
+    out = await recorder.commit(batch)
+    async with pool.acquire() as conn:
+        rows = [tuple(r) for r in await conn.fetch(_ROW)]
+        skipped = [tuple(r) for r in await conn.fetch(
+            "SELECT global_position, reason_code FROM run_event_skipped_positions ORDER BY 1")]
+    await pool.close()
+    return batch, out, rows, skipped
+
+
+async def test_fast_path_records_exactly_what_decode_records(js, nats_server, database, postgres):
+    envs = successful_run("run-fast", progress_steps=4) + failed_run("run-fast-2")
+    for env in envs:
+        await publish(js, env, subject_of(env))
+    fast_batch, fast_out, fast_rows, _ = await _record(js, database, "fast", full_decode=False)
+    # The same messages into a second database through decode() only.
+    admin = await asyncpg.connect(postgres.url)
+    await admin.execute('CREATE DATABASE "t_fast_slow"')
+    await admin.close()
+    from services.audit.migrate import migrate
+    other = postgres.url.replace("/tuneline?", "/t_fast_slow?")
+    await migrate(other)
+    slow_batch, slow_out, slow_rows, _ = await _record(js, other, "slow", full_decode=True)
+    assert fast_batch.fast == len(envs) and slow_batch.fast == 0
+    assert fast_out.appended == slow_out.appended == len(envs)
+    assert fast_rows == slow_rows
+
+
+def _body(env, **changes) -> bytes:
+    d = json.loads(encode(env))
+    for path, value in changes.items():
+        target = d
+        *head, last = path.split("__")
+        for k in head:
+            target = target[k]
+        if value is _DROP:
+            target.pop(last)
+        else:
+            target[last] = value
+    return json.dumps(d).encode()
+
+
+_DROP = object()
+
+
+@pytest.mark.parametrize("changes", [
+    {"payload__step": "ten"},                 # wrong JSON kind at the top level of the payload
+    {"payload__loss": _DROP},                 # a required payload field missing
+    {"payload__surprise": 1},                 # an undeclared payload field (extra="forbid")
+    {"schema_version": 0},                    # not the current version
+    {"type": "training.nonsense"},            # not registered
+    {"occurred_at": "2026-01-01T00:00:00"},   # naive timestamp
+    {"occurred_at": "now"},
+    {"event_id": "not-a-uuid"},
+    {"severity": "fatal"},
+    {"reason_code": "made.up"},
+    {"run_id": ""},
+    {"extra_key": 1},
+])
+def test_fast_path_declines_what_it_cannot_vouch_for(changes):
+    progress = successful_run("run-x", progress_steps=1)[4]
+    assert progress.type == "training.progress"
+    assert _fast_row(1, "s", encode(progress)) is not None
+    assert _fast_row(1, "s", _body(progress, **changes)) is None
+
+
+def test_fast_path_declines_garbage():
+    assert _fast_row(1, "s", b"\x00garbage") is None
+    assert _fast_row(1, "s", b"[1, 2]") is None
+    assert _fast_row(1, "s", b'{"a": NaN}') is None
+
+
+async def test_a_payload_the_fast_path_declines_is_judged_by_decode_and_dead_lettered(js, nats_server, database):
+    good = successful_run("run-inv", progress_steps=1)
+    bad = good[4]
+    for env in good[:4]:
+        await publish(js, env, subject_of(env))
+    await js.publish(subject_of(bad), _body(bad, payload__step="ten"), headers={"Nats-Msg-Id": "bad-step"})
+    batch, out, rows, skipped = await _record(js, database, "inv", full_decode=False)
+    assert batch.fast == 4 and out.appended == 4 and out.dead_lettered == 1
+    assert skipped == [(5, "bus.invalid_payload")]
