@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -55,7 +54,8 @@ def pipeline(src: Path, work: Path) -> dict:
     from services.common.artifacts import ArtifactStore
     from services.ingest.domain import run_ingest
     from services.ingest.sources.jsonl import JsonlSource
-    from services.prep.domain import load_rows, prepare
+    from services.common.jsonl import read_jsonl
+    from services.prep.domain import prepare
 
     store = ArtifactStore(work / "artifacts")
     mapping = jira_mapping()
@@ -63,7 +63,7 @@ def pipeline(src: Path, work: Path) -> dict:
     outcome = run_ingest(JsonlSource(src), mapping, store, commit=True)
     t1 = time.perf_counter()
     plan = RunPlan(locator=f"jsonl:{src}", target="bench", mapping=mapping, until="prep")
-    prepared = prepare(load_rows(store, outcome.dataset), plan, store)
+    prepared = prepare(read_jsonl(store, outcome.dataset), plan, store)
     t2 = time.perf_counter()
     return {"rows_read": outcome.counts.rows_read, "rows_accepted": outcome.counts.rows_accepted,
             "rejected_by_reason": outcome.rejected_by_reason, "ingest_s": round(t1 - t0, 3),

@@ -66,34 +66,31 @@ async def _await_event(db_url: str, run_id: str, types: tuple[str, ...], timeout
         await conn.close()
 
 
-def _ask(main, command, kind_prefix: str, answers: tuple[str, ...], timeout: float) -> dict:
+def _ask(main, command, kind_prefix: str, answer: str, args) -> tuple[int, dict | None]:
+    """Publish the command and wait for its answer. Returns (exit code, payload to render); the
+    payload is None when there is nothing left to render (a failure, or --json already printed)."""
     run_id = asyncio.run(main.publish_command(command, prefix=kind_prefix))
-    found = asyncio.run(_await_event(main.urls()[1], run_id, answers + ("ingest.failed", "bus.message_dead_lettered"),
-                                     timeout))
+    found = asyncio.run(_await_event(main.urls()[1], run_id, (answer, "ingest.failed", "bus.message_dead_lettered"),
+                                     args.timeout))
     if found is None:
-        raise SystemExit(f"{run_id}: no answer within {timeout:.0f}s; is the stack up? (`tuneline status`)")
-    found["run_id"] = run_id
-    return found
-
-
-def _failed(found: dict) -> int:
-    code = found["reason_code"]
-    meaning = REASON_CODES[code].meaning if code in REASON_CODES else ""
-    print(f"FAILED [{code}] {found['payload'].get('message') or found['payload'].get('error')}", file=sys.stderr)
-    if meaning:
-        print(f"  {code}: {meaning}", file=sys.stderr)
-    return 1
+        raise SystemExit(f"{run_id}: no answer within {args.timeout:.0f}s; is the stack up? (`tuneline status`)")
+    if found["type"] != answer:
+        code = found["reason_code"]
+        print(f"FAILED [{code}] {found['payload'].get('message') or found['payload'].get('error')}", file=sys.stderr)
+        if code in REASON_CODES:
+            print(f"  {code}: {REASON_CODES[code].meaning}", file=sys.stderr)
+        return 1, None
+    if args.json:
+        print(json.dumps(found["payload"], indent=2))
+        return 0, None
+    return 0, found["payload"]
 
 
 def cmd_introspect(main, args) -> int:
     cmd = IntrospectSource(locator=main.absolute_locator(args.locator), sample_size=args.sample_size)
-    found = _ask(main, cmd, "introspect", ("ingest.introspected",), args.timeout)
-    if found["type"] != "ingest.introspected":
-        return _failed(found)
-    p = found["payload"]
-    if args.json:
-        print(json.dumps(p, indent=2))
-        return 0
+    code, p = _ask(main, cmd, "introspect", "ingest.introspected", args)
+    if p is None:
+        return code
     print(f"{p['locator']}: {p['sample_rows']} sample rows, fields: {', '.join(p['fields'])}")
     for i, h in enumerate(p["hypotheses"], 1):
         m = {k: v for k, v in h["mapping"].items() if v not in (None, [], {}) and k != "shape"}
@@ -125,13 +122,9 @@ def _read_rejected(uri: str, per_code: int = 3) -> dict[str, list[dict]]:
 def cmd_dry_run(main, args) -> int:
     cmd = DryRunIngest(locator=main.absolute_locator(args.locator), mapping=parse_map(args.map), force=args.force,
                        sample_size=args.sample_size)
-    found = _ask(main, cmd, "dryrun", ("ingest.dry_run_completed",), args.timeout)
-    if found["type"] != "ingest.dry_run_completed":
-        return _failed(found)
-    p = found["payload"]
-    if args.json:
-        print(json.dumps(p, indent=2))
-        return 0
+    code, p = _ask(main, cmd, "dryrun", "ingest.dry_run_completed", args)
+    if p is None:
+        return code
     m = {k: v for k, v in p["mapping"].items() if v not in (None, [], {})}
     print(f"{p['locator']} with mapping {json.dumps(m)}")
     print(f"read {p['rows_read']}: accepted {p['rows_accepted']}, rejected {p['rows_rejected']}")

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import asdict
 
 from contracts import subjects
 from contracts.events import CommittedRows, IngestCommitted, IngestDryRunCompleted, IngestFailed, IngestIntrospected
@@ -67,10 +68,10 @@ async def on_start(ctx: StageContext) -> None:
             eval_source = open_locator(plan.eval_locator, s.allowed_roots(), **s.limits())
             eval_outcome = run_ingest(eval_source, mapping, ctx.artifacts, commit=True,
                                       default_provenance=plan.provenance)
-        return source.describe(), mapping, confidence, outcome, eval_outcome
+        return mapping, confidence, outcome, eval_outcome
 
     async with ctx.keep_alive():
-        desc, mapping, confidence, outcome, eval_outcome = await _in_thread(work)
+        mapping, confidence, outcome, eval_outcome = await _in_thread(work)
     c = outcome.counts
     log.info("ingest_counted", rows_read=c.rows_read, rows_accepted=c.rows_accepted, rows_rejected=c.rows_rejected)
     if c.rows_accepted == 0:
@@ -80,7 +81,7 @@ async def on_start(ctx: StageContext) -> None:
     await ctx.emit(IngestCommitted(
         plan=plan, dataset=outcome.dataset, rejected=outcome.rejected, rows_read=c.rows_read,
         rows_accepted=c.rows_accepted, rows_rejected=c.rows_rejected, rejected_by_reason=outcome.rejected_by_reason,
-        mapping=mapping, mapping_confidence=confidence, source=_describe(desc),
+        mapping=mapping, mapping_confidence=confidence, source=_describe(outcome.description),
         eval_source=_committed(plan.eval_locator, eval_outcome) if eval_outcome else None,
     ))
 
@@ -130,8 +131,6 @@ async def on_dry_run(ctx: StageContext) -> None:
 
 def _describe(desc) -> dict:
     """The source description as event data (it never holds a secret: see the sources)."""
-    from dataclasses import asdict
-
     return {k: v for k, v in asdict(desc).items() if v not in (None, [], {})}
 
 

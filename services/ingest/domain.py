@@ -19,7 +19,7 @@ from contracts.common import ArtifactRef
 from services.common.artifacts import ArtifactStore
 from services.ingest.introspect import AUTO_PICK, SAMPLE_SIZE, choose, introspect, spread_sample
 from services.ingest.mapping import MappingCounts, MappingError, RejectedRow, RowMapper, check_fields_present, map_records
-from services.ingest.sources.base import Source, SourceError
+from services.ingest.sources.base import Source, SourceDescription, SourceError
 from services.ingest.sources.locators import open_source
 
 
@@ -90,6 +90,7 @@ def plan_mapping(source: Source, plan: RunPlan) -> tuple[FieldMapping, float | N
 class IngestOutcome:
     counts: MappingCounts
     rejected: ArtifactRef
+    description: SourceDescription
     dataset: ArtifactRef | None = None  # None for a dry run
     sample_accepted: list[dict] = field(default_factory=list)
 
@@ -98,21 +99,23 @@ class IngestOutcome:
         return dict(sorted(self.counts.rejected_by_reason.items()))
 
 
-def _mapped(source: Source, mapping: FieldMapping, default_provenance: str) -> tuple[Iterator, MappingCounts]:
+def _mapped(source: Source, mapping: FieldMapping, default_provenance: str
+            ) -> tuple[Iterator, MappingCounts, SourceDescription]:
     try:
         mapper = RowMapper(mapping, default_provenance=default_provenance)
-        check_fields_present(mapping, source.describe().columns)
+        description = source.describe()
+        check_fields_present(mapping, description.columns)
     except (MappingError, SourceError) as exc:
         raise IngestError(exc.reason_code, str(exc)) from exc
     counts = MappingCounts()
-    return map_records(source.load(), mapper, counts), counts
+    return map_records(source.load(), mapper, counts), counts, description
 
 
 def run_ingest(source: Source, mapping: FieldMapping, store: ArtifactStore, *, commit: bool,
                sample_size: int = 0, default_provenance: str = "human") -> IngestOutcome:
     """Stream the source through the mapping into artifacts: accepted rows (when committing) and
     every rejected row. Raises IngestError when the source fails as a whole."""
-    rows, counts = _mapped(source, mapping, default_provenance)
+    rows, counts, description = _mapped(source, mapping, default_provenance)
     dumps = orjson.dumps
     sample: list[dict] = []
     with store.writer() as rejected_w, (store.writer() if commit else _Null()) as dataset_w:
@@ -131,7 +134,7 @@ def run_ingest(source: Source, mapping: FieldMapping, store: ArtifactStore, *, c
             raise IngestError("ingest.empty_source", "the source holds no rows")
         rejected = rejected_w.commit()
         dataset = dataset_w.commit() if commit else None
-    return IngestOutcome(counts, rejected, dataset, sample)
+    return IngestOutcome(counts, rejected, description, dataset, sample)
 
 
 class _Null:

@@ -10,7 +10,8 @@ from services.common.app import Service
 from services.common.artifacts import ArtifactIntegrityError
 from services.common.delivery import ConsumerSpec, StageContext, StageError
 from services.common.logging import get_logger
-from services.prep.domain import InsufficientData, PrepBlocked, load_rows, prepare
+from services.common.jsonl import read_jsonl
+from services.prep.domain import InsufficientData, PrepBlocked, prepare
 from services.prep.settings import PrepSettings
 
 log = get_logger(__name__)
@@ -26,8 +27,8 @@ async def on_committed(ctx: StageContext) -> None:
     plan = p.plan if p.plan.mapping or not p.mapping else p.plan.model_copy(update={"mapping": p.mapping})
 
     def work():
-        rows = load_rows(ctx.artifacts, p.dataset)
-        eval_rows = load_rows(ctx.artifacts, p.eval_source.dataset) if p.eval_source else None
+        rows = read_jsonl(ctx.artifacts, p.dataset)
+        eval_rows = read_jsonl(ctx.artifacts, p.eval_source.dataset) if p.eval_source else None
         return prepare(rows, plan, ctx.artifacts, eval_rows=eval_rows, base_policy=s.policy(),
                        source_sha256=p.dataset.sha256, hosted_model=s.hosted_model, hosted_epochs=s.hosted_epochs)
 

@@ -20,6 +20,7 @@ import orjson
 from contracts.common import CLASSIFICATION_SHAPES, ArtifactRef, RunPlan
 from contracts.events import CostEstimate, Notice
 from services.common.artifacts import ArtifactStore
+from services.common.jsonl import write_jsonl
 from services.prep.clean import CleaningBlocked, CleaningPolicy, check_eval_overlap, clean
 from services.prep.formats import estimate_cost, estimate_example_tokens, openai_chat_example, system_prompt
 from services.prep.pii import Scrubber
@@ -40,11 +41,6 @@ class PrepBlocked(ValueError):
     def __init__(self, reason_code: str, message: str):
         super().__init__(message)
         self.reason_code = reason_code
-
-
-def load_rows(store: ArtifactStore, ref: ArtifactRef) -> list[dict]:
-    with open(store.path(ref), "rb") as f:
-        return [orjson.loads(line) for line in f if line.strip()]
 
 
 def stratified_split(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -142,19 +138,6 @@ def policy_for(plan: RunPlan, base: CleaningPolicy) -> CleaningPolicy:
     return replace(base, seed=plan.seed, **overrides)
 
 
-def _jsonl(store: ArtifactStore, rows, chunk: int = 2000) -> ArtifactRef:
-    dumps, buf = orjson.dumps, []
-    with store.writer() as w:
-        for r in rows:
-            buf.append(dumps(r))
-            if len(buf) >= chunk:
-                w.write(b"\n".join(buf) + b"\n")
-                buf.clear()
-        if buf:
-            w.write(b"\n".join(buf) + b"\n")
-        return w.commit()
-
-
 def prepare(rows: list[dict], plan: RunPlan, store: ArtifactStore, *, eval_rows: list[dict] | None = None,
             base_policy: CleaningPolicy | None = None, source_sha256: str = "", hosted_model: str = "gpt-4o-mini-2024-07-18",
             hosted_epochs: int = 3) -> Prepared:
@@ -202,16 +185,16 @@ def prepare(rows: list[dict], plan: RunPlan, store: ArtifactStore, *, eval_rows:
     assert rows_in + eval_in == len(train) + len(eval_) + len(dropped), "prep accounting broken"
 
     label_space = sorted({r["label"] for r in train} | {r["label"] for r in eval_}) if classification else []
-    train_ref, eval_ref = _jsonl(store, train), _jsonl(store, eval_)
-    dropped_ref = _jsonl(store, sorted(dropped, key=lambda d: (d["side"], d["row_number"])))
+    train_ref, eval_ref = write_jsonl(store, train), write_jsonl(store, eval_)
+    dropped_ref = write_jsonl(store, sorted(dropped, key=lambda d: (d["side"], d["row_number"])))
     openai_train = openai_eval = None
     tokens = None
     cost = None
     if classification:
         sp = system_prompt(label_space)
         examples = [openai_chat_example(r, label_space, system=sp) for r in train]
-        openai_train = _jsonl(store, examples)
-        openai_eval = _jsonl(store, (openai_chat_example(r, label_space, system=sp) for r in eval_))
+        openai_train = write_jsonl(store, examples)
+        openai_eval = write_jsonl(store, (openai_chat_example(r, label_space, system=sp) for r in eval_))
         tokens = sum(estimate_example_tokens(e) for e in examples)
         c = estimate_cost(tokens, hosted_epochs, hosted_model)
         cost = CostEstimate(model=hosted_model, training_tokens=tokens, epochs=hosted_epochs,

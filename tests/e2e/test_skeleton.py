@@ -4,7 +4,6 @@ six services, its timeline and events, a failing run, a poison message, rebuild,
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.cleaning import load_rows
 from services.prep.clean import clean
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "apache_jira_bugs" / "bugs_train_val.jsonl"
@@ -17,13 +18,7 @@ pytestmark = pytest.mark.dataset
 def jira_rows():
     if not DATA.exists():
         pytest.skip(f"dataset absent: {DATA} (../shared/datasets is not mounted here)")
-    rows = []
-    with DATA.open() as f:
-        for i, line in enumerate(f):
-            r = json.loads(line)
-            rows.append({"row_number": i + 1, "text": (r["summary"] or "") + "\n\n" + (r["description"] or ""),
-                         "label": r["priority"], "key": r["key"]})
-    return rows
+    return load_rows(DATA)
 
 
 def test_jira_passes_the_default_policy(jira_rows):

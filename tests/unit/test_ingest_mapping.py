@@ -9,6 +9,7 @@ import pytest
 
 from contracts.common import FieldMapping
 from services.common.artifacts import ArtifactStore
+from services.common.jsonl import read_jsonl
 from services.ingest.domain import IngestError, resolve_mapping, run_ingest
 from services.ingest.mapping import MappingError, RejectedRow, RowMapper, check_fields_present
 from services.ingest.sources.base import SourceRecord
@@ -162,10 +163,6 @@ MIXED = [
     b'{"label": "a"}',
     b'{"text": "good three", "label": 7}',
 ]
-
-
-def read_jsonl(store: ArtifactStore, ref) -> list[dict]:
-    return [json.loads(line) for line in store.read_bytes(ref).splitlines()]
 
 
 def test_commit_accounts_for_every_row_and_keeps_rejected_rows_with_offsets(tmp_path):

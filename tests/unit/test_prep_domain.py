@@ -11,7 +11,8 @@ import pytest
 
 from contracts.common import CleaningSettings, FieldMapping, RunPlan
 from services.common.artifacts import ArtifactStore
-from services.prep.domain import InsufficientData, PrepBlocked, load_rows, prepare, stratified_split
+from services.common.jsonl import read_jsonl
+from services.prep.domain import InsufficientData, PrepBlocked, prepare, stratified_split
 from services.prep.formats import TRAINING_PRICE_PER_1M
 
 TOPICS = {
@@ -81,7 +82,7 @@ def test_every_row_is_accounted_for_and_dropped_rows_say_why(store):
     empty = {"row_number": 503, "text": "\u200b \t", "label": "billing"}
     allrows = rows + [dup, near, empty] + conflict
     out = prepare(allrows, plan(), store)
-    dropped = load_rows(store, out.dropped)
+    dropped = read_jsonl(store, out.dropped)
     assert out.rows_in == len(allrows) == out.train_rows + out.eval_rows + len(dropped)
     assert out.dropped_by_reason == {"cleaning.conflicting_labels": 2, "cleaning.empty_after_cleaning": 1,
                                      "cleaning.exact_duplicate": 1, "cleaning.near_duplicate": 1}
@@ -95,7 +96,7 @@ def test_near_duplicates_never_straddle_the_split(store):
     rows = rows_for({"billing": 40, "login": 40, "shipping": 40})
     variants = [dict(r, row_number=1000 + r["row_number"], text=r["text"].upper() + " !!") for r in rows]
     out = prepare(rows + variants, plan(), store)
-    train, ev = load_rows(store, out.train), load_rows(store, out.eval)
+    train, ev = read_jsonl(store, out.train), read_jsonl(store, out.eval)
     norm = lambda r: " ".join(r["text"].casefold().replace("!", "").split())  # noqa: E731
     assert {norm(r) for r in train}.isdisjoint(norm(r) for r in ev)
     assert out.train_rows + out.eval_rows == len(rows)
@@ -107,7 +108,7 @@ def test_pii_is_scrubbed_with_placeholders_shared_by_train_and_an_explicit_eval_
     ev = rows_for({"billing": 5, "login": 5}, start=900, first=100)
     ev[0]["text"] = "jane.doe@example.com says the invoice total is wrong again for the third month"
     out = prepare(rows, plan(eval_locator="jsonl:/eval.jsonl"), store, eval_rows=ev)
-    train, evs = load_rows(store, out.train), load_rows(store, out.eval)
+    train, evs = read_jsonl(store, out.train), read_jsonl(store, out.eval)
     blob = json.dumps(train + evs)
     assert "jane.doe@example.com" not in blob
     t = next(r for r in train if r["row_number"] == 1)["text"]
@@ -122,7 +123,7 @@ def test_train_rows_overlapping_the_explicit_eval_set_are_dropped_from_train(sto
     ev = [dict(rows[3], row_number=900), dict(rows[40], row_number=901, text=rows[40]["text"] + " ok")]
     ev += rows_for({"billing": 3, "login": 3}, start=950, first=100)
     out = prepare(rows, plan(eval_locator="jsonl:/eval.jsonl"), store, eval_rows=ev)
-    dropped = [d for d in load_rows(store, out.dropped) if d["reason_code"] == "cleaning.eval_overlap"]
+    dropped = [d for d in read_jsonl(store, out.dropped) if d["reason_code"] == "cleaning.eval_overlap"]
     assert sorted(d["row_number"] for d in dropped) == [rows[3]["row_number"], rows[40]["row_number"]]
     assert out.train_rows == len(rows) - 2 and out.eval_rows == len(ev)
 
@@ -145,7 +146,7 @@ def test_manifest_is_the_source_of_truth_and_matches_the_files(store):
 
 def test_openai_chat_jsonl_follows_the_fine_tuning_format_and_the_cost_has_a_20_percent_buffer(store):
     out = prepare(rows_for({"billing": 60, "login": 60}), plan(), store)
-    lines = load_rows(store, out.openai_train)
+    lines = read_jsonl(store, out.openai_train)
     assert len(lines) == out.train_rows
     for ex in lines:
         assert list(ex) == ["messages"]

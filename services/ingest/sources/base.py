@@ -8,10 +8,23 @@ reason code and a message); either way it is counted, so read = accepted + rejec
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 MAX_RAW_KEPT = 2000  # characters of a row's raw text kept with a rejected row
+
+
+def open_file(path: Path, kind: str, buffering: int):
+    """Open a file source for binary reading; a missing, directory or unreadable path is a SourceError."""
+    try:
+        return open(path, "rb", buffering=buffering)
+    except FileNotFoundError:
+        raise SourceError("ingest.source_not_found", f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise SourceError("ingest.source_not_found", f"{path} is a directory, not a {kind} file") from None
+    except OSError as exc:
+        raise SourceError("ingest.source_not_found", f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 class SourceError(ValueError):

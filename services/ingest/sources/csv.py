@@ -41,7 +41,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.ingest.sources.base import MAX_RAW_KEPT, SourceDescription, SourceError, SourceRecord, new_record
+from services.ingest.sources.base import (
+    MAX_RAW_KEPT,
+    SourceDescription,
+    SourceError,
+    SourceRecord,
+    new_record,
+    open_file,
+)
 
 DEFAULT_MAX_ROW_BYTES = 1 << 20
 BINARY_SNIFF_BYTES = 8192
@@ -178,14 +185,7 @@ class CsvSource:
     # -- detection ---------------------------------------------------------------------------
 
     def _open(self):
-        try:
-            return open(self.path, "rb", buffering=_CHUNK * 4)
-        except FileNotFoundError:
-            raise SourceError("ingest.source_not_found", f"{self.path} does not exist") from None
-        except IsADirectoryError:
-            raise SourceError("ingest.source_not_found", f"{self.path} is a directory, not a CSV file") from None
-        except OSError as exc:
-            raise SourceError("ingest.source_not_found", f"cannot read {self.path}: {exc.strerror or exc}") from None
+        return open_file(self.path, "CSV", _CHUNK * 4)
 
     def _detect(self) -> _Layout:
         if self._layout is not None:

@@ -28,7 +28,14 @@ from pathlib import Path
 
 import orjson
 
-from services.ingest.sources.base import MAX_RAW_KEPT, SourceDescription, SourceError, SourceRecord, new_record
+from services.ingest.sources.base import (
+    MAX_RAW_KEPT,
+    SourceDescription,
+    SourceError,
+    SourceRecord,
+    new_record,
+    open_file,
+)
 
 DEFAULT_MAX_ROW_BYTES = 1 << 20
 BINARY_SNIFF_BYTES = 8192
@@ -89,14 +96,7 @@ class JsonlSource:
         self.max_row_bytes = max_row_bytes
 
     def _open(self):
-        try:
-            return open(self.path, "rb", buffering=_CHUNK * 16)
-        except FileNotFoundError:
-            raise SourceError("ingest.source_not_found", f"{self.path} does not exist") from None
-        except IsADirectoryError:
-            raise SourceError("ingest.source_not_found", f"{self.path} is a directory, not a JSON Lines file") from None
-        except OSError as exc:
-            raise SourceError("ingest.source_not_found", f"cannot read {self.path}: {exc.strerror or exc}") from None
+        return open_file(self.path, "JSON Lines", _CHUNK * 16)
 
     def load(self) -> Iterator[SourceRecord]:
         f = self._open()
