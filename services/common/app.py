@@ -38,6 +38,7 @@ class Service:
                                  log_level=logging.DEBUG)
         self.artifacts = ArtifactStore(settings.artifact_root)
         self._js: JetStreamContext | None = None
+        self._startup_hooks: list = []
         self.app = FastStream(self.broker, after_startup=[self._after_startup])
 
     @property
@@ -63,10 +64,16 @@ class Service:
         async def on_message(msg: NatsMessage) -> None:
             await handle_delivery(msg.raw_message, spec, handler, self.js, self.artifacts, self.settings)
 
+    def on_startup(self, hook) -> None:
+        """Run `await hook(self)` once connected and declared, before any consumer takes a message."""
+        self._startup_hooks.append(hook)
+
     async def prepare_broker(self) -> None:
         """Connect and declare streams before subscribers start (they need the stream to exist)."""
         await self.broker.connect()
         await declare_streams(self.js)
+        for hook in self._startup_hooks:
+            await hook(self)
 
     def run(self) -> None:
         import asyncio

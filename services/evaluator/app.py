@@ -4,6 +4,7 @@ held-out split -> `eval.completed` / `eval.failed`."""
 from __future__ import annotations
 
 import asyncio
+import json
 import tempfile
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from services.common.app import Service
 from services.common.artifacts import ArtifactIntegrityError
 from services.common.delivery import ConsumerSpec, StageContext, StageError
 from services.common.jsonl import loads_jsonl
-from services.evaluator.adapters.classifier import predict_labels
+from services.common.models import resolve_base_model
+from services.evaluator.adapters.classifier import LABELS_FILE, predict_labels
 from services.evaluator.domain import score_classification
 from services.evaluator.settings import EvaluatorSettings
 
@@ -27,8 +29,24 @@ def _metrics(y_true, y_pred, label_space) -> ClassificationMetrics:
     return ClassificationMetrics(accuracy=s.accuracy, macro_f1=s.macro_f1, n=s.n)
 
 
+def trained_max_length(adapter_dir: Path, fallback: int | None) -> int:
+    """Score with the sequence length the adapter was trained with (labels.json), else the plan's."""
+    try:
+        return int(json.loads((adapter_dir / LABELS_FILE).read_text())["max_length"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return fallback or 128
+
+
 async def on_trained(ctx: StageContext) -> None:
     p = ctx.payload
+    if p.adapter is None:
+        raise StageError("eval.capability_unsupported",
+                         f"{p.backend} trained {p.fine_tuned_model or 'a hosted model'}: the evaluator scores local "
+                         f"adapters only so far; hosted models are evaluated through their provider's API later")
+    if p.task not in (None, "sequence_classification"):
+        raise StageError("eval.capability_unsupported",
+                         f"the evaluator scores single-label classifiers so far; this candidate is {p.task}")
+    base_model = resolve_base_model(p.base_model)
     with tempfile.TemporaryDirectory(prefix="tuneline-eval-") as tmp:
         try:
             rows = loads_jsonl(ctx.artifacts.read_bytes(p.eval))
@@ -38,10 +56,11 @@ async def on_trained(ctx: StageContext) -> None:
         texts, truth = [r["text"] for r in rows], [r["label"] for r in rows]
         try:
             async with ctx.keep_alive():
-                cand = await asyncio.to_thread(predict_labels, p.base_model, adapter_dir, texts, p.label_space,
-                                               p.plan.max_length, 64, p.plan.seed)
-                base = await asyncio.to_thread(predict_labels, p.base_model, None, texts, p.label_space,
-                                               p.plan.max_length, 64, p.plan.seed)
+                max_length = trained_max_length(adapter_dir, p.plan.max_length)
+                cand = await asyncio.to_thread(predict_labels, base_model, adapter_dir, texts, p.label_space,
+                                               max_length, 64, p.plan.seed)
+                base = await asyncio.to_thread(predict_labels, base_model, None, texts, p.label_space,
+                                               max_length, 64, p.plan.seed)
         except (ValueError, RuntimeError, OSError) as exc:
             raise StageError("eval.runtime_error", f"{type(exc).__name__}: {exc}") from exc
     await ctx.emit(EvalCompleted(

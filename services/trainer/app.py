@@ -1,27 +1,58 @@
-"""Trainer service: `prep.prepared` -> LoRA fine-tune -> `training.started/progress/completed` / `training.failed`."""
+"""Trainer service: `prep.prepared` -> recipe -> preflight -> local LoRA or hosted fine-tune.
+
+Events: `preflight.passed` / `preflight.blocked`, then `training.started`, throttled
+`training.progress`, `training.checkpointed`, `training.paused` / `training.resumed`, and
+`training.completed` or `training.failed` (reason codes in contracts.reason_codes).
+
+Crash-safety (D5): local training checkpoints into a work directory named by the trigger's event
+id, so when the trigger is redelivered after a crash the new attempt finds the checkpoints and
+resumes; hosted jobs are keyed by uuid5(trigger, "hosted-train"), so a redelivery follows the job
+already created instead of creating a second one (D3).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import shutil
 import tempfile
-from dataclasses import asdict
+import time
+import uuid
 from pathlib import Path
 
 from contracts import subjects
-from contracts.common import CLASSIFICATION_SHAPES
-from contracts.events import TrainingCompleted, TrainingFailed, TrainingProgressed, TrainingStarted
+from contracts.common import HostedSettings
+from contracts.envelope import Severity
+from contracts.events import (
+    PreflightBlocked,
+    PreflightPassed,
+    TrainingCheckpointed,
+    TrainingCompleted,
+    TrainingFailed,
+    TrainingPaused,
+    TrainingProgressed,
+    TrainingResumed,
+    TrainingStarted,
+)
 from services.common.app import Service
 from services.common.artifacts import ArtifactIntegrityError
 from services.common.delivery import ConsumerSpec, StageContext, StageError
 from services.common.jsonl import loads_jsonl
 from services.common.logging import get_logger
-from services.trainer.adapters.lora import (
-    ClassificationRecipe,
+from services.trainer.control import ControlRegistry
+from services.trainer.emitter import OrderedEmitter
+from services.trainer.local.engine import (
+    LATEST,
+    Callbacks,
+    Checkpointed,
+    Progress,
+    TrainingCancelled,
     TrainingDiverged,
-    TrainingProgress,
-    default_base_model,
-    train_sequence_classifier,
+    TrainingTimedOut,
+    train,
 )
+from services.trainer.local.tasks import task_for
+from services.trainer.preflight import run_preflight
+from services.trainer.recipes import Recipe, RecipeError, resolve_recipe
 from services.trainer.settings import TrainerSettings
 
 log = get_logger(__name__)
@@ -31,14 +62,11 @@ PREPARED = ConsumerSpec(service="trainer", durable="trainer-prep-prepared",
                         accepts=("prep.prepared",), failure_type=TrainingFailed, stage="trainer")
 
 
-def recipe_for(plan) -> ClassificationRecipe:
-    return ClassificationRecipe(
-        base_model=plan.base_model or default_base_model(), max_steps=plan.max_steps, batch_size=plan.batch_size,
-        learning_rate=plan.learning_rate, max_length=plan.max_length, seed=plan.seed,
-    )
-
-
 def failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, TrainingCancelled):
+        return "training.cancelled"
+    if isinstance(exc, TrainingTimedOut):
+        return "training.timeout"
     if isinstance(exc, TrainingDiverged):
         return "training.diverged"
     if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
@@ -48,57 +76,137 @@ def failure_reason(exc: BaseException) -> str:
     return "training.runtime_error"
 
 
-def make_on_prepared(settings: TrainerSettings):
+def work_dir_for(settings: TrainerSettings, trigger_id: uuid.UUID) -> Path:
+    """Checkpoints of one training job: named by the trigger, so a redelivery finds them."""
+    return (settings.data_dir / "trainer" / "work" / str(trigger_id)).resolve()
+
+
+def checkpoint_step(work_dir: Path) -> int | None:
+    try:
+        import json
+
+        return int(json.loads((work_dir / LATEST).read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def make_on_prepared(settings: TrainerSettings, controls: ControlRegistry):
     async def on_prepared(ctx: StageContext) -> None:
         p = ctx.payload
-        shape = p.plan.mapping.shape if p.plan.mapping else "single_label_classification"
-        if shape not in CLASSIFICATION_SHAPES:
-            raise StageError("training.capability_unsupported",
-                             f"the local trainer fine-tunes classifiers; a {shape} dataset needs the chat SFT recipe, "
-                             f"which is not available yet")
+        plan = p.plan
+        shape = plan.mapping.shape if plan.mapping else "single_label_classification"
+        try:
+            recipe = resolve_recipe(plan.recipe, shape, plan.training_overrides())
+        except RecipeError as exc:
+            raise StageError(exc.reason_code, str(exc)) from exc
         try:
             rows = loads_jsonl(ctx.artifacts.read_bytes(p.train))
+            eval_rows = loads_jsonl(ctx.artifacts.read_bytes(p.eval))
         except ArtifactIntegrityError as exc:
-            raise StageError("training.runtime_error", f"train split unreadable: {exc}") from exc
-        recipe = recipe_for(p.plan)
-        await ctx.emit(TrainingStarted(plan=p.plan, base_model=recipe.base_model, max_steps=recipe.max_steps,
-                                       train_rows=len(rows)))
-        loop = asyncio.get_running_loop()
-        emitted: list = []
+            raise StageError("training.runtime_error", f"train or eval split unreadable: {exc}") from exc
 
-        def on_progress(pr: TrainingProgress) -> None:
-            # Called from the training thread: hand the event to the loop, wait for it at the end.
-            event = TrainingProgressed(**asdict(pr))  # the contract mirrors the adapter's report
-            emitted.append(asyncio.run_coroutine_threadsafe(ctx.emit(event, step=f":{pr.step}"), loop))
+        report = await asyncio.to_thread(
+            run_preflight, recipe, backend=plan.backend, shape=shape, train_rows=len(rows), eval_rows=len(eval_rows),
+            label_count=len(p.label_space), data_warnings=list(p.warnings), mode=plan.preflight,
+            hosted=plan.hosted or HostedSettings(), cost_estimate=p.cost_estimate,
+        )
+        if not report.passed:
+            await ctx.emit(PreflightBlocked(plan=plan, train_plan=report.train_plan, checks=report.checks,
+                                            blockers=report.blockers, memory=report.memory),
+                           severity=Severity.ERROR, reason_code="preflight.blocked")
+            return
+        await ctx.emit(PreflightPassed(plan=plan, train_plan=report.train_plan, checks=report.checks,
+                                       memory=report.memory, warnings=report.warnings, mode=plan.preflight))
 
-        every = max(1, recipe.max_steps // max(1, settings.progress_events))
-        with tempfile.TemporaryDirectory(prefix="tuneline-train-") as tmp:
-            try:
-                async with ctx.keep_alive():
-                    result = await asyncio.to_thread(
-                        train_sequence_classifier, [r["text"] for r in rows], [r["label"] for r in rows],
-                        p.label_space, recipe, Path(tmp) / "adapter", on_progress, every,
-                    )
-            except Exception as exc:  # noqa: BLE001 - a training error is the run's failure, not a bus retry
-                raise StageError(failure_reason(exc), f"{type(exc).__name__}: {exc}") from exc
-            finally:
-                for fut in emitted:
-                    await asyncio.wrap_future(fut)
-            adapter = ctx.artifacts.put_dir(result.adapter_dir)
-        log.info("training_done", steps=result.steps, wall_s=round(result.wall_s, 2), final_loss=result.final_loss)
-        await ctx.emit(TrainingCompleted(
-            plan=p.plan, base_model=recipe.base_model, adapter=adapter, manifest=p.manifest, eval=p.eval,
-            label_space=p.label_space, steps=result.steps, final_loss=result.final_loss,
-            examples_per_s=result.examples_per_s, wall_s=result.wall_s,
-        ))
+        control = controls.for_run(ctx.envelope.run_id)
+        if control.cancelled:
+            raise StageError("training.cancelled", f"cancelled by {control.requested_by} before training started")
+        if settings.timeout_s:
+            control.deadline = time.monotonic() + settings.timeout_s
+        if plan.backend == "local":
+            await train_locally(ctx, settings, recipe, rows, eval_rows, control)
+        else:
+            from services.trainer.hosted_runner import train_hosted
+
+            await train_hosted(ctx, plan.hosted or HostedSettings(), control, controls)
 
     return on_prepared
+
+
+async def train_locally(ctx: StageContext, settings: TrainerSettings, recipe: Recipe, rows: list[dict],
+                        eval_rows: list[dict], control) -> None:
+    p = ctx.payload
+    work_dir = work_dir_for(settings, ctx.envelope.event_id)
+    resume_at = checkpoint_step(work_dir)
+    tag_space = sorted({t for r in rows + eval_rows for t in r.get("tags") or []})
+    task = task_for(recipe, p.label_space, tag_space)
+    await ctx.emit(TrainingStarted(plan=p.plan, base_model=recipe.base_model, max_steps=recipe.steps_for(len(rows)),
+                                   train_rows=len(rows), recipe=recipe.name, backend="local",
+                                   resumed_from_step=resume_at),
+                   step=f":from-{resume_at or 0}")  # a resumed attempt is a new event, not a duplicate
+    emitter = OrderedEmitter(ctx)
+    emit_from_thread = emitter.emit
+    pauses = {"n": 0}
+
+    def on_progress(pr: Progress) -> None:
+        emit_from_thread(TrainingProgressed(
+            step=pr.step, max_steps=pr.max_steps, epoch=pr.epoch, loss=pr.loss, learning_rate=pr.learning_rate,
+            examples_per_s=pr.examples_per_s, eta_s=pr.eta_s, eval_loss=pr.eval_loss), f":{pr.step}")
+
+    def on_checkpoint(c: Checkpointed) -> None:
+        emit_from_thread(TrainingCheckpointed(
+            step=c.step, max_steps=c.max_steps, epoch=c.epoch, metric_name=c.metric_name, metric=c.metric,
+            eval_loss=c.eval_loss, is_best=c.is_best, checkpoint=str(c.path), sha256=c.sha256), f":ckpt-{c.step}")
+
+    def on_pause(step: int) -> None:
+        pauses["n"] += 1
+        emit_from_thread(TrainingPaused(step=step, requested_by=control.requested_by or "unknown"),
+                         f":paused-{step}-{pauses['n']}")
+
+    def on_resume(step: int) -> None:
+        emit_from_thread(TrainingResumed(step=step, requested_by=control.requested_by or "unknown"),
+                         f":resumed-{step}-{pauses['n']}")
+
+    def on_warning(code: str, message: str) -> None:
+        log.warning("training_warning", reason_code=code, error=message)
+
+    callbacks = Callbacks(on_progress=on_progress, on_checkpoint=on_checkpoint, on_pause=on_pause,
+                          on_resume=on_resume, on_warning=on_warning)
+    with tempfile.TemporaryDirectory(prefix="tuneline-train-") as tmp:
+        try:
+            async with ctx.keep_alive():
+                result = await asyncio.to_thread(train, task, recipe, rows, eval_rows, work_dir, Path(tmp) / "adapter",
+                                                 control=control, callbacks=callbacks,
+                                                 progress_every_s=settings.progress_every_s)
+        except (TrainingCancelled, TrainingTimedOut, TrainingDiverged, ValueError, MemoryError, OSError,
+                RuntimeError) as exc:
+            raise StageError(failure_reason(exc), f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            await emitter.close()
+        adapter = ctx.artifacts.put_dir(result.adapter_dir)
+    log.info("training_done", steps=result.steps, wall_s=round(result.wall_s, 2), best_step=result.best_step,
+             best_metric=result.best_metric, resumed_from_step=result.resumed_from_step)
+    await ctx.emit(TrainingCompleted(
+        plan=p.plan, base_model=recipe.base_model, adapter=adapter, manifest=p.manifest, eval=p.eval,
+        label_space=p.label_space, steps=result.steps, final_loss=result.final_loss,
+        examples_per_s=result.examples_per_s, wall_s=result.wall_s, recipe=recipe.name, task=recipe.task,
+        best_step=result.best_step, best_metric=result.best_metric, metric_name=result.metric_name,
+        stopped_early=result.stopped_early, resumed_from_step=result.resumed_from_step,
+    ))
+    # The adapter is in the artifact store and announced: the checkpoints have done their job.
+    shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def build(settings: TrainerSettings | None = None) -> Service:
     settings = settings or TrainerSettings()
     svc = Service("trainer", settings)
-    svc.consume(PREPARED, make_on_prepared(settings))
+    controls = ControlRegistry()
+
+    async def follow_controls(service: Service) -> None:
+        await controls.follow(service.js)
+
+    svc.on_startup(follow_controls)
+    svc.consume(PREPARED, make_on_prepared(settings, controls))
     return svc
 
 

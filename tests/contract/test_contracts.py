@@ -129,7 +129,8 @@ def test_every_reason_code_used_in_the_code_is_registered():
 def test_reason_codes_are_namespaced_by_stage():
     for code, rc in REASON_CODES.items():
         prefix = code.split(".", 1)[0]
-        assert prefix in ("bus", "ingest", "prep", "cleaning", "training", "eval", "export", "registry", "audit"), code
+        assert prefix in ("bus", "ingest", "prep", "cleaning", "preflight", "training", "eval", "export", "registry",
+                          "audit"), code
         assert rc.meaning.endswith("."), code
 
 

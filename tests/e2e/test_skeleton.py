@@ -11,8 +11,9 @@ from services.cli import stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.connected]
 
-PIPELINE = ["run.start", "ingest.committed", "prep.cleaned", "prep.prepared", "training.started", "training.completed",
-            "eval.completed", "export.completed", "registry.version_registered"]
+PIPELINE = ["run.start", "ingest.committed", "prep.cleaned", "prep.prepared", "preflight.passed", "training.started",
+            "training.completed", "eval.completed", "export.completed", "registry.version_registered"]
+TRAINING_DETAIL = ("training.progress", "training.checkpointed")
 
 
 def _run_id(stdout: str) -> str:
@@ -29,8 +30,11 @@ def test_a_run_flows_through_all_six_services_and_its_audit_trail_tells_the_stor
 
     events = json.loads(cli("events", "--run", run_id, "--json").stdout)
     types = [e["type"] for e in events]
-    assert [t for t in types if t != "training.progress"] == PIPELINE, " ".join(f"{e['global_position']}:{t}" for e, t in zip(events, types))
+    assert [t for t in types if t not in TRAINING_DETAIL] == PIPELINE, " ".join(f"{e['global_position']}:{t}" for e, t in zip(events, types))
     assert types.count("training.progress") >= 3
+    assert types.count("training.checkpointed") >= 2  # one per mid-training evaluation
+    steps = [e["payload"]["step"] for e in events if e["type"] in TRAINING_DETAIL]
+    assert steps == sorted(steps)  # published in the order they happened
     positions = [e["global_position"] for e in events]
     assert positions == sorted(positions)
     assert {e["correlation_id"] for e in events} == {run_id}

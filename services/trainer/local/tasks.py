@@ -1,0 +1,296 @@
+"""What differs per task for the local loop: the model and its LoRA config, how rows become tensors,
+how a batch is padded, how the model is scored mid-training, and what is saved beside the adapter.
+
+- SequenceClassification: single-label (cross-entropy over `label`, scored by macro-F1) or
+  multi-label (one sigmoid per label over `tags`, BCE, a threshold, scored by micro-F1).
+- ChatSFT: a causal LM on conversations rendered with the model's own chat template, with the
+  loss on assistant tokens only (every other token's label is -100), scored by eval loss.
+
+Every task has the same methods: validate, build_model, encode, collate, evaluate, write_metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from services.trainer.local.engine import EvalResult
+from services.trainer.recipes import Recipe, resolve_base_model
+
+METADATA_FILE = "labels.json"  # the evaluator and export read the label order from here
+IGNORE_INDEX = -100
+
+
+def _pad(rows: list[list[int]], value: int):
+    import torch
+
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def _attention(rows: list[list[int]]):
+    import torch
+
+    width = max(len(r) for r in rows)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        mask[i, : len(r)] = 1
+    return mask
+
+
+class SequenceClassification:
+    """Encoder + classification head, LoRA on the recipe's target modules, the head trained in full."""
+
+    def __init__(self, label_space: Sequence[str], *, multi_label: bool = False, eval_batch_size: int = 64):
+        if len(label_space) < (1 if multi_label else 2):
+            raise ValueError(f"{'multi' if multi_label else 'single'}-label classification needs "
+                             f"{'a label' if multi_label else 'at least 2 labels'}, got {list(label_space)}")
+        if len(set(label_space)) != len(label_space):
+            raise ValueError(f"label_space has duplicates: {list(label_space)}")
+        self.label_space = list(label_space)
+        self.multi_label = multi_label
+        self.label2id = {label: i for i, label in enumerate(self.label_space)}
+        self.metric_name = "micro_f1" if multi_label else "macro_f1"
+        self.eval_batch_size = eval_batch_size
+        self.tokenizer = None
+        self.recipe: Recipe | None = None
+
+    def _labels_of(self, row: dict) -> list[str]:
+        return list(row.get("tags") or []) if self.multi_label else [row["label"]]
+
+    def validate(self, train_rows: list[dict], eval_rows: list[dict]) -> None:
+        unknown = sorted({lab for r in train_rows + eval_rows for lab in self._labels_of(r)} - set(self.label_space))
+        if unknown:
+            raise ValueError(f"labels not in label_space: {unknown[:10]}")
+
+    def build_model(self, recipe: Recipe):
+        from peft import LoraConfig, TaskType, get_peft_model
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.recipe = recipe
+        path = resolve_base_model(recipe.base_model)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        id2label = dict(enumerate(self.label_space))
+        base = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(self.label_space), id2label=id2label, label2id=self.label2id,
+            problem_type="multi_label_classification" if self.multi_label else "single_label_classification",
+        )
+        config = LoraConfig(
+            task_type=TaskType.SEQ_CLS, r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
+            lora_dropout=recipe.lora_dropout, target_modules=list(recipe.target_modules),
+            # the head is new for every label space: trained in full and shipped with the adapter
+            modules_to_save=["classifier", "score"],
+        )
+        return get_peft_model(base, config)
+
+    def encode(self, rows: list[dict]) -> dict:
+        """Tokenise once, up front: each step only pads its batch."""
+        import torch
+
+        assert self.tokenizer is not None and self.recipe is not None, "build_model first"
+        enc = self.tokenizer([r["text"] for r in rows], truncation=True, max_length=self.recipe.max_length)
+        if self.multi_label:
+            targets = torch.zeros((len(rows), len(self.label_space)), dtype=torch.float)
+            for i, r in enumerate(rows):
+                for lab in self._labels_of(r):
+                    targets[i, self.label2id[lab]] = 1.0
+        else:
+            targets = torch.tensor([self.label2id[r["label"]] for r in rows], dtype=torch.long)
+        return {"input_ids": enc["input_ids"], "targets": targets, "rows": rows}
+
+    def collate(self, enc: dict, idx: list[int]) -> dict:
+        ids = [enc["input_ids"][i] for i in idx]
+        return {"input_ids": _pad(ids, self.tokenizer.pad_token_id or 0), "attention_mask": _attention(ids),
+                "labels": enc["targets"][idx]}
+
+    def predict(self, model, enc: dict) -> tuple[list, float]:
+        """(predictions, mean loss) over an encoded split, in eval mode, batch by batch."""
+        import torch
+
+        model.eval()
+        device = next(model.parameters()).device
+        n = len(enc["input_ids"])
+        preds: list = []
+        loss_sum = 0.0
+        with torch.inference_mode():
+            for start in range(0, n, self.eval_batch_size):
+                idx = list(range(start, min(n, start + self.eval_batch_size)))
+                batch = {k: v.to(device) for k, v in self.collate(enc, idx).items()}
+                out = model(**batch)
+                loss_sum += float(out.loss) * len(idx)
+                if self.multi_label:
+                    on = torch.sigmoid(out.logits) >= self.recipe.multi_label_threshold
+                    preds.extend([self.label_space[j] for j in row.nonzero().flatten().tolist()] for row in on)
+                else:
+                    preds.extend(self.label_space[j] for j in out.logits.argmax(dim=-1).tolist())
+        return preds, loss_sum / max(1, n)
+
+    def evaluate(self, model, enc: dict, recipe: Recipe) -> EvalResult:
+        preds, loss = self.predict(model, enc)
+        if self.multi_label:
+            metric = micro_f1([self._labels_of(r) for r in enc["rows"]], preds)
+        else:
+            from services.evaluator.domain import macro_f1
+
+            metric = macro_f1([r["label"] for r in enc["rows"]], preds, self.label_space)
+        return EvalResult(self.metric_name, metric, loss)
+
+    def write_metadata(self, out_dir: Path, recipe: Recipe) -> None:
+        (Path(out_dir) / METADATA_FILE).write_text(json.dumps({
+            "task": "multi_label_classification" if self.multi_label else "sequence_classification",
+            "label_space": self.label_space, "base_model": str(recipe.base_model), "max_length": recipe.max_length,
+            "threshold": recipe.multi_label_threshold if self.multi_label else None,
+        }, indent=2))
+
+
+def micro_f1(y_true: list[list[str]], y_pred: list[list[str]]) -> float:
+    """Micro-averaged F1 over every (row, label) decision of a multi-label prediction."""
+    tp = fp = fn = 0
+    for t, p in zip(y_true, y_pred, strict=True):
+        t_set, p_set = set(t), set(p)
+        tp += len(t_set & p_set)
+        fp += len(p_set - t_set)
+        fn += len(t_set - p_set)
+    return 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0
+
+
+class ChatSFT:
+    """A causal LM learning the assistant turns of conversations, on the model's chat template."""
+
+    metric_name = "neg_eval_loss"
+
+    def __init__(self, eval_batch_size: int = 8):
+        self.eval_batch_size = eval_batch_size
+        self.tokenizer = None
+        self.recipe: Recipe | None = None
+
+    @staticmethod
+    def conversation(row: dict) -> list[dict]:
+        """Every SFT shape as a conversation: chat rows as they are; prompt/completion and JSON
+        extraction as one user turn and one assistant turn."""
+        if "messages" in row:
+            return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+        if "completion" in row:
+            return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
+        if "target" in row:
+            return [{"role": "user", "content": row["text"]},
+                    {"role": "assistant", "content": json.dumps(row["target"], ensure_ascii=False, sort_keys=True)}]
+        raise ValueError(f"row {row.get('row_number')} has no messages, prompt/completion or text/target")
+
+    def validate(self, train_rows: list[dict], eval_rows: list[dict]) -> None:
+        for row in train_rows[:1000]:
+            if not any(m["role"] == "assistant" for m in self.conversation(row)):
+                raise ValueError(f"row {row.get('row_number')} has no assistant turn: nothing to learn from it")
+
+    def build_model(self, recipe: Recipe):
+        from peft import LoraConfig, TaskType, get_peft_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.recipe = recipe
+        path = resolve_base_model(recipe.base_model)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"{recipe.base_model} has no chat template: chat SFT needs one to render conversations")
+        kwargs = {}
+        if recipe.method == "qlora":
+            import torch
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                bnb_4bit_use_double_quant=True)
+        base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if recipe.method == "qlora":
+            from peft import prepare_model_for_kbit_training
+
+            base = prepare_model_for_kbit_training(base)
+        names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
+        targets = [t for t in recipe.target_modules if t in names]
+        if not targets:
+            raise ValueError(f"none of the recipe's target_modules {list(recipe.target_modules)} exist in "
+                             f"{recipe.base_model}; override target_modules")
+        config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
+                            lora_dropout=recipe.lora_dropout, target_modules=targets)
+        return get_peft_model(base, config)
+
+    def tokenize_conversation(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) with labels = -100 everywhere except the assistant turns' tokens.
+
+        Assistant spans are found by rendering: the text of messages[:k] with the generation
+        prompt is a prefix of the text of messages[:k+1], and the characters between the two are
+        what the model must produce for turn k (content and end-of-turn marker). Tokens whose
+        character offsets fall inside those spans are the ones the loss sees.
+        """
+        tok = self.tokenizer
+        full = tok.apply_chat_template(messages, tokenize=False)
+        spans: list[tuple[int, int]] = []
+        for k, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = tok.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True) if k else ""
+            upto = tok.apply_chat_template(messages[: k + 1], tokenize=False)
+            if not full.startswith(upto) or not upto.startswith(before):
+                raise ValueError("the chat template does not render conversations prefix by prefix; "
+                                 "assistant-only loss cannot be located")
+            spans.append((len(before), len(upto)))
+        enc = tok(full, add_special_tokens=False, return_offsets_mapping=True, truncation=True,
+                  max_length=self.recipe.max_length)
+        labels = [
+            tid if any(s <= start < e for s, e in spans) and end > start else IGNORE_INDEX
+            for tid, (start, end) in zip(enc["input_ids"], enc["offset_mapping"])
+        ]
+        return list(enc["input_ids"]), labels
+
+    def encode(self, rows: list[dict]) -> dict:
+        ids, labels = [], []
+        for row in rows:
+            i, lab = self.tokenize_conversation(self.conversation(row))
+            ids.append(i)
+            labels.append(lab)
+        return {"input_ids": ids, "labels": labels, "rows": rows}
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+    def collate(self, enc: dict, idx: list[int]) -> dict:
+        ids = [enc["input_ids"][i] for i in idx]
+        return {"input_ids": _pad(ids, self._pad_id()), "attention_mask": _attention(ids),
+                "labels": _pad([enc["labels"][i] for i in idx], IGNORE_INDEX)}
+
+    def evaluate(self, model, enc: dict, recipe: Recipe) -> EvalResult:
+        """Mean loss per assistant token over the eval split; the metric is its negative (higher is better)."""
+        import torch
+
+        model.eval()
+        device = next(model.parameters()).device
+        total, tokens = 0.0, 0
+        n = len(enc["input_ids"])
+        with torch.inference_mode():
+            for start in range(0, n, self.eval_batch_size):
+                idx = list(range(start, min(n, start + self.eval_batch_size)))
+                batch = {k: v.to(device) for k, v in self.collate(enc, idx).items()}
+                count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # the model shifts labels by one
+                if count == 0:
+                    continue
+                total += float(model(**batch).loss) * count
+                tokens += count
+        loss = total / tokens if tokens else float("nan")
+        return EvalResult(self.metric_name, -loss, loss)
+
+    def write_metadata(self, out_dir: Path, recipe: Recipe) -> None:
+        (Path(out_dir) / METADATA_FILE).write_text(json.dumps({
+            "task": "chat_sft", "base_model": str(recipe.base_model), "max_length": recipe.max_length,
+        }, indent=2))
+
+
+def task_for(recipe: Recipe, label_space: Sequence[str] | None = None, tag_space: Sequence[str] | None = None):
+    if recipe.task == "sequence_classification":
+        return SequenceClassification(label_space or [])
+    if recipe.task == "multi_label_classification":
+        return SequenceClassification(tag_space or [], multi_label=True)
+    return ChatSFT()
