@@ -12,7 +12,8 @@ class ServiceSettings(BaseSettings):
     """Connection settings are read unprefixed (NATS_URL, DATABASE_URL, TUNELINE_DATA_DIR) because
     the whole stack shares them; a service's own knobs carry its prefix, e.g. TUNELINE_TRAINER_."""
 
-    model_config = SettingsConfigDict(env_prefix="TUNELINE_", extra="ignore", frozen=True)
+    # populate_by_name: ServiceSettings(data_dir=...) works in code and tests, not only the env alias
+    model_config = SettingsConfigDict(env_prefix="TUNELINE_", extra="ignore", frozen=True, populate_by_name=True)
 
     nats_url: str = Field("nats://127.0.0.1:4222", validation_alias=AliasChoices("NATS_URL"))
     database_url: str | None = Field(None, validation_alias=AliasChoices("DATABASE_URL"))
