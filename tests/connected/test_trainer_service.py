@@ -202,3 +202,31 @@ async def test_strict_preflight_blocks_before_training(js, nats_server, tiny_ber
 async def _envelopes_nonempty(js, type_name: str, run_id: str):
     found = await _envelopes(js, type_name, run_id)
     return found or None
+
+
+async def test_chat_sft_run_trains_on_a_causal_lm(js, nats_server, tmp_path):
+    from contracts.common import FieldMapping
+    from tests.tiny_models import build_tiny_llama, colour_conversations
+
+    llama = build_tiny_llama(tmp_path / "llama")
+    data_dir = tmp_path / "data"
+    store = ArtifactStore((data_dir / "artifacts").resolve())
+    rows = colour_conversations()
+    split = store.put_bytes("".join(json.dumps(r) + "\n" for r in rows).encode())
+    plan = RunPlan(locator="jsonl:/chats.jsonl", target="bot", mapping=FieldMapping(shape="chat_messages", messages="m"),
+                   recipe_overrides=dict(base_model=llama, max_length=64, batch_size=24, learning_rate=2e-2, epochs=20,
+                                         eval_every_steps=5, patience=None))
+    payload = PrepPrepared(plan=plan, manifest=ref("m"), train=split, eval=split, label_space=[],
+                           train_rows=len(rows), eval_rows=len(rows), dataset_version="v1")
+    proc = start_trainer(nats_server.url, data_dir, tmp_path / "trainer.log")
+    try:
+        await publish(js, envelope(payload, run_id="run-chat", producer="prep"),
+                      subjects.subject_for("prep.prepared", kind="event"))
+        done = (await wait_for(lambda: _at_least(js, "training.completed", "run-chat", 1), timeout=120))[0]
+    finally:
+        stop(proc)
+    assert done.recipe == "chat-sft-lora" and done.task == "chat_sft" and done.metric_name == "neg_eval_loss"
+    ckpts = await events(js, "training.checkpointed", "run-chat")
+    assert ckpts[-1].eval_loss < ckpts[0].eval_loss
+    passed = (await events(js, "preflight.passed", "run-chat"))[0]
+    assert passed.train_plan.task == "chat_sft"
