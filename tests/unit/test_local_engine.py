@@ -256,3 +256,21 @@ def test_chat_sft_needs_a_chat_template(tmp_path):
     bare = build_tiny_llama(tmp_path / "bare", chat_template=False)
     with pytest.raises(ValueError, match="no chat template"):
         ChatSFT().build_model(resolve_recipe("chat-sft-lora", "chat_messages", dict(base_model=bare)))
+
+
+def test_deadline_stops_as_timed_out_and_keeps_the_checkpoint(tiny_bert, tmp_path):
+    import time
+
+    from services.trainer.app import failure_reason
+    from services.trainer.local.engine import TrainingTimedOut
+
+    control = Control(deadline=time.monotonic() - 1)  # already past
+    with pytest.raises(TrainingTimedOut) as err:
+        train(SequenceClassification(LABEL_SPACE), cls_recipe(tiny_bert), rows(), rows(), tmp_path / "w",
+              tmp_path / "a", control=control)
+    assert failure_reason(err.value) == "training.timeout"
+    assert failure_reason(TrainingCancelled("x")) == "training.cancelled"
+    assert failure_reason(TrainingDiverged("x")) == "training.diverged"
+    assert failure_reason(RuntimeError("CUDA out of memory. Tried to allocate")) == "training.oom"
+    assert failure_reason(OSError("no such model")) == "training.base_model_unavailable"
+    assert failure_reason(ValueError("bad")) == "training.runtime_error"
