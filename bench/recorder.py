@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -116,6 +117,7 @@ def main(n: int) -> dict:
     finally:
         server.stop()
         stop_postgres(pg.pgdata)
+        shutil.rmtree(tmp, ignore_errors=True)
     figure, baseline = n / recorder_s, n / copy_s
     return {"name": "recorder_bus_to_run_events_plus_timeline", "figure": round(figure, 1), "unit": "events/s",
             "baseline": round(baseline, 1), "ratio": round(figure / baseline, 3),

@@ -98,6 +98,7 @@ _CODES = [
     # Audit.
     ReasonCode("audit.event_id_conflict", "audit", "A different event arrived under an event_id already recorded."),
     ReasonCode("audit.projection_failed", "audit", "A projection stopped on an event it could not apply."),
+    ReasonCode("audit.unstorable_value", "audit", "The message decodes but holds a value PostgreSQL cannot store (a NUL character, a date before year 1 in UTC); dead-lettered by the recorder."),
     ReasonCode("audit.duplicate_event", "audit", "An event already recorded arrived again at a new stream position (re-published after the dedup window)."),
 ]
 

@@ -12,11 +12,11 @@ from contracts import subjects
 from services.audit.db import app_pool
 from services.audit.migrate import migrate
 from services.audit.projections import timeline
+from services.audit.pull import RawBatchPuller
 from services.audit.recorder import CONSUMER, Recorder
 from services.audit.settings import AuditSettings
 from services.common.app import Service, consumer_config
 from services.common.logging import get_logger
-from services.common.pull import BatchPuller
 
 log = get_logger(__name__)
 
@@ -41,7 +41,8 @@ class AuditService(Service):
         Its own pull loop rather than a FastStream batch subscriber: FastStream 0.7.8 refills a
         batch with ever-shorter fetch deadlines, which leaves orphaned pull requests on the server;
         they capture messages that then wait out ack_wait and arrive out of order (seen here: a
-        position recorded 30 s after later ones). See services/common/pull.py for why not fetch().
+        position recorded 30 s after later ones). See services/audit/pull.py for why not fetch(), and why
+        the recorder pulls over a connection of its own.
         """
         # Ack-all: a batch commits as one transaction, so one ack of its last message settles it.
         config = consumer_config(self.settings)
@@ -50,15 +51,15 @@ class AuditService(Service):
         config.ack_policy = AckPolicy.ALL
         config.max_ack_pending = self.settings.recorder_batch * 4
         await self.js.add_consumer(subjects.STREAM, config)
-        puller = BatchPuller(self.broker._connection, subjects.STREAM, CONSUMER, batch=self.settings.recorder_batch,
-                             wait_s=self.settings.recorder_fetch_timeout_s)
+        puller = RawBatchPuller(self.settings.nats_url, subjects.STREAM, CONSUMER, batch=self.settings.recorder_batch,
+                                wait_s=self.settings.recorder_fetch_timeout_s)
         await puller.start()
         try:
             await self.record_from(puller)
         finally:
             await puller.stop()
 
-    async def record_from(self, puller: BatchPuller) -> None:
+    async def record_from(self, puller: RawBatchPuller) -> None:
         """Pull and decode the next batch while the previous one commits; commits stay in order.
 
         With ack-all, acking a batch settles every earlier message too, so a batch that fails to
@@ -67,7 +68,7 @@ class AuditService(Service):
         """
         committing: asyncio.Task | None = None
         try:
-            while True:
+            while not self._stopping:  # as well as cancellation: see _project_forever
                 try:
                     msgs = await puller.next_batch()
                 except Exception as exc:  # noqa: BLE001 - a connection error: pull again shortly
@@ -121,13 +122,17 @@ class AuditService(Service):
 
     async def _project_forever(self) -> None:
         """Keep the timeline caught up; stop only on a projection error (D8), which is recorded with
-        its position; a lost connection is retried on a fresh one."""
-        while True:
+        its position; a lost connection is retried on a fresh one.
+
+        The loops also end on `_stopping`: asyncio.wait_for on Python 3.11 swallows a cancellation
+        that arrives as the awaited event fires (a commit's wake-up at shutdown), and a projector
+        that went on would hold its pooled connection, and pool.close() would wait for it forever."""
+        while not self._stopping:
             try:
                 async with self.pool.acquire() as conn:
-                    while True:
+                    while not self._stopping:
+                        self._wake.clear()  # before catching up: a commit during catch_up wakes the next round
                         await timeline.catch_up(conn, self.settings.projector_batch)
-                        self._wake.clear()
                         try:
                             await asyncio.wait_for(self._wake.wait(), self.settings.projector_poll_s)
                         except TimeoutError:
@@ -149,11 +154,16 @@ class AuditService(Service):
 
     async def _shutdown(self) -> None:
         self._stopping = True
-        for task in (self._recording, self._projector):
-            if task:
-                task.cancel()
+        tasks = [task for task in (self._recording, self._projector) if task]
+        for task in tasks:
+            task.cancel()
+        if tasks:  # let them unwind (the recorder closes its NATS connection) before the pool closes
+            await asyncio.wait(tasks, timeout=5.0)
         if self.pool:
-            await self.pool.close()
+            try:  # close() waits for every connection to be released: not forever
+                await asyncio.wait_for(self.pool.close(), 10.0)
+            except TimeoutError:
+                self.pool.terminate()
 
 
 def main() -> None:

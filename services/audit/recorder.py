@@ -12,6 +12,16 @@ Decoding, two ways to one outcome (see _fast_row for what each checks):
   envelope, registered type, upcast, full payload validation), which either accepts it or names
   the reason code it is dead-lettered with.
 The fast path may accept less than decode(), never more at the checks it makes.
+
+Values PostgreSQL refuses (D4: never lose a message to an exception, never loop on one). A message
+can be valid to pydantic and still not storable: NaN and Infinity (pydantic accepts them; JSON and
+jsonb do not), a NUL character (`\\u0000` in the payload, or in run_id or another text column), a
+timestamp that overflows when converted to UTC. Such a row fails the statement of its whole batch,
+and retrying the batch cannot help. So NaN and Infinity are refused while decoding (they are not
+JSON), and a batch PostgreSQL refuses is split until the refused rows are isolated (`_append`): the
+rest commits, and each refused message is judged by decode(), dead-lettered with a failure event
+and its position accounted in run_event_skipped_positions, like any other message that cannot be
+recorded.
 """
 
 from __future__ import annotations
@@ -26,29 +36,25 @@ from functools import cache
 import asyncpg
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from orjson import dumps as _dumps_bytes  # C: a third of json's time
+from orjson import loads as _loads  # refuses NaN and Infinity (not JSON); see _fast_row for long integers
 
+from contracts.envelope import Envelope
 from contracts.reason_codes import is_registered
 from contracts.registry import ContractError, decode, registered_types
-from services.common.delivery import dead_letter
+from services.audit.exactjson import may_hold_long_integer
+from services.common.delivery import UNATTRIBUTED_RUN, _attribution, dead_letter
 from services.common.logging import get_logger
-
-try:  # a C parser: a third of json's time, and it refuses NaN, Infinity and over-long integers
-    from orjson import dumps as _dumps_bytes
-    from orjson import loads as _loads
-except ImportError:  # pragma: no cover - orjson is a dependency; stay correct without it
-    def _refuse_constant(name: str):
-        raise ValueError(f"{name} is not JSON")
-
-    def _loads(data: bytes):
-        return json.loads(data, parse_constant=_refuse_constant)
-
-    def _dumps_bytes(obj) -> bytes:
-        return json.dumps(obj).encode()
 
 log = get_logger(__name__)
 
 CONSUMER = "audit-recorder"
 PRODUCER = "audit"
+
+# The reason code of a message that decodes but holds a value PostgreSQL cannot store (a NUL
+# character). No registered code says exactly that yet; this one, "not valid JSON or does not
+# match the envelope", is the nearest (NaN and Infinity, the other such values, are not JSON).
+UNSTORABLE_REASON = "audit.unstorable_value"
 
 _COLUMNS = (
     "global_position", "event_id", "type", "schema_version", "run_id", "correlation_id",
@@ -148,6 +154,8 @@ def _fast_row(seq: int, subject: str, data: bytes) -> tuple | None:
     """The run_events row of a plainly well-formed message, or None: then decode() decides.
 
     What it checks:
+      JSON - orjson parses it (no NaN or Infinity) and it holds no integer beyond 64 bits (which
+        orjson would round to a float).
       envelope - a JSON object with exactly the envelope's keys (extra="forbid"; the defaulted
         ones must be present too, as every publisher writes them); event_id a hyphenated UUID
         string; type registered (which implies its name pattern); schema_version an integer equal
@@ -167,6 +175,8 @@ def _fast_row(seq: int, subject: str, data: bytes) -> tuple | None:
     it in full and dead-letters it (D4), and a projection that cannot fold it stops at its
     position rather than skipping it (D8).
     """
+    if may_hold_long_integer(data):
+        return None  # orjson would read an integer beyond 64 bits as a rounded float; decode() keeps it exact
     try:
         env = _loads(data)
     except ValueError:
@@ -225,7 +235,6 @@ class PreparedBatch:
     last_position: int = 0
     positions: list[int] = field(default_factory=list)
     fast: int = 0  # rows that came through the fast path
-    decoded: bool = False  # every message went through decode()
 
 
 @dataclass
@@ -236,20 +245,22 @@ class BatchOutcome:
     dead_lettered: int = 0
     last_position: int = 0
     conflicts: list[int] = field(default_factory=list)
+    refused: list[int] = field(default_factory=list)  # positions whose values PostgreSQL refused
 
 
 class Recorder:
     def __init__(self, pool: asyncpg.Pool, js: JetStreamContext):
         self.pool = pool
         self.js = js
+        payload_specs()  # the fast path's checks come from pydantic's JSON Schemas: build them now, not on the first batch
 
     async def record(self, msgs: list[Msg]) -> BatchOutcome:
         return await self.commit(self.prepare(msgs))
 
     @staticmethod
     def prepare(msgs: list[Msg], *, full_decode: bool = False) -> PreparedBatch:
-        """Decode a batch into rows (CPU only, no I/O): the part that overlaps the previous commit."""
-        batch = PreparedBatch(msgs, decoded=full_decode)
+        """Decode a batch into rows (CPU only, no I/O)."""
+        batch = PreparedBatch(msgs)
         batch.positions = positions = [stream_sequence(m) for m in msgs]
         batch.last_position = max(positions, default=0)
         rows, bad = batch.rows, batch.bad
@@ -262,61 +273,59 @@ class Recorder:
                     continue
             try:
                 env, _ = decode(m.data)
+                payload = _payload_json(env.payload)
             except ContractError as exc:
                 bad.append((m, exc))
                 continue
             rows.append((
                 seq, env.event_id, env.type, env.schema_version, env.run_id, env.correlation_id,
                 env.causation_id, env.occurred_at, env.producer, env.severity.value, env.reason_code,
-                m.subject, json.dumps(env.payload),
+                m.subject, payload,
             ))
         return batch
 
     async def commit(self, batch: PreparedBatch) -> BatchOutcome:
-        """Append a prepared batch in one transaction, then dead-letter what could not be recorded."""
+        """Append a prepared batch in one transaction, then dead-letter what could not be recorded.
+
+        The caller acks the batch after this returns: after the commit and the dead letters."""
         out = BatchOutcome(last_position=batch.last_position)
         async with self.pool.acquire() as conn:
-            try:
-                conflicts = await self._commit_rows(conn, batch, out)
-            except asyncpg.DataError:
-                if batch.decoded or not batch.fast:
-                    raise
-                # PostgreSQL refused a value the fast path let through: decode() judges the batch.
-                batch = self.prepare(batch.msgs, full_decode=True)
-                out = BatchOutcome(last_position=batch.last_position)
-                conflicts = await self._commit_rows(conn, batch, out)
-        # After the commit: dead-letter what could not be recorded, then ack everything.
-        for m, exc in batch.bad:
-            await dead_letter(self.js, m, consumer=CONSUMER, producer=PRODUCER, reason_code=exc.reason_code, error=str(exc))
-            out.dead_lettered += 1
-        for m, detail in conflicts:
-            await dead_letter(self.js, m, consumer=CONSUMER, producer=PRODUCER, reason_code="audit.event_id_conflict", error=detail)
+            dead = await self._commit_rows(conn, batch, out)
+        for m, reason_code, error, env in dead:
+            await dead_letter(self.js, m, consumer=CONSUMER, producer=PRODUCER, reason_code=reason_code, error=error,
+                              envelope=_storable_attribution(m.data, env))
             out.dead_lettered += 1
         return out
 
     async def _commit_rows(self, conn: asyncpg.Connection, batch: PreparedBatch,
-                           out: BatchOutcome) -> list[tuple[Msg, str]]:
-        msgs, rows, bad = batch.msgs, batch.rows, batch.bad
-        conflicts: list[tuple[Msg, str]] = []
+                           out: BatchOutcome) -> list[tuple[Msg, str, str, Envelope | None]]:
+        """The batch's transaction: its rows, and a skipped-position row for each message it cannot
+        record. Returns those messages, to dead-letter once the transaction has committed."""
+        dead = [(m, exc.reason_code, str(exc), None) for m, exc in batch.bad]
+        skipped = [(stream_sequence(m), exc.reason_code, None, str(exc)[:500]) for m, exc in batch.bad]
         async with conn.transaction():
-            if rows:
-                inserted = await _append(conn, rows)
+            if batch.rows:
+                inserted, refused = await _append(conn, batch.rows)
                 out.appended = len(inserted)
-                if len(inserted) < len(rows):
-                    skipped = self._explain_not_inserted(
-                        [r for r in rows if r[0] not in inserted],
-                        {r["event_id"]: r for r in await conn.fetch(
-                            _RECORDED_BY_ID, [r[1] for r in rows if r[0] not in inserted])},
-                        out,
-                    )
-                    by_seq = dict(zip(batch.positions, msgs, strict=True))
-                    conflicts = [(by_seq[pos], detail) for pos, code, _, detail in skipped
-                                 if code == "audit.event_id_conflict"]
-                    if skipped:
-                        await _skip(conn, skipped)
-            if bad:
-                await _skip(conn, [(stream_sequence(m), exc.reason_code, None, str(exc)[:500]) for m, exc in bad])
-        return conflicts
+                if len(inserted) < len(batch.rows):
+                    by_seq = dict(zip(batch.positions, batch.msgs, strict=True))
+                    for row, exc in refused:
+                        m = by_seq[row[0]]
+                        reason_code, error, env = _judge_refused(m, exc)
+                        out.refused.append(row[0])
+                        skipped.append((row[0], reason_code, _as_uuid(row[1]), error[:500]))
+                        dead.append((m, reason_code, error, env))
+                    settled = inserted.union(row[0] for row, _ in refused)
+                    rest = [r for r in batch.rows if r[0] not in settled]
+                    if rest:
+                        recorded = {r["event_id"]: r for r in await conn.fetch(_RECORDED_BY_ID, [r[1] for r in rest])}
+                        for pos, code, event_id, detail in self._explain_not_inserted(rest, recorded, out):
+                            skipped.append((pos, code, event_id, detail))
+                            if code == "audit.event_id_conflict":
+                                dead.append((by_seq[pos], code, detail, None))
+            if skipped:
+                await _skip(conn, skipped)
+        return dead
 
     @staticmethod
     def _explain_not_inserted(rows: list[tuple], recorded: dict, out: BatchOutcome) -> list[tuple]:
@@ -344,19 +353,91 @@ def _as_uuid(value: uuid.UUID | str | None) -> uuid.UUID | None:
     return uuid.UUID(value) if isinstance(value, str) else value
 
 
-async def _append(conn: asyncpg.Connection, rows: list[tuple]) -> set[int]:
-    """Append rows; returns the positions inserted.
+def _payload_json(payload: dict) -> str:
+    """The payload as JSON text for jsonb, refusing what is not JSON.
+
+    pydantic accepts NaN and Infinity (and reads a number too large for a double as Infinity);
+    json.dumps would write them as bare NaN/Infinity tokens, which jsonb refuses. An integer too long
+    for Python to print (over 4300 digits) cannot be written either."""
+    try:
+        return json.dumps(payload, allow_nan=False)
+    except ValueError as exc:
+        raise ContractError("bus.malformed_message", f"payload is not storable JSON: {exc}") from exc
+
+
+def _judge_refused(m: Msg, exc: Exception) -> tuple[str, str, Envelope | None]:
+    """Why a message PostgreSQL refused cannot be recorded: what decode() finds wrong with it, if
+    anything (the fast path checks less), else the refused value itself."""
+    try:
+        env, _ = decode(m.data)
+    except ContractError as err:
+        return err.reason_code, str(err), None
+    detail = getattr(exc, "detail", None)
+    return (UNSTORABLE_REASON, f"PostgreSQL cannot store a value of this {env.type}: {exc}"
+            + (f" ({detail})" if detail else ""), env)
+
+
+def _storable_text(text: str) -> str:
+    """The text with what a PostgreSQL text column refuses (NUL, lone surrogates) taken out."""
+    return text.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+
+
+def _storable_attribution(data: bytes, env: Envelope | None) -> Envelope | None:
+    """The envelope dead_letter() attributes its failure event to: `env` as given, unless the run id
+    or correlation id it would take (from `env`, else from the message's JSON) holds characters
+    PostgreSQL cannot store. Then the failure event would be refused in turn, dead-lettered, and
+    announced by another failure event attributed the same way: a loop. Cleaned ids end it at once."""
+    run_id, correlation_id, causation_id = _attribution(data, env)
+    clean_run, clean_correlation = _storable_text(run_id), _storable_text(correlation_id)
+    if (clean_run, clean_correlation) == (run_id, correlation_id):
+        return env
+    clean_run = clean_run or UNATTRIBUTED_RUN
+    # Only the attribution is read from it (run_id, correlation_id, event_id as the causation id).
+    return Envelope.model_construct(run_id=clean_run, correlation_id=clean_correlation or clean_run,
+                                    event_id=causation_id)
+
+
+# Errors that a row's values cause, as opposed to the connection or the server: PostgreSQL refusing
+# a value (SQLSTATE class 22, data exception: a NUL character, an invalid escape in jsonb), asyncpg
+# unable to encode one (a timestamp that overflows when converted to UTC, a lone surrogate).
+_VALUE_ERRORS = (asyncpg.DataError, OverflowError, UnicodeEncodeError)
+
+
+async def _append(conn: asyncpg.Connection, rows: list[tuple]) -> tuple[set[int], list[tuple[tuple, Exception]]]:
+    """Append rows; returns the positions inserted, and the rows refused for their values with the
+    error each caused.
+
+    A refused value fails the whole statement, so the rows are split in halves, each appended on its
+    own (in its own savepoint), down to the single rows that fail: one bad row in 2,000 costs about
+    22 statements instead of stalling the batch. Any other error (a lost connection) is raised.
+    """
+    try:
+        return await _append_all(conn, rows), []
+    except _VALUE_ERRORS as exc:
+        if len(rows) == 1:
+            return set(), [(rows[0], exc)]
+    mid = len(rows) // 2
+    inserted, refused = await _append(conn, rows[:mid])
+    inserted_after, refused_after = await _append(conn, rows[mid:])
+    return inserted | inserted_after, refused + refused_after
+
+
+async def _append_all(conn: asyncpg.Connection, rows: list[tuple]) -> set[int]:
+    """Append rows in one statement; returns the positions inserted.
 
     The common case (all new) is a COPY, as fast as PostgreSQL takes rows. A redelivered batch or a
     re-used event id makes the COPY fail on a unique constraint; the savepoint rolls that back and
-    the batch goes through INSERT ... ON CONFLICT DO NOTHING, which reports what it inserted.
+    the batch goes through INSERT ... ON CONFLICT DO NOTHING, which reports what it inserted. Each
+    statement runs in a savepoint inside the batch's transaction, so that an error leaves the
+    transaction usable.
     """
     try:
-        async with conn.transaction():  # a savepoint inside the batch's transaction
+        async with conn.transaction():
             await conn.copy_records_to_table("run_events", records=rows, columns=_COLUMNS)
         return {r[0] for r in rows}
     except asyncpg.UniqueViolationError:
-        return {r[0] for r in await conn.fetch(_APPEND, *zip(*rows))}
+        async with conn.transaction():
+            return {r[0] for r in await conn.fetch(_APPEND, *zip(*rows))}
 
 
 async def _skip(conn: asyncpg.Connection, rows: list[tuple]) -> None:

@@ -3,6 +3,7 @@ projection rebuild equality."""
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import asyncpg
@@ -13,7 +14,7 @@ from contracts.registry import encode
 from services.audit.app import AuditService
 from services.audit.db import connect_as_app
 from services.audit.projections import timeline
-from services.audit.recorder import Recorder, find_gaps, recorder_lag
+from services.audit.recorder import UNSTORABLE_REASON, Recorder, find_gaps, recorder_lag
 from services.audit.settings import AuditSettings
 from services.common.bus import publish
 from tests.conftest import wait_for
@@ -307,3 +308,96 @@ async def test_projector_reconnects_after_its_database_connection_is_killed(js, 
         await conn.close()
         await owner.close()
         await stop_audit(svc)
+
+
+# --- values PostgreSQL cannot store -----------------------------------------------------------------
+
+
+def _raw(env, **changes) -> bytes:
+    """The envelope as JSON another publisher might write, with fields changed (`payload__x` for a payload
+    field) and a fresh event id. json.dumps writes NaN and Infinity as bare tokens."""
+    d = json.loads(encode(env))
+    d["event_id"] = str(uuid.uuid4())
+    for path, value in changes.items():
+        *head, last = path.split("__")
+        target = d
+        for key in head:
+            target = target[key]
+        target[last] = value
+    return json.dumps(d).encode()
+
+
+def _unstorable(good):
+    """Messages that pass pydantic but not PostgreSQL: (subject, body, the reason code each is dead-lettered with)."""
+    progress = next(e for e in good if e.type == "training.progress")
+    failure = failed_run("run-nul")[1]  # ingest.failed: a free-text message in its payload
+    return [
+        (subject_of(progress), _raw(progress, payload__loss=float("nan")), "bus.malformed_message"),  # not JSON
+        (subject_of(progress), _raw(progress, payload__loss=float("inf")), "bus.malformed_message"),  # not JSON either
+        # jsonb refuses the escape \u0000, a text column the NUL character itself.
+        (subject_of(failure), _raw(failure, payload__message="a \x00 in the text"), UNSTORABLE_REASON),
+        (subject_of(failure), _raw(failure, run_id="run-\x00nul", correlation_id="run-\x00nul"), UNSTORABLE_REASON),
+        # Year 1 at +01:00 is before year 1 in UTC, where asyncpg converts it.
+        (subject_of(progress), _raw(progress, occurred_at="0001-01-01T00:00:00+01:00"), UNSTORABLE_REASON),
+    ]
+
+
+async def _publish_mixed(js, good, bad):
+    """Half the good events, the bad messages, the other half; returns the bad messages' positions."""
+    half = len(good) // 2
+    await publish_all(js, good[:half])
+    positions = [(await js.publish(subject, data, headers={"Nats-Msg-Id": f"bad-{i}"})).seq
+                 for i, (subject, data, _) in enumerate(bad)]
+    await publish_all(js, good[half:])
+    return positions
+
+
+async def test_a_batch_with_values_postgresql_refuses_records_the_rest_and_accounts_for_each_refusal(
+        js, nats_server, database):
+    good = successful_run("run-good", progress_steps=2)
+    bad = _unstorable(good)
+    bad_positions = await _publish_mixed(js, good, bad)
+    pool = await asyncpg.create_pool(database, server_settings={"role": "tuneline_app"})
+    sub = await js.pull_subscribe(f"{subjects.ROOT}.>", durable="refusals", stream=subjects.STREAM)
+    msgs = await sub.fetch(len(good) + len(bad), timeout=5)
+    assert len(msgs) == len(good) + len(bad)  # one batch, one transaction
+    out = await Recorder(pool, js).record(msgs)
+    async with pool.acquire() as conn:
+        recorded = [r["event_id"] for r in await conn.fetch("SELECT event_id FROM run_events ORDER BY global_position")]
+        skipped = [tuple(r) for r in await conn.fetch(
+            "SELECT global_position, reason_code FROM run_event_skipped_positions ORDER BY 1")]
+    await pool.close()
+    assert recorded == [e.event_id for e in good]
+    assert skipped == list(zip(bad_positions, [code for *_, code in bad]))
+    assert (out.appended, out.dead_lettered) == (len(good), len(bad))
+    assert out.refused == bad_positions[2:]  # NaN and Infinity are refused before PostgreSQL sees them
+
+
+async def test_unstorable_messages_are_dead_lettered_once_with_a_failure_event_and_recording_goes_on(
+        js, nats_server, database, tmp_path):
+    """Before: PostgreSQL refused the batch, the recorder retried it forever, and nothing after it was recorded."""
+    good = successful_run("run-good", progress_steps=2)
+    bad = _unstorable(good)
+    bad_positions = await _publish_mixed(js, good, bad)
+    total = len(good) + 2 * len(bad)  # each bad message is answered by one dead-letter event
+    svc = await start_audit(nats_server, database, tmp_path)
+    conn = await connect_as_app(database)
+    try:
+        await wait_for(lambda: _checkpoint_at(conn, total))
+        rows = await conn.fetch("SELECT global_position, type, run_id, payload FROM run_events ORDER BY 1")
+        skipped = [tuple(r) for r in await conn.fetch(
+            "SELECT global_position, reason_code FROM run_event_skipped_positions ORDER BY 1")]
+        gaps = await find_gaps(conn)
+        dead = await wait_for(lambda: _dead_letters(js))
+    finally:
+        await conn.close()
+        await stop_audit(svc)
+    assert skipped == list(zip(bad_positions, [code for *_, code in bad]))
+    assert gaps == []
+    # Every good event recorded, then the dead-letter announcements, all storable (no second round).
+    assert [r["type"] for r in rows] == [e.type for e in good] + ["bus.message_dead_lettered"] * len(bad)
+    announced = {json.loads(r["payload"])["stream_sequence"]: r["run_id"] for r in rows[len(good):]}
+    assert sorted(announced) == bad_positions
+    assert announced[bad_positions[3]] == "run-nul"  # the NUL taken out of the run id it is attributed to
+    assert [int(m.headers["Tuneline-Original-Sequence"]) for m in dead] == bad_positions
+    assert [m.headers["Tuneline-Reason-Code"] for m in dead] == [code for *_, code in bad]

@@ -79,7 +79,7 @@ _DROP = object()
 
 @pytest.mark.parametrize("changes", [
     {"payload__step": "ten"},                 # wrong JSON kind at the top level of the payload
-    {"payload__loss": _DROP},                 # a required payload field missing
+    {"payload__step": _DROP},                 # a required payload field missing (step: the one training.progress v2 requires)
     {"payload__surprise": 1},                 # an undeclared payload field (extra="forbid")
     {"schema_version": 0},                    # not the current version
     {"type": "training.nonsense"},            # not registered
@@ -113,3 +113,20 @@ async def test_a_payload_the_fast_path_declines_is_judged_by_decode_and_dead_let
     batch, out, rows, skipped = await _record(js, database, "inv", full_decode=False)
     assert batch.fast == 4 and out.appended == 4 and out.dead_lettered == 1
     assert skipped == [(5, "bus.invalid_payload")]
+
+
+def test_fast_path_declines_an_integer_beyond_64_bits():
+    """orjson would read it as a rounded float: decode() keeps it exact."""
+    committed = successful_run("run-x")[1]
+    assert committed.type == "ingest.committed"
+    assert _fast_row(1, "s", _body(committed, payload__rejected_by_reason={"ingest.empty_text": 2**70})) is None
+
+
+async def test_an_integer_beyond_64_bits_is_recorded_exactly(js, nats_server, database):
+    good = successful_run("run-big", progress_steps=1)
+    big = good[1].model_copy(update={"payload": {**good[1].payload, "rejected_by_reason": {"ingest.empty_text": 2**70}}})
+    for env in [good[0], big]:
+        await publish(js, env, subject_of(env))
+    batch, out, rows, _ = await _record(js, database, "big", full_decode=False)
+    assert (batch.fast, out.appended) == (1, 2)
+    assert json.loads(rows[1][-1])["rejected_by_reason"] == {"ingest.empty_text": 2**70}

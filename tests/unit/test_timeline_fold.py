@@ -222,6 +222,14 @@ def test_payload_given_as_json_text_folds_like_a_dict():
     assert asdict(fold(as_text)) == asdict(fold(rows))
 
 
+def test_payload_text_with_an_integer_beyond_64_bits_folds_exactly():
+    committed = as_rows(successful_run("run-j"))[1]
+    committed["payload"]["rejected_by_reason"] = {"ingest.empty_text": 2**70}
+    as_text = {**committed, "payload": json.dumps(committed["payload"])}
+    line = f"read 210 rows: 200 accepted, 10 rejected (ingest.empty_text: {2**70})"
+    assert fold([as_text]).entries[0][-1] == fold([committed]).entries[0][-1] == line
+
+
 def test_a_payload_that_breaks_summarize_raises_projection_error_with_its_position():
     rows = as_rows(successful_run("run-e"))
     rows[2] = {**rows[2], "payload": {"unexpected": True}}  # prep.prepared without its fields

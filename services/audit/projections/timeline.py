@@ -7,12 +7,12 @@ batches of any size gives the same rows — so a rebuild from position 0 equals 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import asyncpg
 
+from services.audit import exactjson
 from services.common.logging import get_logger
 
 log = get_logger(__name__)
@@ -24,6 +24,7 @@ STAGE_OF_PREFIX = {
     "ingest": "ingest",
     "prep": "prep",
     "training": "trainer",
+    "preflight": "trainer",
     "eval": "evaluator",
     "export": "export",
     "registry": "registry",
@@ -40,7 +41,9 @@ _SUCCEEDED = {
 # commands are runs of one step.
 _ENDS_A_RUN_ALWAYS = {"registry.version_registered", "ingest.introspected", "ingest.dry_run_completed"}
 _STARTS_A_RUN = {"run.start", "ingest.commit", "ingest.introspect", "ingest.dry_run"}
-_RUNNING = {"training.started", "training.progress"}
+_RUNNING = {"preflight.passed", "training.started", "training.progress", "training.checkpointed", "training.resumed"}
+# Events that fail their stage and the run without a `.failed` name.
+_FAILS = {"preflight.blocked"}
 
 
 def stage_of(event_type: str) -> str:
@@ -50,8 +53,10 @@ def stage_of(event_type: str) -> str:
 
 def stage_status(event_type: str) -> str | None:
     """The status an event puts its stage in, or None when it does not change it."""
-    if event_type.endswith(".failed"):
+    if event_type.endswith(".failed") or event_type in _FAILS:
         return "failed"
+    if event_type == "training.paused":
+        return "paused"
     if event_type in _SUCCEEDED:
         return "succeeded"
     if event_type in _RUNNING:
@@ -59,8 +64,51 @@ def stage_status(event_type: str) -> str | None:
     return None
 
 
-def _fmt(x: float) -> str:
-    return f"{x:.3f}"
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _progress(p: dict) -> str:
+    """A progress line from whatever the backend reported (hosted jobs report fewer fields)."""
+    parts = [f"step {p['step']}" + (f"/{p['max_steps']}" if p.get("max_steps") else "")]
+    if p.get("loss") is not None:
+        parts.append(f"loss {_fmt(p['loss'])}")
+    if p.get("eval_loss") is not None:
+        parts.append(f"eval loss {_fmt(p['eval_loss'])}")
+    if p.get("learning_rate") is not None:
+        parts.append(f"lr {p['learning_rate']:.2e}")
+    if p.get("examples_per_s") is not None:
+        parts.append(f"{p['examples_per_s']:.1f} ex/s")
+    if p.get("tokens") is not None:
+        parts.append(f"{p['tokens']} tokens")
+    if p.get("eta_s") is not None:
+        parts.append(f"eta {p['eta_s']:.0f}s")
+    return " ".join(parts)
+
+
+def _started(p: dict) -> str:
+    if p.get("hosted_job_id"):
+        cost = p.get("cost_estimate")
+        return (f"hosted fine-tune of {p['base_model']} on {p.get('backend', 'openai')}: job {p['hosted_job_id']} on "
+                f"{p['train_rows']} rows" + (f", estimated ${cost['usd']:.2f}" if cost else ""))
+    what = f"{p['recipe']}: " if p.get("recipe") else ""
+    resumed = f", resuming from step {p['resumed_from_step']}" if p.get("resumed_from_step") else ""
+    return (f"{what}LoRA fine-tune of {model_name(p['base_model'])} for {p['max_steps']} steps on "
+            f"{p['train_rows']} rows{resumed}")
+
+
+def _completed(p: dict) -> str:
+    if p.get("hosted_job_id"):
+        return (f"hosted job {p['hosted_job_id']} succeeded: {p.get('fine_tuned_model')}, "
+                f"{p.get('trained_tokens')} trained tokens in {p['wall_s']:.0f}s")
+    line = f"trained {p['steps']} steps in {p['wall_s']:.1f}s, final loss {_fmt(p['final_loss'])}"
+    if p.get("best_step") is not None:
+        line += f"; best {p.get('metric_name')} {_fmt(p.get('best_metric'))} at step {p['best_step']} (exported)"
+    if p.get("stopped_early"):
+        line += "; stopped early"
+    if p.get("resumed_from_step"):
+        line += f"; resumed from step {p['resumed_from_step']}"
+    return line
 
 
 def model_name(base_model: str) -> str:
@@ -107,13 +155,31 @@ def summarize(event_type: str, payload: dict, reason_code: str | None) -> str:
             return (f"split {p['train_rows']} train / {p['eval_rows']} eval over {len(p['label_space'])} labels"
                     + (f" after dropping {dropped} duplicate rows" if dropped else "")
                     + f", dataset {p['dataset_version']}" + (f"; warnings: {', '.join(warnings)}" if warnings else ""))
+        case "preflight.passed":
+            tp = p["train_plan"]
+            warn = [w["reason_code"] for w in p.get("warnings", [])]
+            mem = p.get("memory") or {}
+            fit = (f", needs ~{mem['total'] / 2**30:.2f} GiB of {mem['available'] / 2**30:.1f} available"
+                   if mem.get("available") else "")
+            return (f"preflight passed ({p.get('mode', 'strict')}): {tp['recipe']} on {tp['device']}, {tp['steps']} "
+                    f"steps{fit}" + (f"; warnings: {', '.join(warn)}" if warn else ""))
+        case "preflight.blocked":
+            return "preflight blocked: " + "; ".join(f"[{b['reason_code']}] {b['message']}" for b in p["blockers"])[:500]
         case "training.started":
-            return f"LoRA fine-tune of {model_name(p['base_model'])} for {p['max_steps']} steps on {p['train_rows']} rows"
+            return _started(p)
         case "training.progress":
-            return (f"step {p['step']}/{p['max_steps']} loss {_fmt(p['loss'])} lr {p['learning_rate']:.2e} "
-                    f"{p['examples_per_s']:.1f} ex/s eta {p['eta_s']:.0f}s")
+            return _progress(p)
+        case "training.checkpointed":
+            metric = f" {p['metric_name']} {_fmt(p['metric'])}" if p.get("metric_name") else ""
+            return f"checkpoint at step {p['step']}{metric}" + (" (best so far)" if p.get("is_best") else "")
+        case "training.paused" | "training.resumed":
+            at = f" at step {p['step']}" if p.get("step") is not None else ""
+            return f"{event_type.split('.')[1]} by {p['requested_by']}{at}"
+        case "training.cancel" | "training.pause" | "training.resume":
+            return f"{event_type.split('.')[1]} requested by {p['requested_by']}" + (
+                f": {p['reason']}" if p.get("reason") else "")
         case "training.completed":
-            return f"trained {p['steps']} steps in {p['wall_s']:.1f}s, final loss {_fmt(p['final_loss'])}"
+            return _completed(p)
         case "eval.completed":
             c, b = p["candidate"], p["base"]
             return (f"candidate accuracy {_fmt(c['accuracy'])} macro-F1 {_fmt(c['macro_f1'])} vs base "
@@ -173,7 +239,7 @@ def fold(rows: list) -> TimelineBatch:
     for r in rows:
         pos, etype, run_id, at = r["global_position"], r["type"], r["run_id"], r["occurred_at"]
         try:
-            payload = r["payload"] if isinstance(r["payload"], dict) else json.loads(r["payload"])
+            payload = r["payload"] if isinstance(r["payload"], dict) else exactjson.loads(r["payload"])
             stage = stage_of(etype)
             summary = summarize(etype, payload, r["reason_code"])
             b.entries.append((pos, run_id, r["event_id"], etype, stage, r["severity"], r["reason_code"], at, summary))
@@ -186,7 +252,7 @@ def fold(rows: list) -> TimelineBatch:
                 run.target, run.locator = plan.get("target"), plan.get("locator") or payload.get("locator")
                 run.status = run.status or "running"
             status = stage_status(etype) if stage in STAGES else None
-            if etype == "bus.message_dead_lettered" or (etype.endswith(".failed")):
+            if etype == "bus.message_dead_lettered" or etype.endswith(".failed") or etype in _FAILS:
                 if run.status != "failed":  # the first failure names the run's failure
                     run.status, run.reason_code, run.failure = "failed", r["reason_code"], summary
             elif run.status != "failed" and (etype in _ENDS_A_RUN_ALWAYS or (
@@ -290,20 +356,59 @@ def _columns(rows: list[tuple]) -> list[list]:
     return [list(col) for col in zip(*rows)]
 
 
+_RUN_COLUMNS = ("run_id", "correlation_id", "target", "locator", "status", "started_at", "updated_at",
+                "last_position", "reason_code", "failure")
+_STAGE_COLUMNS = ("run_id", "stage", "status", "started_at", "ended_at", "last_type", "last_position",
+                  "reason_code", "detail")
+
+# Which of a batch's runs and stages the projection already has: those that began in an earlier batch.
+_EXISTING = """
+SELECT run_id, NULL AS stage FROM timeline_runs WHERE run_id = ANY($1::text[])
+UNION ALL
+SELECT run_id, stage FROM timeline_stages WHERE run_id = ANY($1::text[])
+"""
+
+
 async def _apply(conn: asyncpg.Connection, b: TimelineBatch, checkpoint: int) -> None:
+    """Write a folded batch and the checkpoint after it, in the caller's transaction.
+
+    Runs and stages new to the projection are COPYed, as the upserts' INSERT would write them, for
+    about half an upsert's cost; only those that continue from an earlier batch are upserted. What is
+    new is read first, and stays true until the commit: the caller holds the checkpoint's row lock
+    (catch_up and rebuild both take it), and nothing else writes these tables.
+    """
     if b.entries:
         await conn.copy_records_to_table("timeline_entries", records=b.entries, columns=_ENTRY_COLUMNS)
+    existing_runs, existing_stages = set(), set()
+    if b.runs:
+        for run_id, stage in await conn.fetch(_EXISTING, list(b.runs)):
+            if stage is None:
+                existing_runs.add(run_id)
+            else:
+                existing_stages.add((run_id, stage))
+    new_runs: list[tuple] = []
+    continued_runs: dict[bool, list[tuple]] = {True: [], False: []}  # by whether the batch changed its status
+    for run_id, f in b.runs.items():
+        row = (run_id, f.correlation_id, f.target, f.locator, f.status or "running", f.started_at, f.updated_at,
+               f.last_position, f.reason_code, f.failure)
+        if run_id in existing_runs:
+            continued_runs[f.status is not None].append(row)
+        else:
+            new_runs.append(row)
+    if new_runs:
+        await conn.copy_records_to_table("timeline_runs", records=new_runs, columns=_RUN_COLUMNS)
     for changed, sql in ((True, _UPSERT_RUN_STATUS), (False, _UPSERT_RUN_KEEP_STATUS)):
-        runs = [(run_id, f.correlation_id, f.target, f.locator, f.status or "running", f.started_at, f.updated_at,
-                 f.last_position, f.reason_code, f.failure)
-                for run_id, f in b.runs.items() if (f.status is not None) == changed]
-        if runs:
-            await conn.execute(sql, *_columns(runs))
-    if b.stages:
-        await conn.execute(_UPSERT_STAGE, *_columns([
-            (run_id, stage, f.status, f.started_at, f.ended_at, f.last_type, f.last_position, f.reason_code, f.detail)
-            for (run_id, stage), f in b.stages.items()
-        ]))
+        if continued_runs[changed]:
+            await conn.execute(sql, *_columns(continued_runs[changed]))
+    new_stages: list[tuple] = []
+    continued_stages: list[tuple] = []
+    for key, f in b.stages.items():
+        row = (*key, f.status, f.started_at, f.ended_at, f.last_type, f.last_position, f.reason_code, f.detail)
+        (continued_stages if key in existing_stages else new_stages).append(row)
+    if new_stages:
+        await conn.copy_records_to_table("timeline_stages", records=new_stages, columns=_STAGE_COLUMNS)
+    if continued_stages:
+        await conn.execute(_UPSERT_STAGE, *_columns(continued_stages))
     await conn.execute(
         "UPDATE projection_checkpoints SET position = $2, updated_at = now(), error_position = NULL, error = NULL"
         " WHERE projection = $1",
@@ -328,6 +433,11 @@ async def catch_up(conn: asyncpg.Connection, batch_size: int = 2000) -> int:
                 rows, checkpoint = await _next_batch(conn, position, batch_size)
                 if checkpoint == position:
                     return applied
+                # The projection is rebuilt from run_events at will and its checkpoint commits with its
+                # rows, so a crash that loses the last few of these transactions (whole, as an
+                # asynchronous commit can) only sends the projector back a few batches. So it does not
+                # wait for the WAL flush at commit; the recorder's transactions, which precede acks, do.
+                await conn.execute("SET LOCAL synchronous_commit = off")
                 await _apply(conn, fold(rows), checkpoint)
         except ProjectionError as exc:
             await _record_error(conn, exc.position, str(exc))
