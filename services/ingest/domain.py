@@ -7,6 +7,8 @@ Rows stream from the source into artifact files, so memory stays flat whatever t
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +20,21 @@ from contracts.events import ShapeHypothesis
 from contracts.common import ArtifactRef
 from services.common.artifacts import ArtifactStore
 from services.ingest.introspect import AUTO_PICK, SAMPLE_SIZE, choose, introspect, spread_sample
-from services.ingest.mapping import MappingCounts, MappingError, RejectedRow, RowMapper, check_fields_present, map_records
+from services.ingest.mapping import (
+    MappingCounts,
+    MappingError,
+    RejectedRow,
+    RowMapper,
+    check_fields_present,
+    map_lines,
+    map_records,
+)
 from services.ingest.sources.base import Source, SourceDescription, SourceError
 from services.ingest.sources.locators import open_source
+from services.common.parallel import Forked, workers
+
+
+_BATCH_BYTES = 64 << 10  # accepted rows are written in pieces of about this size
 
 
 class IngestError(ValueError):
@@ -99,42 +113,162 @@ class IngestOutcome:
         return dict(sorted(self.counts.rejected_by_reason.items()))
 
 
-def _mapped(source: Source, mapping: FieldMapping, default_provenance: str
-            ) -> tuple[Iterator, MappingCounts, SourceDescription]:
+def _mapper(source: Source, mapping: FieldMapping, default_provenance: str) -> tuple[RowMapper, SourceDescription]:
     try:
         mapper = RowMapper(mapping, default_provenance=default_provenance)
         description = source.describe()
         check_fields_present(mapping, description.columns)
     except (MappingError, SourceError) as exc:
         raise IngestError(exc.reason_code, str(exc)) from exc
+    return mapper, description
+
+
+# A JSONL file this large is mapped by two processes, each taking one half of its lines (about
+# 0.1 s saved per 25 MB; the second half's output is copied into the artifacts afterwards).
+PARALLEL_MIN_BYTES = 8 << 20
+
+
+def _write_rows(rows: Iterator, rejected_w, dataset_w, sample: list[dict], sample_size: int) -> None:
+    """Accepted rows into ``dataset_w`` a batch of lines at a time, rejected rows into ``rejected_w``."""
+    dumps, nl = orjson.dumps, orjson.OPT_APPEND_NEWLINE
+    # orjson's output of a small row keeps a 4 KB allocation: lines are copied into one buffer at once
+    buf = bytearray()
+    try:
+        for out in rows:
+            if type(out) is RejectedRow:
+                rejected_w.write(dumps(out.as_json(), option=nl))
+                continue
+            if len(sample) < sample_size:
+                sample.append(out)
+            buf += dumps(out, option=nl)
+            if len(buf) >= _BATCH_BYTES:
+                dataset_w.write(bytes(buf))
+                buf.clear()
+    except SourceError as exc:
+        raise IngestError(exc.reason_code, str(exc)) from exc
+    if buf:
+        dataset_w.write(bytes(buf))
+
+
+class _FileSink:
+    """The writer interface over a plain file (a worker's part of an artifact)."""
+
+    def __init__(self, path: str) -> None:
+        self._f = open(path, "wb", buffering=1 << 20)
+
+    def write(self, data: bytes) -> None:
+        self._f.write(data)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _map_part(source, mapper: RowMapper, point: int, dataset_path: str | None, rejected_path: str,
+              sample_size: int) -> dict:
+    """In a forked worker: map the lines from ``point`` on into two plain files (no dataset file for
+    a dry run); return the counts and the sample."""
     counts = MappingCounts()
-    return map_records(source.load(), mapper, counts), counts, description
+    sample: list[dict] = []
+    lines = source.load_range(point, None, source.lines_before(point))
+    dataset_w, rejected_w = _FileSink(dataset_path) if dataset_path else _Null(), _FileSink(rejected_path)
+    try:
+        _write_rows(map_lines(lines, source.raw_text, mapper, counts), rejected_w, dataset_w, sample, sample_size)
+    finally:
+        if dataset_path:
+            dataset_w.close()
+        rejected_w.close()
+    return {"read": counts.rows_read, "accepted": counts.rows_accepted,
+            "rejected": list(counts.rejected_by_reason.items()), "sample": sample}
+
+
+def _copy_file(path: str, w) -> None:
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(256 << 10):
+            w.write(chunk)
 
 
 def run_ingest(source: Source, mapping: FieldMapping, store: ArtifactStore, *, commit: bool,
                sample_size: int = 0, default_provenance: str = "human") -> IngestOutcome:
     """Stream the source through the mapping into artifacts: accepted rows (when committing) and
-    every rejected row. Raises IngestError when the source fails as a whole."""
-    rows, counts, description = _mapped(source, mapping, default_provenance)
-    dumps = orjson.dumps
+    every rejected row. Raises IngestError when the source fails as a whole.
+
+    A large JSONL file is mapped by this process (first half) and a forked worker (second half,
+    into two plain files appended afterwards); the artifacts, counts and sample are those of one
+    pass in order, and a failed worker's half is mapped here instead."""
+    mapper, description = _mapper(source, mapping, default_provenance)
+    counts = MappingCounts()
     sample: list[dict] = []
-    with store.writer() as rejected_w, (store.writer() if commit else _Null()) as dataset_w:
-        try:
-            for out in rows:
-                if type(out) is RejectedRow:
-                    rejected_w.write(dumps(out.as_json()) + b"\n")
+    point = source.split_point(PARALLEL_MIN_BYTES) if hasattr(source, "split_point") and workers() >= 2 else None
+    part = None
+    try:
+        if point is not None:
+            part = _Part(store, source, mapper, point, sample_size, commit)
+        with store.writer() as rejected_w, (store.writer() if commit else _Null()) as dataset_w:
+            if part is not None:
+                part.write_all(counts, rejected_w, dataset_w, sample, sample_size)
+            else:
+                if hasattr(source, "load_lines"):  # JSONL: raw text decoded for rejected rows only
+                    rows = map_lines(source.load_lines(), source.raw_text, mapper, counts)
                 else:
-                    if len(sample) < sample_size:
-                        sample.append(out)
-                    dataset_w.write(dumps(out) + b"\n")
-        except SourceError as exc:
-            raise IngestError(exc.reason_code, str(exc)) from exc
-        counts.check()
-        if counts.rows_read == 0:
-            raise IngestError("ingest.empty_source", "the source holds no rows")
-        rejected = rejected_w.commit()
-        dataset = dataset_w.commit() if commit else None
+                    rows = map_records(source.load(), mapper, counts)
+                _write_rows(rows, rejected_w, dataset_w, sample, sample_size)
+            counts.check()
+            if counts.rows_read == 0:
+                raise IngestError("ingest.empty_source", "the source holds no rows")
+            rejected = rejected_w.commit()
+            dataset = dataset_w.commit() if commit else None
+    finally:
+        if part is not None:
+            part.close()
     return IngestOutcome(counts, rejected, description, dataset, sample)
+
+
+class _Part:
+    """The second half of a JSONL file (from ``point``), mapped by a forked worker into two plain
+    files; :meth:`write_all` maps the first half here and then appends the worker's."""
+
+    def __init__(self, store: ArtifactStore, source, mapper: RowMapper, point: int, sample_size: int,
+                 commit: bool) -> None:
+        self.source, self.mapper, self.point = source, mapper, point
+        tmp = store.root / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.paths: list[str] = []
+        for _ in range(2):
+            fd, path = tempfile.mkstemp(dir=tmp, prefix=".part-")
+            os.close(fd)
+            self.paths.append(path)
+        self.commit = commit
+        self.child = Forked(_map_part, source, mapper, point, self.paths[0] if commit else None, self.paths[1],
+                            sample_size)
+
+    def write_all(self, counts: MappingCounts, rejected_w, dataset_w, sample: list[dict], sample_size: int) -> None:
+        source, mapper, point = self.source, self.mapper, self.point
+        _write_rows(map_lines(source.load_range(0, point), source.raw_text, mapper, counts),
+                    rejected_w, dataset_w, sample, sample_size)
+        res = self.child.result()
+        if res is None:  # the worker failed: map its half here
+            lines = source.load_range(point, None, source.lines_before(point))
+            _write_rows(map_lines(lines, source.raw_text, mapper, counts), rejected_w, dataset_w, sample, sample_size)
+        else:
+            counts.rows_read += res["read"]
+            counts.rows_accepted += res["accepted"]
+            for code, n in res["rejected"]:
+                counts.rejected_by_reason[code] += n
+            sample.extend(res["sample"][:max(0, sample_size - len(sample))])
+            _copy_file(self.paths[1], rejected_w)
+            if self.commit:
+                _copy_file(self.paths[0], dataset_w)
+        if counts.rows_read == 0:
+            err = source.empty_error()
+            raise IngestError(err.reason_code, str(err))
+
+    def close(self) -> None:
+        self.child.close()
+        for path in self.paths:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
 
 class _Null:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,20 +175,36 @@ class RowMapper:
         self.max_text_chars = max_text_chars
         self.label_space = frozenset(mapping.label_space) if mapping.label_space else None
         self.classification = mapping.shape in CLASSIFICATION_SHAPES
+        self._text_fields = tuple(mapping.text or ())
+        self._heads = tuple(mapping.heads.items()) if mapping.heads else ()
 
     def _text(self, obj: dict) -> str:
-        m = self.mapping
-        if len(m.text) == 1:
-            text = _string(obj, m.text[0]) or ""
+        # str values (nearly all) take the short way; anything else goes through _string, which
+        # converts numbers and rejects the rest exactly as before
+        fields = self._text_fields
+        if len(fields) == 1:
+            text = obj.get(fields[0])
+            if type(text) is not str:
+                text = _string(obj, fields[0]) or ""
         else:
-            present = [n for n in m.text if obj.get(n) is not None]
+            parts = []
+            present = False
+            for n in fields:
+                v = obj.get(n)
+                if v is None:
+                    continue
+                present = True
+                if type(v) is not str:
+                    v = _string(obj, n)
+                v = v.strip()
+                if v:
+                    parts.append(v)
             if not present:
-                raise _Reject("ingest.missing_field", f"none of the text fields {', '.join(m.text)} is present")
-            parts = [_string(obj, n) for n in present]
-            text = "\n\n".join(p.strip() for p in parts if p and p.strip())
+                raise _Reject("ingest.missing_field", f"none of the text fields {', '.join(fields)} is present")
+            text = "\n\n".join(parts)
         text = text.strip()
         if not text:
-            raise _Reject("ingest.empty_text", f"text ({'+'.join(m.text)}) is empty")
+            raise _Reject("ingest.empty_text", f"text ({'+'.join(fields)}) is empty")
         if len(text) > self.max_text_chars:
             raise _Reject("ingest.text_too_long", f"text has {len(text)} characters; the limit is {self.max_text_chars}")
         return text
@@ -207,11 +223,23 @@ class RowMapper:
     def map(self, obj: dict, row_number: int) -> dict:
         m = self.mapping
         if self.classification:
-            row = {"row_number": row_number, "text": self._text(obj), "label": _label_value(obj, m.label, self.label_space)}
-            if m.heads:
-                row["heads"] = {name: _head_value(obj.get(src)) for name, src in m.heads.items()}
+            label = obj.get(m.label)
+            if type(label) is str and self.label_space is None and (label := label.strip()):
+                row = {"row_number": row_number, "text": self._text(obj), "label": label}
+            else:
+                row = {"row_number": row_number, "text": self._text(obj), "label": _label_value(obj, m.label, self.label_space)}
+            if self._heads:
+                heads = {}
+                for name, src in self._heads:
+                    v = obj.get(src)
+                    if type(v) is str:
+                        heads[name] = v.strip() or None
+                    else:
+                        heads[name] = _head_value(v)
+                row["heads"] = heads
             if m.tags:
-                row["tags"] = _tags(obj.get(m.tags))
+                v = obj.get(m.tags)
+                row["tags"] = [] if v is None or (type(v) is list and not v) else _tags(v)
         elif m.shape == "chat_messages":
             if obj.get(m.messages) is None:
                 raise _Reject("ingest.missing_field", f"missing field {m.messages!r}")
@@ -259,3 +287,28 @@ def map_records(records: Iterable[SourceRecord], mapper: RowMapper,
         else:
             counts.rows_accepted += 1
         yield out
+
+
+def map_lines(lines: Iterable[tuple[int, int, bytes, dict | None, tuple[str, str] | None]], raw_text: Callable[[bytes], str],
+              mapper: RowMapper, counts: MappingCounts) -> Iterator[dict | RejectedRow]:
+    """:func:`map_records` over a source's ``load_lines()`` (records with the line's bytes in place of
+    the raw text): the same rows, rejections and counts; ``raw_text(line)`` is called for rejected
+    rows only."""
+    map_row = mapper.map
+    rejected = counts.rejected_by_reason
+    for row_number, offset, line, fields, error in lines:
+        counts.rows_read += 1
+        if error is None:
+            try:
+                out = map_row(fields, row_number)
+            except _Reject as r:
+                out = RejectedRow(row_number, offset, raw_text(line)[:MAX_RAW_KEPT], r.code, r.detail)
+                rejected[r.code] += 1
+                yield out
+                continue
+            counts.rows_accepted += 1
+            yield out
+        else:
+            out = RejectedRow(row_number, offset, raw_text(line), *error)
+            rejected[out.reason_code] += 1
+            yield out

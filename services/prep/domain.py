@@ -20,9 +20,10 @@ import orjson
 from contracts.common import CLASSIFICATION_SHAPES, ArtifactRef, RunPlan
 from contracts.events import CostEstimate, Notice
 from services.common.artifacts import ArtifactStore
-from services.common.jsonl import write_jsonl
-from services.prep.clean import CleaningBlocked, CleaningPolicy, check_eval_overlap, clean
-from services.prep.formats import estimate_cost, estimate_example_tokens, openai_chat_example, system_prompt
+from services.common.jsonl import gc_paused, write_jsonl, write_lines
+from services.prep.clean import PARALLEL_MIN_CHARS, CleaningBlocked, CleaningPolicy, check_eval_overlap, clean
+from services.prep.formats import estimate_cost, openai_chat_lines, openai_chat_tokens, system_prompt
+from services.common.parallel import Forked, workers
 from services.prep.pii import Scrubber
 
 MIN_ROWS = 10
@@ -142,6 +143,12 @@ def prepare(rows: list[dict], plan: RunPlan, store: ArtifactStore, *, eval_rows:
             base_policy: CleaningPolicy | None = None, source_sha256: str = "", hosted_model: str = "gpt-4o-mini-2024-07-18",
             hosted_epochs: int = 3) -> Prepared:
     """Clean, split (or overlap-check the explicit eval set), write every artifact and the manifest."""
+    with gc_paused():
+        return _prepare(rows, plan, store, eval_rows, base_policy, source_sha256, hosted_model, hosted_epochs)
+
+
+def _prepare(rows: list[dict], plan: RunPlan, store: ArtifactStore, eval_rows: list[dict] | None,
+             base_policy: CleaningPolicy | None, source_sha256: str, hosted_model: str, hosted_epochs: int) -> Prepared:
     shape = plan.mapping.shape if plan.mapping else "single_label_classification"
     classification = shape in CLASSIFICATION_SHAPES
     policy = policy_for(plan, base_policy or CleaningPolicy())
@@ -185,24 +192,38 @@ def prepare(rows: list[dict], plan: RunPlan, store: ArtifactStore, *, eval_rows:
     assert rows_in + eval_in == len(train) + len(eval_) + len(dropped), "prep accounting broken"
 
     label_space = sorted({r["label"] for r in train} | {r["label"] for r in eval_}) if classification else []
-    train_ref, eval_ref = write_jsonl(store, train), write_jsonl(store, eval_)
-    dropped_ref = write_jsonl(store, sorted(dropped, key=lambda d: (d["side"], d["row_number"])))
     openai_train = openai_eval = None
     tokens = None
     cost = None
+    job = None
     if classification:
         sp = system_prompt(label_space)
-        examples = [openai_chat_example(r, label_space, system=sp) for r in train]
-        openai_train = write_jsonl(store, examples)
-        openai_eval = write_jsonl(store, (openai_chat_example(r, label_space, system=sp) for r in eval_))
-        tokens = sum(estimate_example_tokens(e) for e in examples)
+        # the OpenAI files are written by a forked child meanwhile when the rows are many (same files)
+        if workers() >= 2 and sum(len(r["text"]) for r in train) + sum(len(r["text"]) for r in eval_) >= PARALLEL_MIN_CHARS:
+            job = Forked(_openai_files, store, train, eval_, label_space, sp)
+    try:
+        train_ref, eval_ref = write_jsonl(store, train), write_jsonl(store, eval_)
+        dropped_ref = write_jsonl(store, sorted(dropped, key=lambda d: (d["side"], d["row_number"])))
+        warnings = sufficiency_warnings(train + eval_, classification)
+        by_reason = dict(sorted(Counter(d["reason_code"] for d in dropped).items()))
+        version = hashlib.sha256(f"{train_ref.sha256}:{eval_ref.sha256}".encode()).hexdigest()[:16]
+        class_histogram = {
+            "train": dict(sorted(Counter(r["label"] for r in train).items())),
+            "eval": dict(sorted(Counter(r["label"] for r in eval_).items())),
+        } if classification else {}
+        heads = _head_spaces(train + eval_) if shape == "multi_field_triage" else {}
+        provenance = dict(sorted(Counter(r.get("provenance", "human") for r in train + eval_).items()))
+        if classification:
+            done = job.result() if job is not None else None
+            openai_train, openai_eval, tokens = done if done is not None else _openai_files(store, train, eval_, label_space, sp)
+    finally:
+        if job is not None:
+            job.close()
+    if classification:
         c = estimate_cost(tokens, hosted_epochs, hosted_model)
         cost = CostEstimate(model=hosted_model, training_tokens=tokens, epochs=hosted_epochs,
                             usd_per_1m_tokens=c["usd_per_1m_tokens"], usd=c["estimate_usd"], buffer=c["buffer"],
                             prices_as_of=c.get("prices_as_of", "") or "")
-    warnings = sufficiency_warnings(train + eval_, classification)
-    by_reason = dict(sorted(Counter(d["reason_code"] for d in dropped).items()))
-    version = hashlib.sha256(f"{train_ref.sha256}:{eval_ref.sha256}".encode()).hexdigest()[:16]
     manifest = {
         "dataset_version": version,
         "task_profile": shape,
@@ -216,12 +237,9 @@ def prepare(rows: list[dict], plan: RunPlan, store: ArtifactStore, *, eval_rows:
                   "eval_locator": plan.eval_locator},
         "counts": {"rows_in": rows_in, "eval_rows_in": eval_in, "train": len(train), "eval": len(eval_),
                    "dropped": len(dropped), "dropped_by_reason": by_reason},
-        "class_histogram": {
-            "train": dict(sorted(Counter(r["label"] for r in train).items())),
-            "eval": dict(sorted(Counter(r["label"] for r in eval_).items())),
-        } if classification else {},
-        "heads": _head_spaces(train + eval_) if shape == "multi_field_triage" else {},
-        "provenance": dict(sorted(Counter(r.get("provenance", "human") for r in train + eval_).items())),
+        "class_histogram": class_histogram,
+        "heads": heads,
+        "provenance": provenance,
         "token_estimate": {"openai_chat_train_tokens": tokens, "method": "chars/4 + message overhead"} if tokens else None,
         "cost_estimate": cost.model_dump() if cost else None,
         "cleaning": cleaning_stats,
@@ -239,11 +257,29 @@ def prepare(rows: list[dict], plan: RunPlan, store: ArtifactStore, *, eval_rows:
                     len(train), len(eval_), rows_in, by_reason, cleaning_stats, warnings, cost)
 
 
+def _openai_files(store: ArtifactStore, train: list[dict], eval_: list[dict], label_space: list[str], sp: str
+                  ) -> tuple[ArtifactRef, ArtifactRef, int]:
+    """The OpenAI chat JSONL of train and eval, and the training token estimate."""
+    return (write_lines(store, openai_chat_lines(train, label_space, system=sp)),
+            write_lines(store, openai_chat_lines(eval_, label_space, system=sp)),
+            openai_chat_tokens(train, label_space, system=sp))
+
+
 def _head_spaces(rows: list[dict]) -> dict[str, dict[str, int]]:
     """Per triage head, its values and how often they occur (list-valued heads count each value)."""
-    out: dict[str, Counter] = defaultdict(Counter)
+    values: dict[str, list] = defaultdict(list)
     for r in rows:
-        for head, v in (r.get("heads") or {}).items():
-            for x in (v if isinstance(v, list) else [v]):
-                out[head][x if x is not None else "(none)"] += 1
-    return {h: dict(c.most_common(200)) for h, c in sorted(out.items())}
+        heads = r.get("heads")
+        if not heads:
+            continue
+        for head, v in heads.items():
+            if v.__class__ is str:
+                values[head].append(v)
+            elif v is None:
+                values[head].append("(none)")
+            elif isinstance(v, list):
+                if v:
+                    values[head].extend(x if x is not None else "(none)" for x in v)
+            else:
+                values[head].append(v)
+    return {h: dict(Counter(vs).most_common(200)) for h, vs in sorted(values.items())}

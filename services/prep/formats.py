@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import orjson
 
 DEFAULT_SYSTEM_TEMPLATE = (
     "You are a text classifier. Read the user's text and answer with exactly one label from this list, "
@@ -34,6 +36,45 @@ def openai_chat_example(row: Mapping, label_space: Sequence[str], *, system: str
         {"role": "user", "content": row["text"]},
         {"role": "assistant", "content": str(label)},
     ]}
+
+
+def openai_chat_lines(rows: Iterable[Mapping], label_space: Sequence[str], *, system: str | None = None
+                      ) -> Iterator[bytes]:
+    """``orjson.dumps(openai_chat_example(r, label_space, system=...))`` of each row, byte for byte,
+    put together from the constant parts (encoded once) and the row's encoded text."""
+    sp = system if system is not None else system_prompt(label_space)
+    dumps = orjson.dumps
+    head = b'{"messages":[{"role":"system","content":' + dumps(sp) + b'},{"role":"user","content":'
+    tails: dict = {}  # (type, label) -> the encoded end of its lines
+    for r in rows:
+        label = r["label"]
+        try:
+            tail = tails.get((label.__class__, label))
+        except TypeError:  # an unhashable label: the general path says what is wrong
+            yield dumps(openai_chat_example(r, label_space, system=sp))
+            continue
+        if tail is None:
+            if label not in label_space:
+                raise ValueError(f"label {label!r} is not in the label space")
+            tail = tails[(label.__class__, label)] = b'},{"role":"assistant","content":' + dumps(str(label)) + b'}]}'
+        yield head + dumps(r["text"]) + tail
+
+
+def openai_chat_tokens(rows: Iterable[Mapping], label_space: Sequence[str], *, system: str | None = None) -> int:
+    """``sum(estimate_example_tokens(openai_chat_example(r, ...)) for r in rows)`` without building
+    the examples."""
+    sp = system if system is not None else system_prompt(label_space)
+    fixed = TOKENS_PER_EXAMPLE + 3 * TOKENS_PER_MESSAGE + estimate_text_tokens(sp)
+    label_tokens = {}
+    total = 0
+    ceil, per_token = math.ceil, CHARS_PER_TOKEN
+    for r in rows:
+        label = r["label"]
+        if label not in label_tokens:
+            label_tokens[label] = estimate_text_tokens(str(label))
+        text = r["text"]
+        total += fixed + label_tokens[label] + (ceil(len(text) / per_token) if text else 0)  # estimate_text_tokens
+    return total
 
 
 def openai_chat_jsonl(rows: Iterable[Mapping], label_space: Sequence[str], *, system: str | None = None) -> str:

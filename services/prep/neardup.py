@@ -32,7 +32,7 @@ representative), so chains A~B~C with A!~C keep A and C.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Hashable, Iterable, Sequence
+from typing import Hashable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -41,7 +41,8 @@ _U64 = np.uint64
 _EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)
 _VAL_MASK = np.uint64((1 << 56) - 1)
 _BYTE_MASKS = np.array([(1 << (8 * i)) - 1 for i in range(8)] + [(1 << 64) - 1], dtype=np.uint64)
-_CHUNK_CHARS = 2_000_000  # texts are sketched in chunks of about this many characters (cache-friendly)
+_CHUNK_CHARS = 256_000  # texts are sketched in chunks of about this many characters: the arrays stay
+# in cache and are reused by malloc (2M-character chunks cost 60% more, a third of it page faults)
 
 
 def _word_table() -> bytes:
@@ -73,6 +74,18 @@ def _mix(x: np.ndarray) -> np.ndarray:
     x *= _U64(0xC4CEB9FE1A85EC53)
     x ^= x >> _U64(33)
     return x
+
+
+class Sketch(NamedTuple):
+    """Per-text sketches (:meth:`NearDupIndex.sketch`), row-aligned with the texts."""
+
+    sigs: np.ndarray  # (n, num_perm) uint64
+    lens: np.ndarray  # (n,) characters
+    has: np.ndarray  # (n,) bool: the text has a word
+    band_keys: np.ndarray  # (n, bands) uint64, _EMPTY where the band is no LSH key
+
+    def take(self, idx) -> Sketch:
+        return Sketch(self.sigs[idx], self.lens[idx], self.has[idx], self.band_keys[idx])
 
 
 @dataclass(frozen=True)
@@ -123,10 +136,36 @@ class NearDupIndex:
                 start, acc = i + 1, 0
         return sigs, lens, (sigs != _EMPTY).any(axis=1)
 
-    def _sketch_chunk(self, texts: Sequence[str]) -> np.ndarray:
+    def sketch(self, texts: Sequence[str], *, sigs: np.ndarray | None = None,
+               band_keys: np.ndarray | None = None, encoded: Sequence[bytes] | None = None) -> Sketch:
+        """Everything :meth:`add_many` needs of each text, computed ahead (e.g. in another process:
+        a text's sketch depends on the text and the index's parameters only). ``sigs`` and
+        ``band_keys`` may be given as the (n, num_perm) and (n, bands) uint64 arrays to fill (shared
+        memory, say). ``encoded``: the texts' UTF-8, when the caller has it."""
+        n = len(texts)
+        if sigs is None:
+            sigs = np.empty((n, self.num_perm), dtype=np.uint64)
+        if band_keys is None:
+            band_keys = np.empty((n, self.bands), dtype=np.uint64)
+        lens = np.fromiter((len(t) for t in texts), dtype=np.int64, count=n)
+        start, acc = 0, 0
+        for i, t in enumerate(texts):
+            acc += min(len(t), self.max_chars)
+            if acc >= _CHUNK_CHARS or i == n - 1:
+                chunk = self._sketch_chunk(texts[start:i + 1], None if encoded is None else encoded[start:i + 1])
+                sigs[start:i + 1] = chunk
+                band_keys[start:i + 1] = self._band_keys(chunk)
+                start, acc = i + 1, 0
+        return Sketch(sigs, lens, (sigs != _EMPTY).any(axis=1), band_keys)
+
+    def _sketch_chunk(self, texts: Sequence[str], encoded: Sequence[bytes] | None = None) -> np.ndarray:
         n, k = len(texts), self.num_perm
         cap = self.max_chars
-        enc = [t[:cap].encode() for t in texts]
+        if encoded is None:
+            enc = [t[:cap].encode() for t in texts]
+        else:  # an ASCII text's bytes are its characters
+            enc = [e if len(e) <= cap and len(e) == len(t) else (e[:cap] if len(e) == len(t) else t[:cap].encode())
+                   for t, e in zip(texts, encoded)]
         # 8 separator bytes of padding on both sides let the unaligned 8-byte reads below stay in bounds
         buf = b"\x00" * 8 + b"\x00".join(enc).translate(_WORD) + b"\x00" * 16
         arr = np.frombuffer(buf, dtype=np.uint8)
@@ -140,7 +179,7 @@ class NearDupIndex:
             first = u[starts]
             first &= _BYTE_MASKS[np.minimum(lens, 8)]
             last = u[ends - 8]
-            last[lens <= 8] = 0
+            last *= lens > 8  # a word of up to 8 bytes is all in ``first``
             h = first * self._c1
             h ^= last * self._c2
             h += lens.astype(np.uint64)
@@ -157,9 +196,11 @@ class NearDupIndex:
                 sd = doc[:-2][same]
             else:
                 sh, sd = np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
-            few = (counts > 0) & (counts < 3)
-            if few.any():  # texts with 1-2 words: their words are the shingles
-                short = np.repeat(few, counts)
+            few = np.flatnonzero((counts > 0) & (counts < 3))
+            if len(few):  # texts with 1-2 words: their words are the shingles
+                first_word = np.cumsum(counts) - counts
+                short = np.concatenate([first_word[few], (first_word[few] + 1)[counts[few] == 2]])
+                short.sort()
                 sh = np.concatenate([sh, _mix(h[short] * self._p1)])
                 sd = np.concatenate([sd, doc[short]])
             bins = (sh >> _U64(64 - self._log_k)).astype(np.int64)
@@ -185,16 +226,24 @@ class NearDupIndex:
     def query(self, text: str) -> Match | None:
         return self.query_many([text])[0]
 
-    def add_many(self, keys: Sequence[Hashable], texts: Sequence[str]) -> list[Match | None]:
+    def add_many(self, keys: Sequence[Hashable], texts: Sequence[str] | None = None, *,
+                 sketch: Sketch | None = None) -> list[Match | None]:
         """For each text in order: the earlier indexed text it nearly duplicates (then it is not
-        inserted), or None (then it is inserted under its key)."""
-        if len(keys) != len(texts):
+        inserted), or None (then it is inserted under its key). ``sketch`` (this index's
+        :meth:`sketch` of the texts) may stand in for the texts."""
+        if sketch is None:
+            if texts is None:
+                raise ValueError("add_many needs the texts or their sketch")
+            if len(keys) != len(texts):
+                raise ValueError("keys and texts differ in length")
+            sketch = self.sketch(texts)
+        n, m = len(sketch.lens), len(self._keys)
+        if len(keys) != n:
             raise ValueError("keys and texts differ in length")
-        n, m = len(texts), len(self._keys)
         if n == 0:
             return []
-        sigs, lens, has = self.signatures(texts)
-        fk = self._band_keys(sigs)
+        sigs, lens, has = sketch.sigs, sketch.lens, sketch.has
+        fk = sketch.band_keys.copy()
         fk[~has] = _EMPTY
         flat = fk.ravel()
         real = flat != _EMPTY
@@ -205,9 +254,17 @@ class NearDupIndex:
             lo, hi = lo.reshape(n, self.bands), hi.reshape(n, self.bands)
         else:
             frozen_hit = np.zeros((n, self.bands), dtype=bool)
-        order = np.argsort(flat, kind="stable")
+        order = np.argsort(flat)  # an unstable sort (several times faster) ...
         sf = flat[order]
         eq = sf[1:] == sf[:-1]
+        run = np.zeros(len(sf), dtype=bool)
+        run[1:] |= eq
+        run[:-1] |= eq
+        run &= sf != _EMPTY
+        sub = np.flatnonzero(run)
+        if len(sub):  # ... made stable where it matters: equal real keys keep their insertion order
+            o = order[sub]
+            order[sub] = o[np.lexsort((o, sf[sub]))]
         multi_sorted = np.zeros(len(sf), dtype=bool)
         multi_sorted[1:] |= eq
         multi_sorted[:-1] |= eq

@@ -37,9 +37,13 @@ with at least two groups, at least one digit, and must parse (``ipaddress``); ``
 Stack traces (``Foo.java:123``), ports (``host:8080``), timestamps (``20:12:50``), hex ids and UUIDs
 match none of the patterns.
 
-Speed. :meth:`Scrubber.scrub_many` joins the texts once and finds, with C-level substring searches
-and literal-prefixed regexes (over a copy where every digit is ``0``), the rows that could hold each
-kind; only those rows run the precise patterns. On the JIRA rows this is a few per cent of rows.
+Speed. :func:`find_changed` (behind :meth:`Scrubber.scrub_many`) routes each row to the precise
+patterns it could match: ASCII rows by one hyperscan scan each (which also gives the text windows
+of the digit kinds), other rows by :func:`candidate_kinds`' substring tests (one hyperscan scan each
+when hyperscan is installed, a C-level pass per needle over the joined texts otherwise); only those
+rows run the precise patterns, a few per cent of the JIRA rows. Finding is stateless and numbering
+placeholders (:meth:`Scrubber.apply`, in row order) is separate, so slices of a dataset may be
+searched in different processes.
 """
 
 from __future__ import annotations
@@ -301,7 +305,10 @@ class Scrubber:
 
     def scrub(self, text: str, kinds: Iterable[str] = KINDS, secret_patterns: Iterable[int] | None = None,
               windows: dict[str, list[tuple[int, int, int]]] | None = None) -> ScrubResult:
-        spans = self.find(text, kinds, secret_patterns, windows)
+        return self.apply(text, self.find(text, kinds, secret_patterns, windows))
+
+    def apply(self, text: str, spans: Sequence[tuple[int, int, str, str]]) -> ScrubResult:
+        """Replace ``spans`` (from :meth:`find`) with their placeholders, numbering new values now."""
         if not spans:
             return ScrubResult(text)
         parts, pos, counts = [], 0, Counter()
@@ -320,59 +327,70 @@ class Scrubber:
 
     def scrub_changed(self, texts: Sequence[str]) -> dict[int, ScrubResult]:
         """Like :meth:`scrub_many`, but only the results of the texts that held PII, by index."""
-        out: dict[int, ScrubResult] = {}
-        if _HS_DB is None:
-            for i, kinds in sorted(candidate_kinds(texts).items()):
-                res = self.scrub(texts[i], kinds)
-                if res.counts:
-                    out[i] = res
-            return out
-        # ASCII rows: one hyperscan pass routes each row to the patterns (and, for the digit kinds,
-        # the text windows) it could match; other rows: the substring pre-scan of candidate_kinds
-        other = [i for i, t in enumerate(texts) if not t.isascii()]
-        other_kinds = candidate_kinds([texts[i] for i in other]) if other else {}
-        other_pos = {i: k for k, i in enumerate(other)}
-        scan, scratch = _HS_DB.scan, _HS_SCRATCH
-        hits: list[int] = []
-        ends: list[int] = []
-        on_match = _hs_collector(hits, ends)
-        targets = _HS_TARGETS
-        for i, t in enumerate(texts):
+        return {i: self.apply(texts[i], spans) for i, spans in find_changed(texts).items()}
+
+
+def find_changed(texts: Sequence[str], encoded: Sequence[bytes] | None = None) -> dict[int, list[tuple[int, int, str, str]]]:
+    """Index -> :meth:`Scrubber.find` spans of each text that holds PII, in index order. Stateless
+    (no placeholders are numbered), so disjoint slices of a dataset may be searched apart and their
+    spans applied in row order (:meth:`Scrubber.apply`) with the same result as one
+    :meth:`Scrubber.scrub_changed` call. ``encoded``: the texts' UTF-8, when the caller has it."""
+    find = Scrubber.find
+    out: dict[int, list[tuple[int, int, str, str]]] = {}
+    if _HS_DB is None:
+        for i, kinds in sorted(candidate_kinds(texts).items()):
+            spans = find(texts[i], kinds)
+            if spans:
+                out[i] = spans
+        return out
+    # ASCII rows: one hyperscan pass routes each row to the patterns (and, for the digit kinds,
+    # the text windows) it could match; other rows: the substring pre-scan of candidate_kinds
+    other = [i for i, t in enumerate(texts) if not t.isascii()]
+    other_kinds = _candidate_kinds_each([texts[i] for i in other], None if encoded is None else [encoded[i] for i in other]
+                                        ) if other else {}
+    other_pos = {i: k for k, i in enumerate(other)}
+    scan, scratch = _HS_DB.scan, _HS_SCRATCH
+    hits: list[int] = []
+    ends: list[int] = []
+    on_match = _hs_collector(hits, ends)
+    targets = _HS_TARGETS
+    for i, t in enumerate(texts):
+        if other_pos:
             k = other_pos.get(i)
             if k is not None:
                 kinds = other_kinds.get(k)
                 if kinds:
-                    res = self.scrub(t, kinds)
-                    if res.counts:
-                        out[i] = res
+                    spans = find(t, kinds)
+                    if spans:
+                        out[i] = spans
                 continue
-            scan(t.encode("ascii"), match_event_handler=on_match, scratch=scratch)
-            if not hits:
+        scan(t.encode("ascii") if encoded is None else encoded[i], match_event_handler=on_match, scratch=scratch)
+        if not hits:
+            continue
+        kinds, secret, win = set(), [], {}
+        for h, e in zip(hits, ends):
+            target = targets[h]
+            if target.__class__ is int:
+                secret.append(target)
                 continue
-            kinds, secret, win = set(), [], {}
-            for h, e in zip(hits, ends):
-                target = targets[h]
-                if target.__class__ is int:
-                    secret.append(target)
-                    continue
-                kinds.add(target)
-                back_fwd = _HS_WINDOWS.get(h)
-                if back_fwd is not None:
-                    win.setdefault(target, []).append((e - back_fwd[0], e, e + back_fwd[1]))
-            hits.clear()
-            ends.clear()
-            if _URL_CREDENTIALS in secret and "email" not in kinds:
-                secret.remove(_URL_CREDENTIALS)  # user:password@ needs the "@"
-            if secret:
-                kinds.add("secret")
-            if not kinds:
-                continue
-            for kind, ws in win.items():
-                win[kind] = _merge_windows(ws, len(t))
-            res = self.scrub(t, kinds, secret, win)
-            if res.counts:
-                out[i] = res
-        return out
+            kinds.add(target)
+            back_fwd = _HS_WINDOWS.get(h)
+            if back_fwd is not None:
+                win.setdefault(target, []).append((e - back_fwd[0], e, e + back_fwd[1]))
+        hits.clear()
+        ends.clear()
+        if _URL_CREDENTIALS in secret and "email" not in kinds:
+            secret.remove(_URL_CREDENTIALS)  # user:password@ needs the "@"
+        if secret:
+            kinds.add("secret")
+        if not kinds:
+            continue
+        for kind, ws in win.items():
+            win[kind] = _merge_windows(ws, len(t))
+        spans = find(t, kinds, secret, win)
+        if spans:
+            out[i] = spans
+    return out
 
 
 def _merge_windows(ws: list[tuple[int, int, int]], n: int) -> list[tuple[int, int, int]]:
@@ -423,7 +441,9 @@ _HS_TRIGGER_LIST: list[tuple[bytes, bool, int | str]] = [  # (pattern, caseless,
     (rb"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]", False, "ipv4"),
     (rb"[0-9]{3}[-. ][0-9]{4}", False, "phone"),
     (rb"\+[1-9]", False, "phone"),
-    (rb"[0-9](?:[ -]?[0-9]){12}", False, "card"),
+    # a card match starts at a digit with no [\w.-] before it (the pattern's look-behind): long digit
+    # runs (ids, epoch milliseconds) then trigger once, not at every 13th digit
+    (rb"(?:^|[^0-9A-Za-z_.-])[0-9](?:[ -]?[0-9]){12}", False, "card"),
 ]
 _HS_TARGETS = [t for _, _, t in _HS_TRIGGER_LIST]
 # trigger index -> (back, fwd): each of the kind's matches starts at most ``back`` characters before
@@ -450,6 +470,55 @@ def _hs_compile():
 
 
 _HS_DB, _HS_SCRATCH = _hs_compile()
+
+
+def _candidate_patterns() -> list[tuple[bytes, bool, str]]:
+    """:func:`candidate_kinds`' tests as (pattern over the UTF-8 bytes, caseless, kind): its needles
+    (the lowercase ones caseless: ``bytes.lower`` changes ASCII letters only, as hyperscan's caseless
+    mode does) and its patterns over the digits-to-0 copy with [0-9] for 0."""
+    def lit(n: str) -> bytes:
+        return b"".join(b"\\x%02x" % c for c in n.encode())
+
+    return ([(b"@", False, "email")] + [(lit(n), False, "secret") for n in _SECRET_NEEDLES]
+            + [(lit(n), True, "secret") for n in _SECRET_NEEDLES_LOWER]
+            + [(b"::", False, "ipv6"), (_IPV6_TRIGGER.pattern, False, "ipv6")]
+            + [(rb"[0-9]\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]", False, "ipv4"),  # _IPV4_TRIGGER
+               (rb"[0-9]{3}[-. ][0-9]{4}|\+[0-9]", False, "phone"),  # _PHONE_TRIGGER
+               (rb"[0-9](?:[ -]?[0-9]){12}", False, "card")])  # _CARD_TRIGGER
+
+
+def _hs_compile_candidates():
+    if _HS_DB is None:
+        return None, None, []
+    import hyperscan
+
+    pats = _candidate_patterns()
+    db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+    db.compile(expressions=[p for p, _, _ in pats], ids=list(range(len(pats))), elements=len(pats),
+               flags=[hyperscan.HS_FLAG_SINGLEMATCH | (hyperscan.HS_FLAG_CASELESS if c else 0) for _, c, _ in pats])
+    return db, hyperscan.Scratch(db), [k for _, _, k in pats]
+
+
+_HS_CAND_DB, _HS_CAND_SCRATCH, _HS_CAND_KINDS = _hs_compile_candidates()
+
+
+def _candidate_kinds_each(texts: Sequence[str], encoded: Sequence[bytes] | None) -> dict[int, set[str]]:
+    """:func:`candidate_kinds`, the same sets, by one hyperscan scan per text."""
+    if _HS_CAND_DB is None:
+        return candidate_kinds(texts)
+    kinds_of, scan, scratch = _HS_CAND_KINDS, _HS_CAND_DB.scan, _HS_CAND_SCRATCH
+    found: dict[int, set[str]] = {}
+    hit: set[str] = set()
+
+    def on_match(pid: int, start: int, end: int, flags: int, context: object) -> None:
+        hit.add(kinds_of[pid])
+
+    for i, t in enumerate(texts):
+        scan(t.encode() if encoded is None else encoded[i], match_event_handler=on_match, scratch=scratch)
+        if hit:
+            found[i] = set(hit)
+            hit.clear()
+    return found
 
 
 def candidate_kinds(texts: Sequence[str]) -> dict[int, set[str]]:

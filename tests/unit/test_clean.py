@@ -1,6 +1,7 @@
 import pytest
 
-from services.prep.clean import CleaningBlocked, CleaningPolicy, check_eval_overlap, clean, normalise, quality
+from services.prep.clean import (CleaningBlocked, CleaningPolicy, check_eval_overlap, clean, key_signature, normalise,
+                                 quality, quality_many)
 from services.prep.pii import Scrubber
 
 PROSE = [
@@ -127,3 +128,52 @@ def test_eval_overlap_with_a_shared_scrubber():
     assert len(kept) + len(dropped) == len(train)
     assert {(d["row_number"], d["duplicate_of"]) for d in dropped} == {(1, 1), (3, 2), (7, 3)}
     assert all(d["reason_code"] == "cleaning.eval_overlap" for d in dropped)
+
+
+def test_batched_quality_and_key_signatures_equal_the_plain_functions():
+    texts = PROSE + ["", "a", "\n\nx\n", "line\n\n\nline", "é letters ß and 日本", "x\ny\nx\ny\nx\ny",
+                     "\n".join(["same line here"] * 20), "1 2 3 4 5 6 7 8 9 10 11 12", "Ｋelvin K k"]
+    texts += [normalise(t) for t in texts]
+    assert quality_many(texts) == [quality(t) for t in texts]
+    # rows with equal dedup keys have equal signatures (the exact-dup step only tells apart rows that share one)
+    assert key_signature("Crash at Start\n\nNPE") == key_signature("crash at start npe")
+    assert key_signature("crash at start") != key_signature("crash at stop")
+
+
+def test_two_processes_give_the_same_result_as_one(monkeypatch):
+    from services.prep import clean as clean_module
+
+    texts = [f"{t} Variant {i} with ip 10.0.{i}.7 and mail user{i % 7}@example.com." for i in range(6) for t in PROSE]
+    texts += [PROSE[0].upper() + "  ", PROSE[1] + " Thanks!", "Ünïcode ﬁne café row about the scheduler queue", "\x00 "]
+    rows = rows_of(texts)
+    rows[-2]["label"] = "Minor"
+    monkeypatch.setattr(clean_module, "PARALLEL_MIN_CHARS", 1)
+    forked = []
+    split_run = clean_module.split_run
+    monkeypatch.setattr(clean_module, "split_run", lambda *a, **kw: forked.append(a) or split_run(*a, **kw))
+    results = []
+    for workers in ("1", "2"):
+        monkeypatch.setenv("TUNELINE_WORKERS", workers)
+        sc = Scrubber()
+        res = clean(rows, policy(pii_block_threshold=None), scrubber=sc)
+        results.append((res.kept, res.dropped, res.stats, dict(sc.distinct_values)))
+        assert len(forked) == int(workers) - 1
+    assert results[0] == results[1]
+
+
+def test_a_failed_worker_slice_is_computed_by_the_parent():
+    import os
+
+    from services.common.parallel import split_run
+
+    parent = os.getpid()
+    assert split_run(lambda x: x * 2, 3, 4, True) == (6, 8)
+    # a child that dies without answering, or whose function raises: the parent computes that slice
+    assert split_run(lambda x: os._exit(3) if os.getpid() != parent else x, 3, 4, True) == (3, 4)
+    assert split_run(lambda x: x if os.getpid() == parent else 1 / 0, 3, 4, True) == (3, 4)
+    # a result in shared memory, and one larger than the shared memory offered (through the pipe)
+    def child_said(x):
+        return os.getpid() != parent, "y" * x
+
+    assert split_run(child_said, 10, 100, True, result_bytes=1000) == ((False, "y" * 10), (True, "y" * 100))
+    assert split_run(child_said, 10, 100_000, True, result_bytes=1000) == ((False, "y" * 10), (True, "y" * 100_000))

@@ -4,7 +4,7 @@ import pytest
 
 from services.prep.formats import (TRAINING_PRICE_PER_1M, estimate_cost, estimate_dataset_tokens,
                                    estimate_example_tokens, estimate_text_tokens, openai_chat_example,
-                                   openai_chat_jsonl, system_prompt)
+                                   openai_chat_jsonl, openai_chat_lines, openai_chat_tokens, system_prompt)
 
 LABELS = ["Blocker", "Major", "Minor"]
 
@@ -47,3 +47,15 @@ def test_cost():
     with pytest.raises(ValueError):
         estimate_cost(1, 0, "gpt-4o-2024-08-06")
     assert all(v["usd_per_1m"] > 0 for v in TRAINING_PRICE_PER_1M.values())
+
+
+def test_chat_lines_and_tokens_equal_the_examples_encoded_one_by_one():
+    import orjson
+
+    rows = [{"text": "NPE on start", "label": "Major"}, {"text": "é \"quoted\"\n\ttab", "label": "Minor"},
+            {"text": "", "label": "Blocker"}, {"text": "x" * 401, "label": "Major"}]
+    examples = [openai_chat_example(r, LABELS) for r in rows]
+    assert list(openai_chat_lines(rows, LABELS)) == [orjson.dumps(e) for e in examples]
+    assert openai_chat_tokens(rows, LABELS) == estimate_dataset_tokens(examples)
+    with pytest.raises(ValueError):
+        list(openai_chat_lines([{"text": "x", "label": "Trivial"}], LABELS))

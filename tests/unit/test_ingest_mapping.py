@@ -214,3 +214,23 @@ def test_text_and_label_fields_make_a_mapping_without_introspection(tmp_path):
     src = write_lines(tmp_path / "x.jsonl", [b'{"t": "x", "l": "a"}'])
     mapping, confidence, found = resolve_mapping(JsonlSource(src), text_field="t", label_field="l")
     assert (mapping.text, mapping.label, confidence, found) == (["t"], "l", None, None)
+
+
+@pytest.mark.parametrize("commit", [True, False])
+def test_a_file_split_between_two_processes_gives_the_same_artifacts_counts_and_sample(tmp_path, monkeypatch, commit):
+    from services.ingest import domain
+
+    lines = [b"", b"\xef\xbb\xbf" + MIXED[0]] + MIXED[1:] * 40 + [b"   ", json.dumps({"text": "x" * 500, "label": "a"}).encode()]
+    src = write_lines(tmp_path / "big.jsonl", [line for line in lines if line] + [b""])
+
+    def ingest(workers: str, min_bytes: int, store: str):
+        monkeypatch.setenv("TUNELINE_WORKERS", workers)
+        monkeypatch.setattr(domain, "PARALLEL_MIN_BYTES", min_bytes)
+        st = ArtifactStore(tmp_path / store)
+        out = run_ingest(JsonlSource(src, max_row_bytes=300), SINGLE, st, commit=commit, sample_size=100)
+        return (st.read_bytes(out.dataset) if commit else None, st.read_bytes(out.rejected), out.counts.rows_read,
+                out.counts.rows_accepted, list(out.counts.rejected_by_reason.items()), out.sample_accepted)
+
+    one = ingest("1", 1, "one")
+    assert ingest("2", 1, "two") == one
+    assert one[2] == len([line for line in lines if line.strip()])

@@ -116,3 +116,12 @@ def test_scrub_many_prefilter_matches_scrub(monkeypatch):
         monkeypatch.setattr(pii, "_HS_DB", db.pop())
         got = Scrubber().scrub_many(texts)
         assert [(r.text, dict(r.counts)) for r in got] == [(r.text, dict(r.counts)) for r in expected]
+
+
+def test_the_hyperscan_candidate_scan_of_non_ascii_rows_equals_candidate_kinds():
+    from services.prep import pii
+
+    texts = ["a@b.co", "none here é", "10.0.0.5 ü", "555-123-4567 ñ", "sk-abcdefghijklmnop1234567 ø", "é 10.0.0.7",
+             "Ünïcode PASSWORD: x", "paſſword=abc123", "std::vector é", "fe80::1 ü", "+44 20 ß", "4111 1111 1111 1 é",
+             "eyJ é", "hooks.slack.com é", "ACCESS-TOKEN é", "日本語のテキスト", ""]
+    assert pii._candidate_kinds_each(texts, None) == candidate_kinds(texts)

@@ -189,3 +189,17 @@ def test_structured_shapes_get_exact_dedup_and_a_seeded_split(store):
     assert out.dropped_by_reason == {"cleaning.exact_duplicate": 10}
     assert out.train_rows + out.eval_rows == 30 and out.openai_train is None
     assert out.manifest["task_profile"] == "prompt_completion"
+
+
+def test_the_openai_files_written_by_a_forked_child_are_the_same(store, monkeypatch):
+    from services.prep import clean as clean_module, domain
+
+    rows = rows_for({"billing": 40, "login": 40, "shipping": 40})
+    outs = []
+    for workers in ("1", "2"):
+        monkeypatch.setenv("TUNELINE_WORKERS", workers)
+        monkeypatch.setattr(domain, "PARALLEL_MIN_CHARS", 1)
+        monkeypatch.setattr(clean_module, "PARALLEL_MIN_CHARS", 1)
+        out = prepare(rows, plan(), store)
+        outs.append((out.openai_train, out.openai_eval, out.cost, {k: v for k, v in out.manifest.items() if k != "cleaning"}))
+    assert outs[0] == outs[1]

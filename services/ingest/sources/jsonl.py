@@ -99,15 +99,72 @@ class JsonlSource:
         return open_file(self.path, "JSON Lines", _CHUNK * 16)
 
     def load(self) -> Iterator[SourceRecord]:
+        record, raw_of = new_record, _raw
+        for row_number, start, line, value, error in self.load_lines():
+            yield record(row_number, start, raw_of(line), value, error)
+
+    @staticmethod
+    def raw_text(line: bytes) -> str:
+        """The ``raw`` that :meth:`load` gives the record of ``line`` (from :meth:`load_lines`)."""
+        return _raw(line)
+
+    def load_lines(self) -> Iterator[tuple[int, int, bytes, dict | None, tuple[str, str] | None]]:
+        """:meth:`load` as ``(row_number, offset, line, fields, error)`` with the line's bytes instead
+        of its decoded raw text (:meth:`raw_text`): a consumer that keeps raw text only for rejected
+        rows does not decode every line."""
+        return self.load_range()
+
+    def load_range(self, start: int = 0, end: int | None = None, row_base: int = 0
+                   ) -> Iterator[tuple[int, int, bytes, dict | None, tuple[str, str] | None]]:
+        """:meth:`load_lines` of the lines that start in ``[start, end)``, numbered from ``row_base + 1``;
+        ``start`` and ``end`` must be line starts (:meth:`split_point`). Only the whole file
+        (``start == 0``, ``end is None``) raises ``ingest.empty_source`` when it holds no row."""
         f = self._open()
         with f:
-            head = f.read(BINARY_SNIFF_BYTES)
-            check_binary(head, self.path)
-            offset = len(BOM) if head.startswith(BOM) else 0
+            offset = start
+            if start == 0:
+                head = f.read(BINARY_SNIFF_BYTES)
+                check_binary(head, self.path)
+                offset = len(BOM) if head.startswith(BOM) else 0
             f.seek(offset)
-            yield from self._records(f, offset)
+            yield from self._lines(f, offset, end, row_base, start == 0 and end is None)
 
-    def _records(self, f, offset: int) -> Iterator[SourceRecord]:
+    def split_point(self, min_bytes: int) -> int | None:
+        """A line start near the middle of a file of at least ``min_bytes`` (None for a smaller file
+        or one whose second half holds no line start), where two workers may divide it."""
+        try:
+            size = os.stat(self.path).st_size
+        except OSError:
+            return None
+        if size < max(min_bytes, 2):
+            return None
+        with self._open() as f:
+            pos = size // 2
+            f.seek(pos)
+            while chunk := f.read(_CHUNK):
+                nl = chunk.find(b"\n")
+                if nl >= 0:
+                    point = pos + nl + 1
+                    return point if point < size else None
+                pos += len(chunk)
+        return None
+
+    def lines_before(self, point: int) -> int:
+        """How many lines start before ``point`` (a line start): the row number base of the lines
+        from there on."""
+        n = 0
+        with self._open() as f:
+            left = point
+            while left > 0 and (chunk := f.read(min(_CHUNK * 16, left))):
+                n += chunk.count(b"\n")
+                left -= len(chunk)
+        return n
+
+    def empty_error(self) -> SourceError:
+        return SourceError("ingest.empty_source", f"{self.path} holds no rows (the file is empty or has only blank lines)")
+
+    def _lines(self, f, offset: int, end: int | None = None, row_number: int = 0, check_empty: bool = True
+               ) -> Iterator[tuple[int, int, bytes, dict | None, tuple[str, str] | None]]:
         # Hot loop: locals only, one readline per line, orjson on the bytes, the slow path on failure.
         limit = self.max_row_bytes + 2  # content + "\r\n"
         near_limit = self.max_row_bytes + 1
@@ -115,11 +172,9 @@ class JsonlSource:
         loads = orjson.loads
         decode_error = orjson.JSONDecodeError
         digits, digit_run = _DIGITS, _DIGIT_RUN
-        record = new_record
-        raw_of = _raw
-        row_number = 0
+        stop = end if end is not None else float("inf")
         rows = 0
-        while True:
+        while offset < stop:
             line = readline(limit)
             if not line:
                 break
@@ -134,8 +189,8 @@ class JsonlSource:
                     continue
                 rows += 1
                 size = len(line) + rest - (2 if ending == b"\r\n" else 1 if ending[-1:] == b"\n" else 0)
-                yield record(row_number, start, _raw(line), None,
-                             ("ingest.row_too_long", f"line {row_number}: {size} bytes, longer than the limit of {self.max_row_bytes} bytes"))
+                yield (row_number, start, line, None,
+                       ("ingest.row_too_long", f"line {row_number}: {size} bytes, longer than the limit of {self.max_row_bytes} bytes"))
                 continue
             value = _FAILED
             if digit_run not in line.translate(digits):  # else a possible integer beyond 64 bits: json.loads
@@ -149,17 +204,17 @@ class JsonlSource:
                 value, error = _slow_parse(line, row_number)
                 if error is not None:
                     rows += 1
-                    yield record(row_number, start, _raw(line), None, error)
+                    yield (row_number, start, line, None, error)
                     continue
             rows += 1
             if type(value) is dict:
-                yield record(row_number, start, raw_of(line), value, None)
+                yield (row_number, start, line, value, None)
             else:
                 kind = _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
-                yield record(row_number, start, _raw(line), None,
-                             ("ingest.unparseable_row", f"line {row_number}: a JSON {kind}, not an object"))
-        if rows == 0:
-            raise SourceError("ingest.empty_source", f"{self.path} holds no rows (the file is empty or has only blank lines)")
+                yield (row_number, start, line, None,
+                       ("ingest.unparseable_row", f"line {row_number}: a JSON {kind}, not an object"))
+        if rows == 0 and check_empty:
+            raise self.empty_error()
 
     def _drain(self, readline, first: bytes) -> tuple[int, bool, bytes]:
         """Skip to the end of an over-long line; returns (bytes skipped, whether the whole line was
