@@ -81,13 +81,20 @@ async def until(js, run_id: str, type_name: str, timeout: float = 60):
     return await wait_for(found, timeout=timeout)
 
 
-async def test_hosted_job_records_cost_before_and_tokens_after(js, nats_server, tmp_path, fake):
+async def hosted_run(js, nats_server, tmp_path, run_id: str, until_type: str, *, meanwhile=None) -> list:
+    """Start a trainer, publish a hosted run's prep.prepared, (do `meanwhile`), wait for `until_type`."""
     svc = await start_trainer(nats_server, tmp_path)
     try:
-        await publish(js, prepared_event(tmp_path, "run-hosted"), subjects.subject_for("prep.prepared", kind="event"))
-        evs = await until(js, "run-hosted", "training.completed")
+        await publish(js, prepared_event(tmp_path, run_id), subjects.subject_for("prep.prepared", kind="event"))
+        if meanwhile is not None:
+            await meanwhile()
+        return await until(js, run_id, until_type)
     finally:
         await svc.broker.stop()
+
+
+async def test_hosted_job_records_cost_before_and_tokens_after(js, nats_server, tmp_path, fake):
+    evs = await hosted_run(js, nats_server, tmp_path, "run-hosted", "training.completed")
     types = [e.type for e, _ in evs]
     assert types[:3] == ["prep.prepared", "preflight.passed", "training.started"]
     assert types[-1] == "training.completed"
@@ -109,15 +116,13 @@ async def test_hosted_job_records_cost_before_and_tokens_after(js, nats_server, 
 async def test_cancel_command_reaches_the_provider(js, nats_server, tmp_path, fake):
     fake.outcome = "hang"
     fake.total_steps = 1000
-    svc = await start_trainer(nats_server, tmp_path)
-    try:
-        await publish(js, prepared_event(tmp_path, "run-cancel"), subjects.subject_for("prep.prepared", kind="event"))
+
+    async def cancel_once_running():
         await until(js, "run-cancel", "training.progress")
         env = envelope(CancelTraining(requested_by="carol"), run_id="run-cancel", producer="cli")
         await publish(js, env, subjects.subject_for(env.type, kind="command"))
-        evs = await until(js, "run-cancel", "training.failed")
-    finally:
-        await svc.broker.stop()
+
+    evs = await hosted_run(js, nats_server, tmp_path, "run-cancel", "training.failed", meanwhile=cancel_once_running)
     failed = [e for e, _ in evs if e.type == "training.failed"][0]
     assert failed.reason_code == "training.cancelled"
     assert fake.count("POST", r"/fine_tuning/jobs/.*/cancel") == 1
@@ -125,12 +130,7 @@ async def test_cancel_command_reaches_the_provider(js, nats_server, tmp_path, fa
 
 async def test_failed_job_is_a_training_failure(js, nats_server, tmp_path, fake):
     fake.outcome = "failed"
-    svc = await start_trainer(nats_server, tmp_path)
-    try:
-        await publish(js, prepared_event(tmp_path, "run-fail"), subjects.subject_for("prep.prepared", kind="event"))
-        evs = await until(js, "run-fail", "training.failed")
-    finally:
-        await svc.broker.stop()
+    evs = await hosted_run(js, nats_server, tmp_path, "run-fail", "training.failed")
     env, payload = [(e, p) for e, p in evs if e.type == "training.failed"][0]
     assert env.reason_code == "training.runtime_error" and "failed" in payload.message
     assert "training.completed" not in [e.type for e, _ in evs]
