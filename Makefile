@@ -37,6 +37,8 @@ demo: install ## start the embedded stack, run the skeleton on a generated datas
 bench: install ## benchmarks: print a table, write bench/results/*.json
 	$(PY) -m bench.recorder
 	$(PY) -m bench.ingest
+	$(PY) -m bench.trainer
+	$(PY) -m bench.nlbse
 
 schemas: install ## write JSON Schema snapshots for new contract versions
 	$(PY) -m contracts.snapshots
