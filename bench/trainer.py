@@ -199,19 +199,21 @@ def run_ours(rows: list[dict], labels: list[str], warmup: int, steps: int, check
 def run_bare(rows: list[dict], labels: list[str], warmup: int, steps: int, turns: Turns | None = None) -> dict:
     """The hand-written transformers + peft loop."""
     import torch
-    from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
+    from services.common.encoder_classifier import HEAD_MODULES, build_encoder_classifier, lora_task_type
     from services.common.models import resolve_base_model
 
     r = recipe_for(warmup + steps, None)
     path = resolve_base_model(r.base_model)
     torch.manual_seed(SEED)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(labels))
+    # the recipe's model (its head: transformers' classifier or the mean-pooled one), as the trainer builds it
+    model = build_encoder_classifier(path, labels, pooling=r.pooling)
     model = get_peft_model(model, LoraConfig(
-        task_type=TaskType.SEQ_CLS, r=r.lora_r, lora_alpha=r.lora_alpha, lora_dropout=r.lora_dropout,
-        target_modules=list(r.target_modules), modules_to_save=["classifier"]))
+        task_type=lora_task_type(r.pooling), r=r.lora_r, lora_alpha=r.lora_alpha, lora_dropout=r.lora_dropout,
+        target_modules=list(r.target_modules), modules_to_save=HEAD_MODULES[r.pooling]))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]

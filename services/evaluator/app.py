@@ -15,7 +15,7 @@ from services.common.artifacts import ArtifactIntegrityError
 from services.common.delivery import ConsumerSpec, StageContext, StageError
 from services.common.jsonl import loads_jsonl
 from services.common.models import resolve_base_model
-from services.evaluator.adapters.classifier import LABELS_FILE, predict_labels
+from services.evaluator.adapters.classifier import LABELS_FILE, predict_labels, trained_pooling
 from services.evaluator.domain import score_classification
 from services.evaluator.settings import EvaluatorSettings
 
@@ -57,10 +57,11 @@ async def on_trained(ctx: StageContext) -> None:
         try:
             async with ctx.keep_alive():
                 max_length = trained_max_length(adapter_dir, p.plan.max_length)
+                pooling = trained_pooling(adapter_dir)  # the base model is scored with the candidate's head
                 cand = await asyncio.to_thread(predict_labels, base_model, adapter_dir, texts, p.label_space,
-                                               max_length, 64, p.plan.seed)
+                                               max_length, 64, p.plan.seed, pooling)
                 base = await asyncio.to_thread(predict_labels, base_model, None, texts, p.label_space,
-                                               max_length, 64, p.plan.seed)
+                                               max_length, 64, p.plan.seed, pooling)
         except (ValueError, RuntimeError, OSError) as exc:
             raise StageError("eval.runtime_error", f"{type(exc).__name__}: {exc}") from exc
     await ctx.emit(EvalCompleted(

@@ -256,8 +256,10 @@ class ModelFacts:
                 if any(layer.name == t or layer.name.endswith("." + t) for t in target_modules)]
 
     def lora_params(self, recipe: Recipe) -> int:
-        return sum(recipe.lora_r * (layer.in_features + layer.out_features)
-                   for layer in self.lora_targets(recipe.target_modules))
+        layers = self.lora_targets(recipe.target_modules)
+        if recipe.pooling == "mean":  # the mean-pooled head loads the encoder without its pooler
+            layers = [layer for layer in layers if not _in_pooler(layer.name)]
+        return sum(recipe.lora_r * (layer.in_features + layer.out_features) for layer in layers)
 
     def head_params(self, label_count: int) -> int:
         return self.head_params_fixed + self.head_params_per_label * max(1, label_count)
@@ -272,6 +274,10 @@ class ModelFacts:
         if recipe.task in CLASSIFICATION_TASKS:
             return self.total_params - self.head_params_counted + self.head_params(label_count)
         return self.total_params
+
+
+def _in_pooler(name: str) -> bool:
+    return name.startswith("pooler.") or ".pooler." in name
 
 
 class BaseModelUnavailable(RuntimeError):
@@ -610,7 +616,7 @@ def check_capability(recipe: Recipe, facts: ModelFacts, shape: str,
                   f"{model} has no *ForSequenceClassification class: pick an encoder such as all-MiniLM-L6-v2")
         else:
             checks.append(PreflightCheck(name="capability", status="ok",
-                                         message=f"{recipe.task} head on {model}"))
+                                         message=f"{recipe.task} head ({recipe.pooling} pooling) on {model}"))
 
     if facts.params_exact and facts.linear_layers:
         targets = facts.lora_targets(recipe.target_modules)

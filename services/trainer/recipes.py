@@ -10,8 +10,10 @@ Why these defaults (measured on this project's data, see the issue notes):
 - encoder classification: all-MiniLM-L6-v2 is the offline base model (D11). LoRA on every linear
   layer (BERT names them query/key/value/dense) with r=8, and a rate of 1e-3 with linear warmup
   and decay: LoRA learns a delta from zero and a fresh head, which tolerates and needs a far higher
-  rate than full fine-tuning. Evaluate once per epoch, keep the best by macro-F1, stop after 2
-  evaluations without improvement.
+  rate than full fine-tuning. The head reads the mean of the encoder's token states ("mean"
+  pooling: how sentence-transformers models embed a sentence), not BERT's first-token pooler,
+  which this model never trained: services/common/encoder_classifier.py has the measurements.
+  Evaluate once per epoch, keep the best by macro-F1, stop after 2 evaluations without improvement.
 - multi-label: the same encoder with one sigmoid per label (BCE), a 0.5 threshold, micro-F1.
 - chat SFT: LoRA on the attention and MLP projections of a causal LM, rate 2e-4 (the usual
   range for LoRA SFT), loss on assistant tokens only, the model's own chat template.
@@ -52,6 +54,9 @@ class Recipe(BaseModel):
     lora_alpha: int = Field(16, ge=1)
     lora_dropout: float = Field(0.1, ge=0, lt=1)
     target_modules: tuple[str, ...] = ("query", "key", "value", "dense")
+    # classification head: "cls" (transformers' *ForSequenceClassification) or "mean" (mean-pooled,
+    # normalised sentence embedding -> linear); see services/common/encoder_classifier.py
+    pooling: Literal["cls", "mean"] = "cls"
     # optimisation
     learning_rate: float = Field(1e-3, gt=0, le=10)
     weight_decay: float = Field(0.01, ge=0)
@@ -81,6 +86,8 @@ class Recipe(BaseModel):
             raise ValueError("qlora is offered for chat_sft on causal LMs only")
         if not self.target_modules:
             raise ValueError("target_modules is empty: LoRA would train nothing")
+        if self.pooling != "cls" and self.task == "chat_sft":
+            raise ValueError("pooling applies to classification heads; chat_sft has none")
         return self
 
     def steps_for(self, train_rows: int) -> int:
@@ -108,13 +115,13 @@ RECIPES: dict[str, Recipe] = {
             name="seqcls-lora-minilm",
             description="single-label sequence classification, LoRA on all-MiniLM-L6-v2 (CPU-friendly)",
             task="sequence_classification", base_model=DEFAULT_CLASSIFICATION_BASE, learning_rate=1e-3,
-            batch_size=16, max_length=128, epochs=5.0, patience=2, **_ENCODER,
+            batch_size=16, max_length=128, epochs=5.0, patience=2, pooling="mean", **_ENCODER,
         ),
         Recipe(
             name="multilabel-lora-minilm",
             description="multi-label classification (e.g. tags), one sigmoid per label, LoRA on all-MiniLM-L6-v2",
             task="multi_label_classification", base_model=DEFAULT_CLASSIFICATION_BASE, learning_rate=1e-3,
-            batch_size=16, max_length=128, epochs=5.0, patience=2, **_ENCODER,
+            batch_size=16, max_length=128, epochs=5.0, patience=2, pooling="mean", **_ENCODER,
         ),
         Recipe(
             name="chat-sft-lora",

@@ -23,18 +23,20 @@ def tiny_bert(tmp_path_factory) -> str:
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
-def recipe(base: str):
+def recipe(base: str, pooling: str = "mean"):
     return resolve_recipe("seqcls-lora-minilm", "single_label_classification",
                           dict(base_model=base, batch_size=40, learning_rate=1e-2, max_length=16, seed=2, epochs=40,
-                               eval_every_steps=20, patience=None))
+                               eval_every_steps=20, patience=None, pooling=pooling))
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_bert, tmp_path_factory):
+# Both heads (services/common/encoder_classifier.py): each adapter must come back on its own head.
+@pytest.fixture(scope="module", params=["cls", "mean"])
+def trained(request, tiny_bert, tmp_path_factory):
     texts, labels = sentiment_rows()
     rows = [{"text": t, "label": lab} for t, lab in zip(texts, labels)]
-    root = tmp_path_factory.mktemp("run")
-    return train(SequenceClassification(LABEL_SPACE), recipe(tiny_bert), rows, rows, root / "w", root / "adapter")
+    root = tmp_path_factory.mktemp(f"run-{request.param}")
+    return train(SequenceClassification(LABEL_SPACE), recipe(tiny_bert, request.param), rows, rows, root / "w",
+                 root / "adapter")
 
 
 def test_adapter_files_and_label_order(trained):
@@ -42,6 +44,19 @@ def test_adapter_files_and_label_order(trained):
     assert {"adapter_config.json", "adapter_model.safetensors", "labels.json"} <= names
     meta = json.loads((trained.adapter_dir / "labels.json").read_text())
     assert meta["label_space"] == LABEL_SPACE and meta["task"] == "sequence_classification" and meta["max_length"] == 16
+    assert meta["pooling"] in ("cls", "mean")
+
+
+def test_the_evaluator_rebuilds_the_head_the_adapter_was_trained_with(trained, tiny_bert):
+    """labels.json's pooling keeps trainer and evaluator in step; asked for the other head, the
+    evaluator refuses (PEFT alone would only warn about the adapter keys it cannot place)."""
+    texts, _ = sentiment_rows()
+    pooling = json.loads((trained.adapter_dir / "labels.json").read_text())["pooling"]
+    own = predict_labels(tiny_bert, trained.adapter_dir, texts, LABEL_SPACE, max_length=16)
+    assert own == predict_labels(tiny_bert, trained.adapter_dir, texts, LABEL_SPACE, max_length=16, pooling=pooling)
+    other = "cls" if pooling == "mean" else "mean"
+    with pytest.raises(ValueError, match=f"trained with {pooling} pooling"):
+        predict_labels(tiny_bert, trained.adapter_dir, texts, LABEL_SPACE, max_length=16, pooling=other)
 
 
 def test_lora_weights_moved_from_initialisation(trained):
@@ -64,10 +79,38 @@ def test_evaluator_refuses_another_label_order(trained, tiny_bert):
         predict_labels(tiny_bert, trained.adapter_dir, ["good"], list(reversed(LABEL_SPACE)), max_length=16)
 
 
-def test_base_model_baseline_is_deterministic(tiny_bert):
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_base_model_baseline_is_deterministic(tiny_bert, pooling):
     texts, _ = sentiment_rows()
-    assert predict_labels(tiny_bert, None, texts, LABEL_SPACE, seed=3) == predict_labels(tiny_bert, None, texts,
-                                                                                        LABEL_SPACE, seed=3)
+    assert (predict_labels(tiny_bert, None, texts, LABEL_SPACE, seed=3, pooling=pooling)
+            == predict_labels(tiny_bert, None, texts, LABEL_SPACE, seed=3, pooling=pooling))
+
+
+def test_mean_pooling_ignores_padding(tiny_bert):
+    """The mean runs over real tokens only: a sentence scores the same alone and padded in a batch."""
+    from services.common.encoder_classifier import build_encoder_classifier
+
+    torch.manual_seed(0)
+    model = build_encoder_classifier(tiny_bert, LABEL_SPACE, pooling="mean").eval()
+    ids = torch.tensor([[2, 5, 6, 3, 0, 0, 0], [2, 5, 6, 7, 8, 9, 3]])
+    mask = (ids != 0).long()
+    mask[1] = 1
+    with torch.no_grad():
+        batch = model(input_ids=ids, attention_mask=mask).logits
+        alone = model(input_ids=ids[:1, :4], attention_mask=mask[:1, :4]).logits
+        emb = model.embed(ids, mask)
+        hidden = model.encoder(input_ids=ids[:1, :4], attention_mask=mask[:1, :4]).last_hidden_state
+    assert torch.allclose(batch[0], alone[0], atol=1e-5)
+    assert torch.allclose(emb[0], hidden[0].mean(dim=0), atol=1e-5)
+
+
+def test_pooling_is_validated():
+    from services.trainer.recipes import RecipeError
+
+    with pytest.raises(RecipeError, match="pooling"):
+        resolve_recipe("seqcls-lora-minilm", "single_label_classification", {"pooling": "max"})
+    with pytest.raises(RecipeError, match="pooling"):
+        resolve_recipe("chat-sft-lora", "chat_messages", {"pooling": "mean"})
 
 
 def test_label_outside_space_is_rejected(tiny_bert, tmp_path):

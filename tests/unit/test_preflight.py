@@ -106,12 +106,20 @@ def test_trainable_count_matches_peft_exactly(tiny_bert, tiny_llama):
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    recipe = seqcls(tiny_bert)
+    from services.common.encoder_classifier import build_encoder_classifier
+
+    recipe = seqcls(tiny_bert, pooling="cls")
     facts = inspect_base_model(tiny_bert, recipe.task)
     model = get_peft_model(
         AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3),
         LoraConfig(task_type=TaskType.SEQ_CLS, r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
                    target_modules=list(recipe.target_modules), modules_to_save=["classifier"]))
+    assert facts.trainable_params(recipe, 3) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    recipe = seqcls(tiny_bert, pooling="mean")  # no pooler, so no LoRA on pooler.dense
+    model = get_peft_model(
+        build_encoder_classifier(tiny_bert, ["a", "b", "c"], pooling="mean"),
+        LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, target_modules=list(recipe.target_modules),
+                   modules_to_save=["classifier"]))
     assert facts.trainable_params(recipe, 3) == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     recipe = chat(tiny_llama)

@@ -19,6 +19,17 @@ def check_adapter_labels(adapter_dir: Path, label_space: Sequence[str]) -> None:
         raise ValueError(f"adapter was trained on label_space {trained}, asked to predict {list(label_space)}")
 
 
+def trained_pooling(adapter_dir: Path | None) -> str:
+    """The head an adapter was trained with (labels.json `pooling`); adapters from before the field
+    existed were all transformers' *ForSequenceClassification ("cls")."""
+    if adapter_dir is None:
+        return "cls"
+    try:
+        return json.loads((Path(adapter_dir) / LABELS_FILE).read_text()).get("pooling") or "cls"
+    except (OSError, ValueError, AttributeError):
+        return "cls"
+
+
 def predict_labels(
     base_model: str,
     adapter_dir: Path | None,
@@ -27,11 +38,14 @@ def predict_labels(
     max_length: int = 128,
     batch_size: int = 64,
     seed: int = 13,
+    pooling: str | None = None,
 ) -> list[str]:
     """Predict one label per text. Blocking and CPU/GPU-bound; loads the model on every call.
 
-    With adapter_dir None the head is freshly initialised from `seed`, which makes the
-    untuned baseline deterministic (and, as expected, close to chance).
+    The head is the one the adapter was trained with (`pooling` from its labels.json); give
+    `pooling` to score the bare base model with the same head as a candidate. With adapter_dir None
+    the head is freshly initialised from `seed`, which makes the untuned baseline deterministic (and,
+    as expected, close to chance).
     """
     if len(label_space) < 2:
         raise ValueError(f"need at least 2 labels, got {list(label_space)}")
@@ -39,20 +53,22 @@ def predict_labels(
         return []
     if adapter_dir is not None:
         check_adapter_labels(Path(adapter_dir), label_space)
+        trained = trained_pooling(adapter_dir)
+        if pooling is not None and pooling != trained:
+            # PEFT would only warn about the adapter keys the other head lacks, and score a broken model
+            raise ValueError(f"adapter was trained with {trained} pooling, asked to score it with {pooling} pooling")
+        pooling = trained
 
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    id2label = {i: label for i, label in enumerate(label_space)}
+    from services.common.encoder_classifier import build_encoder_classifier
+
+    id2label = dict(enumerate(label_space))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = AutoTokenizer.from_pretrained(base_model)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            base_model,
-            num_labels=len(label_space),
-            id2label=id2label,
-            label2id={label: i for i, label in id2label.items()},
-        )
+        model = build_encoder_classifier(base_model, label_space, pooling=pooling or "cls")
     if adapter_dir is not None:
         from peft import PeftModel
 

@@ -68,22 +68,20 @@ class SequenceClassification:
             raise ValueError(f"labels not in label_space: {unknown[:10]}")
 
     def build_model(self, recipe: Recipe):
-        from peft import LoraConfig, TaskType, get_peft_model
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoTokenizer
+
+        from services.common.encoder_classifier import HEAD_MODULES, build_encoder_classifier, lora_task_type
 
         self.recipe = recipe
         path = resolve_base_model(recipe.base_model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        id2label = dict(enumerate(self.label_space))
-        base = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=len(self.label_space), id2label=id2label, label2id=self.label2id,
-            problem_type="multi_label_classification" if self.multi_label else "single_label_classification",
-        )
+        base = build_encoder_classifier(path, self.label_space, pooling=recipe.pooling, multi_label=self.multi_label)
         config = LoraConfig(
-            task_type=TaskType.SEQ_CLS, r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
+            task_type=lora_task_type(recipe.pooling), r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
             lora_dropout=recipe.lora_dropout, target_modules=list(recipe.target_modules),
             # the head is new for every label space: trained in full and shipped with the adapter
-            modules_to_save=["classifier", "score"],
+            modules_to_save=HEAD_MODULES[recipe.pooling],
         )
         return get_peft_model(base, config)
 
@@ -143,6 +141,7 @@ class SequenceClassification:
         (Path(out_dir) / METADATA_FILE).write_text(json.dumps({
             "task": "multi_label_classification" if self.multi_label else "sequence_classification",
             "label_space": self.label_space, "base_model": str(recipe.base_model), "max_length": recipe.max_length,
+            "pooling": recipe.pooling,  # the head the evaluator must rebuild (services/common/encoder_classifier.py)
             "threshold": recipe.multi_label_threshold if self.multi_label else None,
         }, indent=2))
 
