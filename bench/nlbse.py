@@ -76,6 +76,7 @@ CONFIGS: dict[str, dict] = {
     "lr5e-4": {"epochs": 10.0, "learning_rate": 5e-4},
     "r16": {"epochs": 10.0, "lora_r": 16, "lora_alpha": 32},
     "len256": {"epochs": 5.0, "max_length": 256},
+    "len256_e10": {"epochs": 10.0, "max_length": 256},
     "epochs15": {"epochs": 15.0},
     "es_p3": {**VALSLICE_SETTINGS, "_inner_val": True},
 }

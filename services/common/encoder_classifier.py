@@ -54,7 +54,12 @@ class MeanPooledClassifier(nn.Module):
 
     def __init__(self, path: str, num_labels: int, *, multi_label: bool = False, dropout: float = 0.1):
         super().__init__()
-        self.encoder = AutoModel.from_pretrained(path, add_pooling_layer=False)
+        self.encoder = AutoModel.from_pretrained(path)
+        if getattr(self.encoder, "pooler", None) is not None:
+            # unused here: dropped so that it holds no memory and LoRA puts nothing on it (not
+            # add_pooling_layer=False: only some encoders take it, and the checkpoint's pooler weights
+            # would then be reported as unexpected)
+            self.encoder.pooler = None
         self.config = self.encoder.config  # PEFT reads model.config
         self.multi_label = multi_label
         self.dropout = nn.Dropout(dropout)
