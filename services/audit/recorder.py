@@ -52,8 +52,8 @@ CONSUMER = "audit-recorder"
 PRODUCER = "audit"
 
 # The reason code of a message that decodes but holds a value PostgreSQL cannot store (a NUL
-# character). No registered code says exactly that yet; this one, "not valid JSON or does not
-# match the envelope", is the nearest (NaN and Infinity, the other such values, are not JSON).
+# character, a timestamp out of range). NaN and Infinity, the other such values, are refused while
+# decoding as not JSON (bus.malformed_message).
 UNSTORABLE_REASON = "audit.unstorable_value"
 
 _COLUMNS = (

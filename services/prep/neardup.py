@@ -123,19 +123,6 @@ class NearDupIndex:
 
     # ---------- sketching ----------
 
-    def signatures(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(signatures (n, num_perm) uint64, char lengths (n,), has_words (n,) bool)."""
-        n = len(texts)
-        sigs = np.empty((n, self.num_perm), dtype=np.uint64)
-        lens = np.fromiter((len(t) for t in texts), dtype=np.int64, count=n)
-        start, acc = 0, 0
-        for i, t in enumerate(texts):
-            acc += min(len(t), self.max_chars)
-            if acc >= _CHUNK_CHARS or i == n - 1:
-                sigs[start:i + 1] = self._sketch_chunk(texts[start:i + 1])
-                start, acc = i + 1, 0
-        return sigs, lens, (sigs != _EMPTY).any(axis=1)
-
     def sketch(self, texts: Sequence[str], *, sigs: np.ndarray | None = None,
                band_keys: np.ndarray | None = None, encoded: Sequence[bytes] | None = None) -> Sketch:
         """Everything :meth:`add_many` needs of each text, computed ahead (e.g. in another process:
@@ -321,8 +308,7 @@ class NearDupIndex:
         n = len(texts)
         if n == 0 or not self._keys:
             return [None] * n
-        sigs, lens, has = self.signatures(texts)
-        fk = self._band_keys(sigs)
+        sigs, lens, has, fk = self.sketch(texts)
         lo = np.searchsorted(self._fk, fk, side="left")
         hi = np.searchsorted(self._fk, fk, side="right")
         hit = (hi > lo) & has[:, None] & (fk != _EMPTY)

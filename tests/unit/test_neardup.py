@@ -50,9 +50,9 @@ def test_query_does_not_insert():
 
 
 def test_deterministic_and_seeded():
-    a = NearDupIndex(seed=1).signatures([BASE])[0]
-    b = NearDupIndex(seed=1).signatures([BASE])[0]
-    c = NearDupIndex(seed=2).signatures([BASE])[0]
+    a = NearDupIndex(seed=1).sketch([BASE]).sigs[0]
+    b = NearDupIndex(seed=1).sketch([BASE]).sigs[0]
+    c = NearDupIndex(seed=2).sketch([BASE]).sigs[0]
     assert (a == b).all() and not (a == c).all()
 
 

@@ -51,9 +51,14 @@ def stage_of(event_type: str) -> str:
     return STAGE_OF_PREFIX.get(prefix, prefix)
 
 
+def fails(event_type: str) -> bool:
+    """Whether the event fails its stage and its run."""
+    return event_type.endswith(".failed") or event_type in _FAILS
+
+
 def stage_status(event_type: str) -> str | None:
     """The status an event puts its stage in, or None when it does not change it."""
-    if event_type.endswith(".failed") or event_type in _FAILS:
+    if fails(event_type):
         return "failed"
     if event_type == "training.paused":
         return "paused"
@@ -68,21 +73,21 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+# The optional parts of a progress line, in order: (payload field, how it reads).
+_PROGRESS_PARTS = (
+    ("loss", lambda v: f"loss {_fmt(v)}"),
+    ("eval_loss", lambda v: f"eval loss {_fmt(v)}"),
+    ("learning_rate", lambda v: f"lr {v:.2e}"),
+    ("examples_per_s", lambda v: f"{v:.1f} ex/s"),
+    ("tokens", lambda v: f"{v} tokens"),
+    ("eta_s", lambda v: f"eta {v:.0f}s"),
+)
+
+
 def _progress(p: dict) -> str:
     """A progress line from whatever the backend reported (hosted jobs report fewer fields)."""
     parts = [f"step {p['step']}" + (f"/{p['max_steps']}" if p.get("max_steps") else "")]
-    if p.get("loss") is not None:
-        parts.append(f"loss {_fmt(p['loss'])}")
-    if p.get("eval_loss") is not None:
-        parts.append(f"eval loss {_fmt(p['eval_loss'])}")
-    if p.get("learning_rate") is not None:
-        parts.append(f"lr {p['learning_rate']:.2e}")
-    if p.get("examples_per_s") is not None:
-        parts.append(f"{p['examples_per_s']:.1f} ex/s")
-    if p.get("tokens") is not None:
-        parts.append(f"{p['tokens']} tokens")
-    if p.get("eta_s") is not None:
-        parts.append(f"eta {p['eta_s']:.0f}s")
+    parts += [fmt(p[name]) for name, fmt in _PROGRESS_PARTS if p.get(name) is not None]
     return " ".join(parts)
 
 
@@ -252,7 +257,7 @@ def fold(rows: list) -> TimelineBatch:
                 run.target, run.locator = plan.get("target"), plan.get("locator") or payload.get("locator")
                 run.status = run.status or "running"
             status = stage_status(etype) if stage in STAGES else None
-            if etype == "bus.message_dead_lettered" or etype.endswith(".failed") or etype in _FAILS:
+            if etype == "bus.message_dead_lettered" or fails(etype):
                 if run.status != "failed":  # the first failure names the run's failure
                     run.status, run.reason_code, run.failure = "failed", r["reason_code"], summary
             elif run.status != "failed" and (etype in _ENDS_A_RUN_ALWAYS or (
