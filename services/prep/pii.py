@@ -51,6 +51,7 @@ from __future__ import annotations
 import bisect
 import ipaddress
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -502,6 +503,26 @@ def _hs_compile_candidates():
 _HS_CAND_DB, _HS_CAND_SCRATCH, _HS_CAND_KINDS = _hs_compile_candidates()
 
 
+# Characters beyond ASCII that the precise patterns match where the triggers, which look for ASCII,
+# would not see them: Python's re matches U+017F (long s), U+212A (Kelvin sign), U+0130 and U+0131
+# (dotted capital and dotless i) case-insensitively to s, k and i, and `\d` matches every Unicode
+# decimal digit. A non-ASCII row is shown to the triggers with these replaced by the ASCII letters and
+# digits they stand for, so that the triggers stay a superset of the patterns ("paſſword=...", "apİ_key=...",
+# an address in Arabic-Indic digits). tests/unit/test_pii.py checks this table against every code point.
+_FOLD_TO_ASCII = {"\u017f": "s", "\u212a": "k", "\u0130": "i", "\u0131": "i"}
+_FOLDABLE = re.compile("[%s]|(?![0-9])\\d" % "".join(_FOLD_TO_ASCII))
+
+
+def _fold_char(m: re.Match) -> str:
+    c = m.group()
+    return _FOLD_TO_ASCII.get(c) or str(unicodedata.decimal(c))
+
+
+def trigger_text(text: str) -> str:
+    """The text as the triggers see it: see _FOLD_TO_ASCII (the text itself when nothing folds)."""
+    return text if text.isascii() or _FOLDABLE.search(text) is None else _FOLDABLE.sub(_fold_char, text)
+
+
 def _candidate_kinds_each(texts: Sequence[str], encoded: Sequence[bytes] | None) -> dict[int, set[str]]:
     """:func:`candidate_kinds`, the same sets, by one hyperscan scan per text."""
     if _HS_CAND_DB is None:
@@ -514,7 +535,9 @@ def _candidate_kinds_each(texts: Sequence[str], encoded: Sequence[bytes] | None)
         hit.add(kinds_of[pid])
 
     for i, t in enumerate(texts):
-        scan(t.encode() if encoded is None else encoded[i], match_event_handler=on_match, scratch=scratch)
+        folded = trigger_text(t)
+        data = folded.encode() if folded is not t or encoded is None else encoded[i]
+        scan(data, match_event_handler=on_match, scratch=scratch)
         if hit:
             found[i] = set(hit)
             hit.clear()
@@ -524,6 +547,9 @@ def _candidate_kinds_each(texts: Sequence[str], encoded: Sequence[bytes] | None)
 def candidate_kinds(texts: Sequence[str]) -> dict[int, set[str]]:
     """Row index -> the kinds that row could contain (a superset; cheap, C-level scans)."""
     joined = "\x00".join(texts)
+    if not joined.isascii():
+        texts = [trigger_text(t) for t in texts]
+        joined = "\x00".join(texts)
     if joined.isascii():
         starts, acc = [], 0
         for t in texts:

@@ -125,3 +125,41 @@ def test_the_hyperscan_candidate_scan_of_non_ascii_rows_equals_candidate_kinds()
              "Ünïcode PASSWORD: x", "paſſword=abc123", "std::vector é", "fe80::1 ü", "+44 20 ß", "4111 1111 1111 1 é",
              "eyJ é", "hooks.slack.com é", "ACCESS-TOKEN é", "日本語のテキスト", ""]
     assert pii._candidate_kinds_each(texts, None) == candidate_kinds(texts)
+
+
+# Rows that spell a keyword or a number with characters beyond ASCII that the precise patterns still
+# match: Python's re case-folds U+017F, U+212A, U+0130 and U+0131 to s, k, i, i, and `\d` is any
+# Unicode decimal digit. The bulk path's triggers look for ASCII and once let these through unscrubbed.
+_FOLDED_ROWS = ["paſſword=abc123xyz é", "ſecret = hunter2abc é", "apİ_key=abcdef123456 é", "ACCESS_TOKEN=abc123def456 ı",
+                "ip ١٩٢.١٦٨.٠.٧ é", "call ٥٥٥-١٢٣-٤٥٦٧ ü", "Bearer abcdefghijklmnop1234 \u212a",
+                "paſſword=abc123xyz"]
+
+
+def test_scrub_many_catches_keywords_and_digits_spelled_beyond_ascii(monkeypatch):
+    from services.prep import pii
+
+    expected = [Scrubber().scrub(t) for t in _FOLDED_ROWS]
+    assert all("<SECRET_1>" in r.text or "<IP_1>" in r.text or "<PHONE_1>" in r.text for r in expected)
+    for db in (pii._HS_DB, None):  # the hyperscan candidate scan and the substring pre-scan
+        monkeypatch.setattr(pii, "_HS_DB", db)
+        monkeypatch.setattr(pii, "_HS_CAND_DB", None if db is None else pii._HS_CAND_DB)
+        got = [Scrubber().scrub_many([t])[0] for t in _FOLDED_ROWS]
+        assert [(r.text, dict(r.counts)) for r in got] == [(r.text, dict(r.counts)) for r in expected]
+
+
+def test_the_trigger_fold_covers_every_character_re_matches_to_ascii():
+    """Every non-ASCII character that Python's re matches case-insensitively to an ASCII letter is in
+    the fold table (mapped to that letter), and every one `\\d` matches folds to its digit."""
+    import re
+    import sys
+
+    from services.prep.pii import _FOLD_TO_ASCII, trigger_text
+
+    letter, digit = re.compile("(?i)[a-z]"), re.compile(r"\d")
+    seen = {}
+    for c in map(chr, range(0x80, sys.maxunicode + 1)):
+        if letter.fullmatch(c):
+            seen[c] = next(a for a in "abcdefghijklmnopqrstuvwxyz" if re.fullmatch("(?i)" + a, c))
+        elif digit.fullmatch(c):
+            assert trigger_text(c + " é") == f"{int(c)} é"
+    assert seen == _FOLD_TO_ASCII
