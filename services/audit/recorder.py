@@ -43,7 +43,7 @@ from contracts.envelope import Envelope
 from contracts.reason_codes import is_registered
 from contracts.registry import ContractError, decode, registered_types
 from services.audit.exactjson import may_hold_long_integer
-from services.common.delivery import UNATTRIBUTED_RUN, _attribution, dead_letter
+from services.common.delivery import UNATTRIBUTED_RUN, attribution, dead_letter
 from services.common.logging import get_logger
 
 log = get_logger(__name__)
@@ -387,7 +387,7 @@ def _storable_attribution(data: bytes, env: Envelope | None) -> Envelope | None:
     or correlation id it would take (from `env`, else from the message's JSON) holds characters
     PostgreSQL cannot store. Then the failure event would be refused in turn, dead-lettered, and
     announced by another failure event attributed the same way: a loop. Cleaned ids end it at once."""
-    run_id, correlation_id, causation_id = _attribution(data, env)
+    run_id, correlation_id, causation_id = attribution(data, env)
     clean_run, clean_correlation = _storable_text(run_id), _storable_text(correlation_id)
     if (clean_run, clean_correlation) == (run_id, correlation_id):
         return env

@@ -205,7 +205,7 @@ async def dead_letter(
         "Tuneline-Error": error[:1000],
     }
     await js.publish(dlq_subj, msg.data, headers=headers, timeout=10.0)
-    run_id, correlation_id, causation = _attribution(msg.data, envelope)
+    run_id, correlation_id, causation = attribution(msg.data, envelope)
     failure = MessageDeadLettered(
         consumer=consumer,
         subject=msg.subject,
@@ -231,8 +231,10 @@ async def dead_letter(
     log.error("dead_lettered", consumer=consumer, stream_seq=seq, reason_code=reason_code, error=error[:300], run_id=run_id)
 
 
-def _attribution(data: bytes, envelope: Envelope | None) -> tuple[str, str, uuid.UUID | None]:
-    """Best effort: attach a dead letter to the run it came from, so it shows in that timeline."""
+def attribution(data: bytes, envelope: Envelope | None) -> tuple[str, str, uuid.UUID | None]:
+    """(run_id, correlation_id, causation id) for a failure event about this message, so that it shows
+    in the timeline of the run it came from: the envelope's when it decoded, else what its JSON
+    holds, else the unattributed run (best effort; the recorder uses it too)."""
     if envelope is not None:
         return envelope.run_id, envelope.correlation_id, envelope.event_id
     try:
