@@ -79,25 +79,31 @@ _SECRET_PATTERNS: list[tuple[re.Pattern, int]] = [  # (pattern, group holding th
     (re.compile(r"npm_[A-Za-z0-9]{36}"), 0),
     (re.compile(r"SG\.[\w-]{22}\.[\w-]{43}"), 0),
     (re.compile(r"(?<=://)([^\s/:@]{1,64}:[^\s/@]{1,128})(?=@)"), 1),
-    (re.compile(r"(?i)\b(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?token|auth[_-]?token|client[_-]?secret)"
-                r"[\"']?\s*[:=]\s*[\"']?([^\s\"'`,;<>(){}\[\]]{6,})"), 1),
+    # a keyword that ends a name (DB_PASSWORD, GITHUB_TOKEN, OPENAI_API_KEY, spring.datasource.password),
+    # maybe followed by _KEY/_VALUE/_TOKEN/_SECRET (SECRET_KEY), then ":" or "=" and a value
+    (re.compile(r"(?i)(?<![A-Za-z0-9])(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key)"
+                r"(?:[_-]?(?:key|value|token|secret))?[\"']?\s*[:=]\s*[\"']?([^\s\"'`,;<>(){}\[\]]{6,})"), 1),
 ]
 # substrings one of which every secret match contains (searched case-sensitively / in lowercase)
 _SECRET_NEEDLES = ("-----BEGIN", "sk-", "sk_", "rk_", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "AKIA",
                    "ASIA", "ABIA", "ACCA", "xox", "hooks.slack.com", "eyJ", "AIza", "glpat-", "hf_", "npm_", "SG.")
 _URL_CREDENTIALS = len(_SECRET_PATTERNS) - 2  # needs an "@": run on the email candidates
-_SECRET_NEEDLES_LOWER = ("bearer", "passw", "pwd", "secret", "apikey", "api_key", "api-key", "access_token",
-                         "access-token", "accesstoken", "auth_token", "auth-token", "authtoken")
+_SECRET_NEEDLES_LOWER = ("bearer", "passw", "pwd", "secret", "token", "apikey", "api_key", "api-key", "accesskey",
+                         "access_key", "access-key", "privatekey", "private_key", "private-key")
 
 # an email is found from its "@": the local part backwards, the domain forwards (fast: "@" is rare)
-_EMAIL_LOCAL = re.compile(r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}\Z")
-_EMAIL_DOMAIN = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![\w-])")
-_NANP = re.compile(r"(?:\+1[-. ]?|1[-. ])?(?:\(\d{3}\)[-. ]?|\d{3}[-. ]?)\d{3}[-. ]\d{4}(?![\w.]|[-/]\d)")
-_INTL = re.compile(r"\+(?<![\w.+-]\+)[1-9]\d{0,2}[-. ]?(?:\(\d{1,4}\)[-. ]?)?\d{1,4}(?:[-. ]?\d{2,4}){1,5}(?![\w.]|[-/]\d)")
+# (letters and digits of any script: josé@example.com, info@müller.de; [^\W_] is a letter or digit)
+_EMAIL_LOCAL = re.compile(r"(?<![\w.%+-])[^\W_][\w.%+-]{0,63}\Z")
+_EMAIL_DOMAIN = re.compile(r"(?:[^\W_](?:(?:[^\W_]|-){0,61}[^\W_])?\.)+[^\W\d_]{2,24}(?![\w-])")
+# (a full stop may end the number, as at the end of a sentence; ".5" or ".txt" may not)
+_NANP = re.compile(r"(?:\+1[-. ]?|1[-. ])?(?:\(\d{3}\)[-. ]?|\d{3}[-. ]?)\d{3}[-. ]\d{4}(?!\w|\.\w|[-/]\d)")
+_INTL = re.compile(r"\+(?<![\w.+-]\+)[1-9]\d{0,2}[-. ]?(?:\(\d{1,4}\)[-. ]?)?\d{1,4}(?:[-. ]?\d{2,4}){1,5}(?!\w|\.\w|[-/]\d)")
 _IPV4 = re.compile(r"\d(?<![\w.-]\d)\d{0,2}\.(?:\d{1,3}\.){2}\d{1,3}(?![\w-]|\.\d)")
 _IPV6 = re.compile(r"(?<![\w:.])(?:(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}"
                    r"|(?:[0-9A-Fa-f]{1,4}:){0,7}:(?::?[0-9A-Fa-f]{1,4}){0,7})(?![\w:])")
-_CARD = re.compile(r"\d(?<![\w.-]\d)(?:[ -]?\d){12,18}(?![\w.-]|[ -]\d)")
+# the rest of an IPv4 address written in IPv6 (::ffff:192.168.1.10): _IPV6 stops at the first "."
+_IPV6_V4_TAIL = re.compile(r"(?:\.\d{1,3}){3}(?![\w-]|\.\d)")
+_CARD = re.compile(r"\d(?<![\w.-]\d)(?:[ -]?\d){12,18}(?![\w-]|\.\w|[ -]\d)")
 _VERSION_CONTEXT = re.compile(r"(?i)(?:version|release|upgrad|downgrad|build|jdk|jre|\bver\b|\bv)[^\n]{0,30}$")
 
 _DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
@@ -277,9 +283,13 @@ class Scrubber:
                     spans.append((m.start(), m.end(), "card", d))
         if "ipv6" in kinds:
             for m in _IPV6.finditer(text):
-                v = _valid_ipv6(m.group())
+                end = m.end()
+                tail = _IPV6_V4_TAIL.match(text, end) if text.startswith(".", end) else None
+                if tail:
+                    end = tail.end()
+                v = _valid_ipv6(text[m.start():end])
                 if v:
-                    spans.append((m.start(), m.end(), "ipv6", v))
+                    spans.append((m.start(), end, "ipv6", v))
         if "ipv4" in kinds:
             for m in _finditer(_IPV4, text, windows.get("ipv4")):
                 v = _valid_ipv4(text, m)
@@ -435,8 +445,8 @@ _HS_TRIGGER_LIST: list[tuple[bytes, bool, int | str]] = [  # (pattern, caseless,
     (rb"npm_", False, 14),
     (rb"SG\.", False, 15),
     (rb"://[^\t-\r\x1c-\x20/:@]{1,64}:[^\t-\r\x1c-\x20/@]{1,128}@", False, _URL_CREDENTIALS),
-    (rb"(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?token|auth[_-]?token|client[_-]?secret)"
-     rb"[\"']?[\t-\r\x1c-\x20]*[:=]", True, len(_SECRET_PATTERNS) - 1),
+    (rb"(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key)"
+     rb"(?:[_-]?(?:key|value|token|secret))?[\"']?[\t-\r\x1c-\x20]*[:=]", True, len(_SECRET_PATTERNS) - 1),
     (rb"@", False, "email"),
     (rb"::|:[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:", False, "ipv6"),
     (rb"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]", False, "ipv4"),

@@ -163,3 +163,39 @@ def test_the_trigger_fold_covers_every_character_re_matches_to_ascii():
         elif digit.fullmatch(c):
             assert trigger_text(c + " é") == f"{int(c)} é"
     assert seen == _FOLD_TO_ASCII
+
+
+def test_numbers_at_the_end_of_a_sentence_are_scrubbed_but_not_decimals_or_file_names():
+    cases = {
+        "Call me at 555-123-4567.": "Call me at <PHONE_1>.",
+        "Or +44 20 7946 0958. Thanks": "Or <PHONE_1>. Thanks",
+        "My card number is 4111 1111 1111 1111.": "My card number is <CARD_1>.",
+        "took 555-123-4567.5 seconds": "took 555-123-4567.5 seconds",
+        "see 4111111111111111.txt": "see 4111111111111111.txt",
+    }
+    assert {t: scrub(t).text for t in cases} == cases
+    assert [Scrubber().scrub_many([t])[0].text for t in cases] == list(cases.values())
+
+
+def test_an_ipv4_address_written_in_ipv6_is_scrubbed_whole():
+    r = scrub("peer ::ffff:192.168.1.10 connected; also ::ffff:10.0.0.7.")
+    assert r.text == "peer <IP_1> connected; also <IP_2>."
+    assert Scrubber().scrub_many([r"peer ::ffff:192.168.1.10 connected"])[0].text == "peer <IP_1> connected"
+
+
+def test_secrets_assigned_to_names_that_end_in_a_keyword_are_scrubbed():
+    texts = ["DB_PASSWORD=hunter2abc", "export GITHUB_TOKEN=abc123def456", "SECRET_KEY = 'abc123def456xyz'",
+             "OPENAI_API_KEY=abc123def456", "spring.datasource.password=s3cretpass", "AWS_ACCESS_KEY: q1w2e3r4t5"]
+    for t in texts:
+        assert "<SECRET_1>" in scrub(t).text, t
+    assert all("<SECRET_" in r.text for r in Scrubber().scrub_many(texts))
+    benign = ["max_tokens=4096", "tokenizer=org.apache.lucene.Standard1", "token: none", "password: ${DB_PASSWORD}",
+              "num_tokens = 12"]
+    assert [scrub(t).text for t in benign] == benign
+
+
+def test_emails_with_letters_beyond_ascii_are_scrubbed():
+    texts = ["write to josé@example.com", "françois.dupont@exemple.fr wrote", "info@müller.de", "ü@exämple.com"]
+    assert [scrub(t).text.count("<EMAIL_1>") for t in texts] == [1, 1, 1, 1]
+    one_by_one = Scrubber()
+    assert [r.text for r in Scrubber().scrub_many(texts)] == [one_by_one.scrub(t).text for t in texts]
