@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import shutil
 import tempfile
@@ -24,11 +25,12 @@ from pathlib import Path
 import asyncpg
 import nats
 
+from bench.cpu import postmaster_pid, process_cpu_s, tree_cpu_s
 from contracts import subjects
 from contracts.registry import encode
 from services.audit.app import AuditService
-from services.audit.recorder import CONSUMER
 from services.audit.migrate import migrate
+from services.audit.recorder import CONSUMER
 from services.audit.settings import AuditSettings
 from services.cli.stack import start_nats, start_postgres, stop_postgres
 from services.common.bus import declare_streams
@@ -67,41 +69,61 @@ async def fresh_database(admin_url: str, name: str) -> str:
     return dsn
 
 
-async def measure_recorder(nats_url: str, dsn: str, tmp: Path, n: int) -> float:
+class CpuMeter:
+    """CPU seconds over a stretch of the benchmark: this process (the audit service's loop runs in it),
+    PostgreSQL (the postmaster's tree) and nats-server."""
+
+    def __init__(self, pg_pid: int | None, nats_pid: int | None):
+        self.pids = {"postgres": pg_pid, "nats": nats_pid}
+
+    def read(self) -> dict[str, float | None]:
+        return {"python": time.process_time(), "postgres": self.pids["postgres"] and tree_cpu_s(self.pids["postgres"]),
+                "nats": self.pids["nats"] and process_cpu_s(self.pids["nats"])}
+
+    @staticmethod
+    def spent(before: dict, after: dict) -> dict[str, float | None]:
+        return {k: (None if before[k] is None or after[k] is None else round(after[k] - before[k], 3)) for k in before}
+
+
+async def measure_recorder(nats_url: str, dsn: str, tmp: Path, n: int, meter: CpuMeter) -> tuple[float, dict]:
     settings = AuditSettings(nats_url=nats_url, database_url=dsn, data_dir=tmp / "data", projector_poll_s=0.05)
     svc = AuditService(settings)
     conn = await asyncpg.connect(dsn)
     await svc.connect()  # migration, pool, NATS: set-up, not throughput
+    cpu_before = meter.read()
     start = time.perf_counter()
     svc.start_workers()
     try:
         while await conn.fetchval("SELECT position FROM projection_checkpoints WHERE projection='timeline'") != n:
             await asyncio.sleep(0.01)
         elapsed = time.perf_counter() - start
+        cpu = meter.spent(cpu_before, meter.read())
     finally:
         await svc._shutdown()
         await svc.broker.stop()
     assert await conn.fetchval("SELECT count(*) FROM run_events") == n
     assert await conn.fetchval("SELECT count(*) FROM timeline_entries") == n
     await conn.close()
-    return elapsed
+    return elapsed, cpu
 
 
-async def measure_copy(dsn: str, events) -> float:
+async def measure_copy(dsn: str, events, meter: CpuMeter) -> tuple[float, dict]:
     rows = [(i + 1, e.event_id, e.type, e.schema_version, e.run_id, e.correlation_id, e.causation_id, e.occurred_at,
              e.producer, e.severity.value, e.reason_code, subject_of(e), json.dumps(e.payload))
             for i, e in enumerate(events)]
     columns = ("global_position", "event_id", "type", "schema_version", "run_id", "correlation_id", "causation_id",
                "occurred_at", "producer", "severity", "reason_code", "subject", "payload")
     conn = await asyncpg.connect(dsn, server_settings={"role": "tuneline_app"})
+    cpu_before = meter.read()
     start = time.perf_counter()
     await conn.copy_records_to_table("run_events", records=rows, columns=columns)
     elapsed = time.perf_counter() - start
+    cpu = meter.spent(cpu_before, meter.read())
     await conn.close()
-    return elapsed
+    return elapsed, cpu
 
 
-async def measure(server, pg, tmp: Path, n: int, rounds: int) -> tuple[list[float], list[float]]:
+async def measure(server, pg, tmp: Path, n: int, rounds: int) -> tuple[list[tuple[float, dict]], list[tuple[float, dict]]]:
     """Each round records the whole stream into a fresh database (a new durable consumer reads it
     from the start) and COPYs the same rows into another fresh database; rounds alternate the two."""
     events = make_events(n)
@@ -109,14 +131,16 @@ async def measure(server, pg, tmp: Path, n: int, rounds: int) -> tuple[list[floa
     js = nc.jetstream()
     await declare_streams(js)
     await publish_all(js, events)
+    meter = CpuMeter(postmaster_pid(pg.pgdata), server.pid)
     recorder_s, copy_s = [], []
     for i in range(rounds):
         try:
             await js.delete_consumer(subjects.STREAM, CONSUMER)
         except nats.js.errors.NotFoundError:
             pass
-        recorder_s.append(await measure_recorder(server.url, await fresh_database(pg.url, f"bench_recorder_{i}"), tmp, n))
-        copy_s.append(await measure_copy(await fresh_database(pg.url, f"bench_copy_{i}"), events))
+        recorder_s.append(await measure_recorder(server.url, await fresh_database(pg.url, f"bench_recorder_{i}"), tmp, n,
+                                                 meter))
+        copy_s.append(await measure_copy(await fresh_database(pg.url, f"bench_copy_{i}"), events, meter))
     await nc.close()
     return recorder_s, copy_s
 
@@ -131,15 +155,16 @@ def main(n: int, rounds: int = 3) -> dict:
         server.stop()
         stop_postgres(pg.pgdata)
         shutil.rmtree(tmp, ignore_errors=True)
-    recorder_s, copy_s = min(recorder_runs), min(copy_runs)
+    (recorder_s, recorder_cpu), (copy_s, copy_cpu) = (min(runs, key=lambda r: r[0]) for runs in (recorder_runs, copy_runs))
     figure, baseline = n / recorder_s, n / copy_s
     return {"name": "recorder_bus_to_run_events_plus_timeline", "figure": round(figure, 1), "unit": "events/s",
             "baseline": round(baseline, 1), "ratio": round(figure / baseline, 3),
             "events": n, "recorder_s": round(recorder_s, 3), "copy_s": round(copy_s, 3),
-            "rounds": rounds, "recorder_runs_s": [round(x, 3) for x in recorder_runs],
-            "copy_runs_s": [round(x, 3) for x in copy_runs], "timing": "best of rounds, both sides",
+            "rounds": rounds, "recorder_runs_s": [round(x, 3) for x, _ in recorder_runs],
+            "copy_runs_s": [round(x, 3) for x, _ in copy_runs], "timing": "best of rounds, both sides",
+            "recorder_cpu_s": recorder_cpu, "copy_cpu_s": copy_cpu, "cpus": os.cpu_count(),
             "baseline_name": "asyncpg COPY of the same rows into run_events",
-            "machine": f"{platform.machine()} {platform.processor() or ''} {__import__('os').cpu_count()} cpus".strip()}
+            "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus".strip()}
 
 
 def print_table(result: dict) -> None:
@@ -148,6 +173,12 @@ def print_table(result: dict) -> None:
           f"{result['ratio']:>6.2f}  >= 0.50 {'ok' if result['ratio'] >= 0.5 else 'MISSED'}")
     print(f"  {result['events']} events, best of {result['rounds']} rounds: recorder + projection {result['recorder_s']}s "
           f"{result['recorder_runs_s']}, baseline ({result['baseline_name']}) {result['copy_s']}s {result['copy_runs_s']}")
+    for side in ("recorder", "copy"):
+        cpu = result[f"{side}_cpu_s"]
+        known = [v for v in cpu.values() if v is not None]
+        print(f"  CPU seconds in the best {side} round: " + ", ".join(f"{k} {v}" for k, v in cpu.items())
+              + (f"; {sum(known):.3f} in all, so at least {sum(known) / result['cpus']:.3f}s of wall time on "
+                 f"{result['cpus']} cpus" if known else ""))
 
 
 if __name__ == "__main__":
