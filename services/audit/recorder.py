@@ -7,11 +7,12 @@ redelivers the batch, and UNIQUE(event_id) turns the replay into a no-op.
 Decoding, two ways to one outcome (see _fast_row for what each checks):
 - the fast path, taken by a message that is plainly well formed (the common case): orjson parses
   it and a few type and shape checks, derived from the envelope and the registered payload
-  model's JSON Schema, stand in for pydantic, at a third of its cost;
+  model's JSON Schema, stand in for pydantic's validation of the envelope, and of the payload
+  where those checks are all its model asks (else the model validates the payload dict);
 - any message the fast path does not accept is decoded by the contracts registry (`decode()`:
   envelope, registered type, upcast, full payload validation), which either accepts it or names
   the reason code it is dead-lettered with.
-The fast path may accept less than decode(), never more at the checks it makes.
+The fast path may accept less than decode(), never more.
 
 Values PostgreSQL refuses (D4: never lose a message to an exception, never loop on one). A message
 can be valid to pydantic and still not storable: NaN and Infinity (pydantic accepts them; JSON and
@@ -29,6 +30,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cache
@@ -36,6 +38,7 @@ from functools import cache
 import asyncpg
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from pydantic import ValidationError
 from orjson import dumps as _dumps_bytes  # C: a third of json's time
 from orjson import loads as _loads  # refuses NaN and Infinity (not JSON); see _fast_row for long integers
 
@@ -91,6 +94,24 @@ class _PayloadSpec:
     required: frozenset[str]
     fields: dict[str, frozenset[type] | None]  # None: any JSON value
     extra: bool  # whether undeclared fields are allowed
+    validate: Callable[[dict], object] | None  # the model's own validation, where the checks above are not all of it
+
+
+# What a field's JSON Schema may say beyond its kind without the kind check missing anything.
+_ANNOTATIONS = frozenset(("title", "description", "default", "examples", "deprecated"))
+_SCALARS = frozenset(("string", "integer", "number", "boolean", "null"))
+
+
+def _kind_is_all(schema: dict) -> bool:
+    """Whether checking the JSON kind of a value checks everything this field schema asks of it: a
+    scalar type (or a union of them) with no constraint (length, pattern, range, enum, format...)."""
+    keys = schema.keys() - _ANNOTATIONS
+    if keys == {"type"}:
+        types = schema["type"]
+        return all(t in _SCALARS for t in ([types] if isinstance(types, str) else types))
+    if keys == {"anyOf"}:
+        return all(_kind_is_all(sub) for sub in schema["anyOf"])
+    return False
 
 
 def _json_kinds(schema: dict, defs: dict) -> set[str] | None:
@@ -145,8 +166,13 @@ def payload_specs() -> dict[str, _PayloadSpec]:
             kinds = _json_kinds(sub, defs)
             fields[field_name] = (None if kinds is None or not kinds <= _KIND_TYPES.keys()
                                   else frozenset(t for k in kinds for t in _KIND_TYPES[k]))
+        decorators = mt.model.__pydantic_decorators__
+        complete = (all(_kind_is_all(sub) for sub in schema.get("properties", {}).values())
+                    and not (decorators.field_validators or decorators.model_validators or decorators.validators
+                             or decorators.root_validators))
         specs[name] = _PayloadSpec(mt.version, frozenset(schema.get("required", ())), fields,
-                                   schema.get("additionalProperties", True) is not False)
+                                   schema.get("additionalProperties", True) is not False,
+                                   None if complete else mt.model.model_validate)
     return specs
 
 
@@ -167,13 +193,13 @@ def _fast_row(seq: int, subject: str, data: bytes) -> tuple | None:
         every required field present, no undeclared field when the model forbids extras, and each
         field's JSON kind (string, integer, number, boolean, array, object, null) one the schema
         allows.
-    What it gives up, against decode(): the payload's nested structure and value constraints
-    (string lengths and patterns, numeric ranges, the fields of nested models) and the payload
-    models' Python validators. Every Tuneline publisher builds its envelope from the payload's
-    pydantic model (services.common.bus.publish takes an Envelope made from model_dump), so such a
-    message cannot come from Tuneline's own code; the stage that consumes a message still decodes
-    it in full and dead-letters it (D4), and a projection that cannot fold it stops at its
-    position rather than skipping it (D8).
+      model - where those checks are not all the model asks (a nested model, a constraint such as a
+        length, pattern, range or enum, a Python validator: every type but a few flat ones such as
+        training.progress), the payload dict is validated by its model too, as decode() would.
+    So it accepts nothing decode() refuses: an invalid message recorded would be in the append-only
+    log for good, and a projection cannot fold it (a run.start whose plan was empty once stopped
+    the timeline at its position, D8). What it saves is the envelope's pydantic validation and, for
+    the flat types, the payload's.
     """
     if may_hold_long_integer(data):
         return None  # orjson would read an integer beyond 64 bits as a rounded float; decode() keeps it exact
@@ -212,6 +238,11 @@ def _fast_row(seq: int, subject: str, data: bytes) -> tuple | None:
             if allowed is not None and type(value) not in allowed:
                 return None
         elif not spec.extra:
+            return None
+    if spec.validate is not None:
+        try:
+            spec.validate(payload)
+        except ValidationError:
             return None
     return (seq, event_id, etype, version, run_id, correlation, causation, occurred_at, producer, severity, reason,
             subject, _dumps_bytes(payload).decode())

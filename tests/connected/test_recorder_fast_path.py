@@ -130,3 +130,23 @@ async def test_an_integer_beyond_64_bits_is_recorded_exactly(js, nats_server, da
     batch, out, rows, _ = await _record(js, database, "big", full_decode=False)
     assert (batch.fast, out.appended) == (1, 2)
     assert json.loads(rows[1][-1])["rejected_by_reason"] == {"ingest.empty_text": 2**70}
+
+
+def test_fast_path_declines_a_payload_whose_nested_parts_are_invalid():
+    """Its checks at the top level pass, but the model refuses it: the fast path must not record what
+    decode() would dead-letter (a run.start with an empty plan once stopped the timeline for good)."""
+    start = successful_run("run-x")[0]
+    assert start.type == "run.start" and _fast_row(1, "s", encode(start)) is not None
+    assert _fast_row(1, "s", _body(start, payload__plan={})) is None
+    done = next(e for e in successful_run("run-x") if e.type == "eval.completed")
+    assert _fast_row(1, "s", _body(done, payload__candidate={"accuracy": "high"})) is None
+
+
+async def test_a_run_start_with_an_invalid_plan_is_dead_lettered_not_recorded(js, nats_server, database):
+    good = successful_run("run-plan", progress_steps=1)
+    await js.publish(subject_of(good[0]), _body(good[0], payload__plan={}), headers={"Nats-Msg-Id": "bad-plan"})
+    for env in good[1:3]:
+        await publish(js, env, subject_of(env))
+    batch, out, rows, skipped = await _record(js, database, "plan", full_decode=False)
+    assert out.appended == 2 and out.dead_lettered == 1
+    assert skipped == [(1, "bus.invalid_payload")]
