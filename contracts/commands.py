@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from contracts.common import PLAN_V3, FieldMapping, Frozen, RunPlan, upcast_plan_v2
+from contracts.common import PLAN_V3, FieldMapping, Frozen, Locator, RunPlan, upcast_plan_v2
 from contracts.registry import register
 
 
@@ -26,7 +26,7 @@ class CommitIngest(Frozen):
 
 @register("ingest.introspect", kind="command")
 class IntrospectSource(Frozen):
-    locator: str = Field(min_length=1)
+    locator: Locator = Field(min_length=1)
     sample_size: int = Field(20, ge=1, le=1000)
     requested_by: str = Field("cli", max_length=128)
 
@@ -35,7 +35,7 @@ class IntrospectSource(Frozen):
 class DryRunIngest(Frozen):
     """Map the whole source without committing; no mapping: introspection's proposal (>= 0.80 or force)."""
 
-    locator: str = Field(min_length=1)
+    locator: Locator = Field(min_length=1)
     mapping: FieldMapping | None = None
     force: bool = False
     sample_size: int = Field(10, ge=0, le=100)

@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+_PG_ENV = re.compile(r"pg:[A-Za-z_][A-Za-z0-9_]*(\?.*)?", re.S)
+_URL_CREDENTIALS = re.compile(r"://[^/@\s]*:[^/@\s]*@")
+
+
+def _no_credentials(locator: str) -> str:
+    """A locator travels in events, which the audit log keeps for good: one that carries a password
+    is refused before it is published (the message does not repeat it)."""
+    if locator.startswith("pg:") and not _PG_ENV.fullmatch(locator):
+        raise ValueError("a pg: locator names the environment variable that holds the DSN (pg:DSN_ENV?query=SQL), "
+                         "never the DSN itself")
+    if _URL_CREDENTIALS.search(locator):
+        raise ValueError("the locator holds credentials (scheme://user:password@...); pass them through the "
+                         "environment instead")
+    return locator
+
+
+# A data source as `scheme:...` (services/ingest/sources/locators.py parses it).
+Locator = Annotated[str, AfterValidator(_no_credentials)]
 
 
 class Frozen(BaseModel):
@@ -103,13 +124,13 @@ class RunPlan(Frozen):
     max_length) are overrides of the recipe and None means the recipe's value.
     """
 
-    locator: str = Field(min_length=1)
+    locator: Locator = Field(min_length=1)
     target: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
     text_field: str | None = None
     label_field: str | None = None
     mapping: FieldMapping | None = None
     force_mapping: bool = False
-    eval_locator: str | None = None
+    eval_locator: Locator | None = None
     provenance: Provenance = "human"     # for rows whose mapping names no provenance field
     cleaning: CleaningSettings = Field(default_factory=CleaningSettings)
     until: Stage = "registry"            # the last stage this run goes through
