@@ -29,6 +29,7 @@ from bench.cpu import postmaster_pid, process_cpu_s, tree_cpu_s
 from contracts import subjects
 from contracts.registry import encode
 from services.audit.app import AuditService
+from services.audit.db import app_dsn
 from services.audit.migrate import migrate
 from services.audit.recorder import CONSUMER
 from services.audit.settings import AuditSettings
@@ -113,7 +114,7 @@ async def measure_copy(dsn: str, events, meter: CpuMeter) -> tuple[float, dict]:
             for i, e in enumerate(events)]
     columns = ("global_position", "event_id", "type", "schema_version", "run_id", "correlation_id", "causation_id",
                "occurred_at", "producer", "severity", "reason_code", "subject", "payload")
-    conn = await asyncpg.connect(dsn, server_settings={"role": "tuneline_app"})
+    conn = await asyncpg.connect(app_dsn(dsn))  # as the recorder logs in
     cpu_before = meter.read()
     start = time.perf_counter()
     await conn.copy_records_to_table("run_events", records=rows, columns=columns)

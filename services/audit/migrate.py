@@ -4,6 +4,7 @@ file that changed after it was applied."""
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,10 +55,22 @@ async def migrate(dsn: str, schema_dir: Path = SCHEMA_DIR) -> MigrationReport:
                 await conn.execute(sql)
                 await conn.execute("INSERT INTO schema_migrations (filename, sha256) VALUES ($1, $2)", f.name, sha)
             applied.append(f.name)
+        await _set_app_password(conn)
         return MigrationReport(applied, skipped)
     finally:
         await conn.execute("SELECT pg_advisory_unlock_all()")
         await conn.close()
+
+
+async def _set_app_password(conn: asyncpg.Connection) -> None:
+    """Give tuneline_app the password services log in with (services/audit/db.py), where one is set;
+    every run, so that changing the variable and migrating again changes it."""
+    from services.audit.db import APP_PASSWORD_ENV, APP_ROLE
+
+    password = os.environ.get(APP_PASSWORD_ENV)
+    if password:
+        await conn.execute(await conn.fetchval("SELECT format('ALTER ROLE %I PASSWORD %L', $1::text, $2::text)",
+                                               APP_ROLE, password))
 
 
 async def ensure_database(admin_dsn: str, name: str) -> None:

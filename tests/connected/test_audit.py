@@ -177,6 +177,22 @@ async def test_run_events_refuses_update_delete_and_truncate(database, statement
         await owner.close()
 
 
+async def test_the_application_role_cannot_step_out_of_its_grants(database):
+    """Services log in as tuneline_app (no superuser, member of nothing): SET ROLE back to the owner,
+    or switching the append-only triggers off for the session, is refused."""
+    app = await connect_as_app(database)
+    try:
+        assert await app.fetchval("SELECT session_user") == "tuneline_app"
+        assert not await app.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = session_user")
+        owner = await app.fetchval("SELECT tableowner FROM pg_tables WHERE tablename = 'run_events'")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await app.execute(f'SET ROLE "{owner}"')
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await app.execute("SET session_replication_role = replica")
+    finally:
+        await app.close()
+
+
 async def test_rebuilding_the_timeline_reproduces_it_exactly(js, nats_server, database, tmp_path):
     envs = []
     for i in range(5):
@@ -401,3 +417,17 @@ async def test_unstorable_messages_are_dead_lettered_once_with_a_failure_event_a
     assert announced[bad_positions[3]] == "run-nul"  # the NUL taken out of the run id it is attributed to
     assert [int(m.headers["Tuneline-Original-Sequence"]) for m in dead] == bad_positions
     assert [m.headers["Tuneline-Reason-Code"] for m in dead] == [code for *_, code in bad]
+
+
+async def test_the_migrator_sets_the_application_role_password_from_the_environment(database, monkeypatch):
+    from services.audit.migrate import migrate
+
+    owner = await asyncpg.connect(database)
+    try:
+        await owner.execute("ALTER ROLE tuneline_app PASSWORD NULL")
+        monkeypatch.setenv("TUNELINE_APP_DB_PASSWORD", "s3cret-app")
+        await migrate(database)
+        assert await owner.fetchval("SELECT rolpassword IS NOT NULL FROM pg_authid WHERE rolname = 'tuneline_app'")
+    finally:
+        await owner.execute("ALTER ROLE tuneline_app PASSWORD NULL")
+        await owner.close()

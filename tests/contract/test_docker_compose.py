@@ -160,6 +160,8 @@ def test_audit_and_migrate_reach_the_postgres_service_with_its_credentials(servi
     assert url.path.lstrip("/") == pg["POSTGRES_DB"]
     # `tuneline migrate` (services.cli.main.urls) refuses to run without NATS_URL as well.
     assert env.get("NATS_URL", "").startswith("nats://nats")
+    # migrate sets the application role's password, and audit logs in with it (services/audit/db.py)
+    assert env.get("TUNELINE_APP_DB_PASSWORD"), f"{name}: no TUNELINE_APP_DB_PASSWORD"
 
 
 def test_migrate_runs_once_after_postgres_is_healthy_and_audit_waits_for_it(services):
