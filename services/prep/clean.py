@@ -142,6 +142,9 @@ def dedup_key(text: str) -> str:
 _LETTERS = bytes(range(ord("a"), ord("z") + 1)) + bytes(range(ord("A"), ord("Z") + 1))
 _NON_LETTER_RE = re.compile(r"[\W\d_]+")  # letters: what is left
 _NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]+")
+# Letters of scripts written without spaces between words (CJK ideographs, kana, Thai, Lao, Khmer,
+# Myanmar): a space count would see a whole sentence as one word.
+_UNSPACED_RE = re.compile("[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff]")
 
 
 def quality(text: str) -> float:
@@ -156,6 +159,7 @@ def quality(text: str) -> float:
         ascii_part = text.encode("ascii", "ignore")
         letters = len(ascii_part) - len(ascii_part.translate(None, _LETTERS))
         letters += len(_NON_LETTER_RE.sub("", "".join(_NON_ASCII_RUN.findall(text))))
+        words += len(_UNSPACED_RE.findall(text)) // 2  # scripts written without spaces: ~2 characters a word
     alpha = letters / max(1, n - spaces)
     q = min(1.0, words / 8) * min(1.0, max(0.0, (alpha - 0.2) / 0.3))
     if "\n" in text:

@@ -177,3 +177,14 @@ def test_a_failed_worker_slice_is_computed_by_the_parent():
 
     assert split_run(child_said, 10, 100, True, result_bytes=1000) == ((False, "y" * 10), (True, "y" * 100))
     assert split_run(child_said, 10, 100_000, True, result_bytes=1000) == ((False, "y" * 10), (True, "y" * 100_000))
+
+
+def test_text_in_scripts_written_without_spaces_is_not_low_quality():
+    """Words were counted by spaces, so every Chinese, Japanese or Thai sentence scored as one word
+    and was dropped as cleaning.low_quality."""
+    texts = ["我的订单还没有到，请帮我查一下物流信息", "注文した商品がまだ届いていません。配送状況を確認してください。",
+             "สวัสดีครับ ผมมีปัญหาเรื่องการชำระเงิน"]
+    assert all(quality(t) >= 0.75 for t in texts)
+    rows = [{"row_number": i + 1, "text": f"{t}（工单{i}号）", "label": "x"} for i, t in enumerate(texts * 10)]
+    assert "cleaning.low_quality" not in clean(rows).stats["dropped_by_reason"]
+    assert quality("好") < 0.2  # one character is still one word
