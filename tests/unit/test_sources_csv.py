@@ -4,6 +4,7 @@ records as records (ragged, undecodable, too long), whole-file failures as Sourc
 from __future__ import annotations
 
 import codecs
+import random
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,91 @@ def test_cp1252_file_is_detected(tmp_path):
     recs = list(src.load())
     assert codes(recs) == ["ok"] * 30
     assert "café" in recs[0].fields["text"] and "€" in recs[0].fields["text"]
+
+
+FRENCH = ["Le café était très bon, merci beaucoup pour le service rapide",
+          "Je n'ai pas reçu ma commande, où est-elle ? C'est déjà la deuxième fois",
+          "Problème de facturation : le montant débité est erroné",
+          "Très déçu par la qualité, je souhaite être remboursé",
+          "L'équipe a été très réactive, à bientôt"]
+FRENCH_TYPOGRAPHY = ["Le «service» m’a déçu – 15 € de frais pour rien",
+                     "Où est ma commande ? Ça fait déjà “deux semaines”…",
+                     "Très bien, l’équipe a répondu à 9 h – merci !"]
+ENGLISH_SMART_QUOTES = ["Customer said \u201cthanks\u201d \u2013 great service, cost \u20ac50",
+                        "It\u2019s broken again \u2014 please fix\u2026",
+                        "The \u2018Save\u2019 button does nothing \u2022 tried twice"]
+
+
+def _csv_of(tmp_path, texts: list[str], rows: int, encoding: str, newline: str = "\n") -> tuple[Path, list[str]]:
+    rnd = random.Random(rows)
+    chosen = [rnd.choice(texts) for _ in range(rows)]
+    body = "".join(f'"{t}",{"ab"[i % 2]}{newline}' for i, t in enumerate(chosen))
+    return write(tmp_path, (f"text,label{newline}" + body).encode(encoding)), chosen
+
+
+@pytest.mark.parametrize("rows", [40, 3000])
+@pytest.mark.parametrize("encoding, texts", [
+    ("latin-1", FRENCH), ("cp1252", FRENCH), ("cp1252", FRENCH_TYPOGRAPHY), ("cp1252", ENGLISH_SMART_QUOTES),
+])
+def test_western_single_byte_text_is_read_as_windows_1252(tmp_path, encoding, texts, rows):
+    # charset-normalizer alone took French latin-1/cp1252 for iso8859-10 or cp1257 ("très" -> "trčs")
+    # and English smart quotes for cp852; every row was accepted, corrupted
+    p, chosen = _csv_of(tmp_path, texts, rows, encoding)
+    src = CsvSource(p)
+    d = src.describe()
+    assert (d.encoding, d.details["encoding_source"]) == ("cp1252", "detected")
+    recs = list(src.load())
+    assert [r.fields["text"] for r in recs] == chosen
+
+
+RUSSIAN = ["Привет, мой заказ не пришёл", "Пароль не работает, помогите пожалуйста"]
+GREEK = ["Η παραγγελία μου δεν έφτασε ακόμα", "Ευχαριστώ πολύ για τη βοήθεια"]
+POLISH = ["Zażółć gęślą jaźń, proszę o zwrot pieniędzy", "Przesyłka nie dotarła, złożyłem reklamację"]
+GERMAN = ["Die Lieferung war pünktlich und die Qualität ist großartig",
+          "Rückerstattung für die falsche Größe, bitte schnell"]
+JAPANESE = ["注文した商品がまだ届いていません。配送状況を確認してください。", "パスワードをリセットしてもログインできません。"]
+CHINESE = ["我的订单还没有到，请帮我查一下物流信息", "我无法登录我的账户，密码重置邮件一直没有收到"]
+
+
+@pytest.mark.parametrize("encoding, texts", [
+    ("cp1251", RUSSIAN), ("koi8-r", RUSSIAN), ("cp1253", GREEK), ("cp1250", POLISH), ("mac-roman", GERMAN),
+    ("shift_jis", JAPANESE), ("gb18030", CHINESE),
+])
+def test_other_detected_encodings_are_not_replaced_by_windows_1252(tmp_path, encoding, texts):
+    # non-Latin guesses, and Latin ones whose bytes do not read as windows-1252 text (Polish cp1250,
+    # Mac Roman umlauts at 0x80-0x9F), keep the detector's answer
+    p, chosen = _csv_of(tmp_path, texts, 40, encoding)
+    src = CsvSource(p)
+    assert src.describe().encoding != "cp1252"
+    assert [r.fields["text"] for r in src.load()] == chosen
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "cp1252", "utf-16"])
+def test_cr_only_line_endings_are_read_as_lines(tmp_path, encoding):
+    # classic Mac OS / Excel "CSV (Macintosh)": was refused as "a header row but no records"
+    text = 'text,label\rcafé,a\r"two\rlines",b\r\r"lf\ninside",c\r\nlast,d\r'
+    p = write(tmp_path, text.encode(encoding))
+    src = CsvSource(p)
+    assert src.describe().row_estimate == 4
+    recs = list(src.load())
+    assert [r.fields for r in recs] == [{"text": "café", "label": "a"}, {"text": "two\rlines", "label": "b"},
+                                        {"text": "lf\ninside", "label": "c"}, {"text": "last", "label": "d"}]
+    assert [r.row_number for r in recs] == [2, 3, 6, 8]  # CR, LF and CRLF each end a line
+    assert recs[1].raw == '"two\rlines",b'
+    if encoding != "utf-16":
+        data = p.read_bytes()
+        assert [r.offset for r in recs] == [data.index(s.encode(encoding)) for s in ("café", '"two', '"lf', "last")]
+
+
+def test_a_large_cr_only_cp1252_file_reads_every_record(tmp_path):
+    p, chosen = _csv_of(tmp_path, FRENCH_TYPOGRAPHY, 5000, "cp1252", newline="\r")
+    src = CsvSource(p)
+    d = src.describe()
+    assert d.encoding == "cp1252" and 4000 < d.row_estimate < 6000
+    recs = list(src.load())
+    assert [r.fields["text"] for r in recs] == chosen and [r.row_number for r in recs] == list(range(2, 5002))
+    data = p.read_bytes()
+    assert all(data[r.offset:].startswith(f'"{t}",'.encode("cp1252")) for r, t in zip(recs, chosen))
 
 
 def test_explicit_encoding_override(tmp_path):

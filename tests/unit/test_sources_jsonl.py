@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from contracts.common import FieldMapping
+from services.common.artifacts import ArtifactStore
+from services.common.jsonl import read_jsonl
+from services.ingest.domain import IngestError, run_ingest
 from services.ingest.sources.base import MAX_RAW_KEPT, SourceError
 from services.ingest.sources.jsonl import JsonlSource
 
@@ -159,8 +163,53 @@ def test_describe_reads_a_sample_only(tmp_path):
     p = write(tmp_path, ("\n".join(lines) + "\n").encode())
     d = JsonlSource(p).describe()
     assert (d.scheme, d.format, d.encoding, d.location) == ("jsonl", "jsonl", "utf-8", str(p))
-    assert d.columns == ["text", "label"] and d.size_bytes == p.stat().st_size
+    assert d.columns == [] and d.size_bytes == p.stat().st_size  # keys of rows not read are unknown
     assert 15_000 < d.row_estimate < 25_000 and d.details["sampled_rows"] < 20_000
+
+
+def test_describe_of_a_wholly_read_file_gives_every_key_of_every_row(tmp_path):
+    p = write(tmp_path, b'{"text": "a"}\n[1]\n{not json\n{"text": "b", "label": "x"}\n{"n": NaN, "text": "c"}\n')
+    assert JsonlSource(p).describe().columns == ["text", "label", "n"]
+
+
+SINGLE = FieldMapping(text=["text"], label="label")
+
+
+def _ingest(path, mapping=SINGLE):
+    store = ArtifactStore(path.parent / f"artifacts-{path.stem}")
+    out = run_ingest(JsonlSource(path), mapping, store, commit=True)
+    return out, read_jsonl(store, out.dataset), read_jsonl(store, out.rejected)
+
+
+@pytest.mark.parametrize("rows", [50, 3000])  # a file describe() reads whole, and one it samples
+def test_a_first_row_without_the_label_is_one_rejected_row_not_a_failed_source(tmp_path, rows):
+    # the first object's keys were taken for the file's schema: the whole source failed with
+    # ingest.mapping_invalid, while the same row second was one ingest.missing_field
+    lines = [{"text": "first ticket has no label yet"}] + [
+        {"text": f"ticket {i} about my invoice", "label": "ab"[i % 2]} for i in range(1, rows)]
+    p = write(tmp_path, "".join(json.dumps(r) + "\n" for r in lines).encode(), name=f"rows{rows}.jsonl")
+    out, accepted, rejected = _ingest(p)
+    c = out.counts
+    assert (c.rows_read, c.rows_accepted, c.rows_rejected) == (rows, rows - 1, 1)
+    assert out.rejected_by_reason == {"ingest.missing_field": 1}
+    assert [(r["row_number"], r["source_offset"]) for r in rejected] == [(1, 0)]
+    assert len(accepted) == rows - 1
+
+
+def test_an_optional_field_missing_from_the_first_rows_is_left_empty_there(tmp_path):
+    lines = [{"text": f"ticket {i} about my invoice", "label": "a", **({"source": "synthetic"} if i > 1 else {})}
+             for i in range(1, 51)]
+    p = write(tmp_path, "".join(json.dumps(r) + "\n" for r in lines).encode())
+    out, accepted, _ = _ingest(p, FieldMapping(text=["text"], label="label", provenance="source"))
+    assert (out.counts.rows_read, out.counts.rows_accepted) == (50, 50)
+    assert [r["provenance"] for r in accepted] == ["human"] + ["synthetic"] * 49
+
+
+def test_a_mapped_field_no_row_of_a_wholly_read_file_has_is_a_mapping_error(tmp_path):
+    p = write(tmp_path, b'{"text": "a", "label": "x"}\n{"text": "b"}\n')
+    with pytest.raises(IngestError) as err:
+        _ingest(p, FieldMapping(text=["text"], label="lable"))
+    assert err.value.reason_code == "ingest.mapping_invalid" and "lable" in str(err.value)
 
 
 def test_records_are_yielded_lazily(tmp_path):

@@ -74,11 +74,11 @@ def _reference_csv_count(data: bytes, src: CsvSource) -> int:
     """Records (including bad ones) after the header, by stdlib csv over the same physical lines."""
     lay = src._detect()
     body = data[lay.bom_bytes:]
-    if lay.ascii_compatible:
-        lines = [ln.decode(lay.encoding, _MARK) for ln in body.splitlines(keepends=True) if ln] if b"\r" not in body else None
+    if lay.ascii_compatible and (b"\r" not in body or lay.universal_newlines):
+        lines = [ln.decode(lay.encoding, _MARK) for ln in body.splitlines(keepends=True) if ln]
     else:
         lines = None
-    if lines is None:  # lone CRs: split only on LF, as the connector does
+    if lines is None:  # lone CRs after an LF-ended first line: split only on LF, as the connector does
         text = body.decode(lay.encoding, _MARK) if not lay.ascii_compatible else None
         pieces = (text.split("\n") if text is not None else [p.decode(lay.encoding, _MARK) for p in body.split(b"\n")])
         lines = [p + "\n" for p in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])

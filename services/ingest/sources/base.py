@@ -52,7 +52,9 @@ class SourceDescription:
     size_bytes: int | None = None
     encoding: str | None = None
     dialect: dict[str, Any] | None = None  # CSV: delimiter, quotechar, header
-    columns: list[str] = field(default_factory=list)  # known up front (CSV header, hf features, query columns)
+    # known up front (CSV header, hf features, query columns, every key of a JSONL file small enough
+    # for describe() to read whole); a mapping naming a field not in a non-empty list is refused
+    columns: list[str] = field(default_factory=list)
     row_estimate: int | None = None
     details: dict[str, Any] = field(default_factory=dict)
 

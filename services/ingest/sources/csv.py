@@ -3,11 +3,26 @@
 Encoding: an explicit `encoding=` wins; else a BOM (UTF-8, UTF-16 LE/BE, UTF-32); else UTF-8 when the
 first 64 KiB decode as UTF-8; else charset-normalizer's best guess (describe() reports which, and how
 it was found). Without a BOM, NUL bytes in the first 8 KiB mean a binary file (ingest.binary_source).
+When that guess is a Latin-script single-byte code page, windows-1252 is read instead if the
+detector accepts the bytes as windows-1252, as the WHATWG encoding standard and browsers default
+such text to it: windows-1252 is Windows' and Excel's Western code page and holds latin-1's
+printable characters, while the ISO-8859 and Windows Latin code pages put different letters on the
+same bytes, so the detector's pick among them is close to arbitrary (French latin-1 came out as
+iso8859-10, "très" as "trčs"). Mac and DOS code pages put their accented letters at 0x80-0x9F,
+where windows-1252 has punctuation (English smart quotes came out as cp852); their guess stands only
+when a byte there is one windows-1252 reads as a letter (ƒ ˆ Š Œ Ž š œ ž Ÿ: Mac Roman's ü is Ÿ), which
+windows-1252 text rarely has. Text that does not read as windows-1252 (Polish cp1250, ...) and
+non-Latin guesses (cp1251, koi8-r, Greek, shift_jis, gb18030, ...) keep the detector's answer;
+`encoding=` is there for the rest (Hungarian cp1250 also reads as windows-1252, with õ û for ő ű).
 
 Dialect: csv.Sniffer on the first 16 KiB, delimiters `,;\\t|`, checked against the header (the sniffed
 delimiter must split the header at least as well as the others), falling back to excel (comma,
 double quote). Quotes are always doubled-quote style (`""` inside a quoted field). Quoted fields may
 span lines.
+
+Lines end in LF (or CRLF); a lone CR inside a line is part of it. A file whose first line ends in a
+lone CR (classic Mac OS, Excel's "CSV (Macintosh)") is read with universal newlines instead: CR, LF
+and CRLF each end a line.
 
 Rows and offsets
     The first record is the header (empty names become `column_N`, repeated names get `_2`, `_3`).
@@ -62,6 +77,20 @@ _BOMS = (  # longest first: the UTF-32 LE BOM starts with the UTF-16 LE one
     (codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"),
     (codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"),
 )
+# Latin-script code pages that charset-normalizer may guess (codecs names), with controls or
+# punctuation at 0x80-0x9F and letters at 0xA0-0xFF as in windows-1252 ...
+_ISO_WINDOWS_LATIN = frozenset({
+    "iso8859-1", "iso8859-2", "iso8859-3", "iso8859-4", "iso8859-9", "iso8859-10", "iso8859-13", "iso8859-14",
+    "iso8859-15", "iso8859-16", "cp1250", "cp1254", "cp1257", "cp1258", "hp-roman8",
+})
+# ... and Mac and DOS ones, with accented letters at 0x80-0x9F
+_MAC_DOS_LATIN = frozenset({
+    "cp437", "cp775", "cp850", "cp852", "cp857", "cp858", "cp860", "cp861", "cp863", "cp865",
+    "mac-roman", "mac-latin2", "mac-iceland", "mac-turkish",
+})
+# the bytes at 0x80-0x9F that windows-1252 reads as letters (ƒ ˆ Š Œ Ž š œ ž Ÿ), not as punctuation
+_CP1252_LETTERS_80_9F = re.compile(rb"[\x83\x88\x8a\x8c\x8e\x9a\x9c\x9e\x9f]")
+_FIRST_LINE_END = re.compile("\r(?!\n)|\n")
 
 
 def _mark_undecodable(exc: UnicodeError):
@@ -81,6 +110,7 @@ class _Layout:
     encoding_source: str   # "override", "bom", "utf-8", "detected"
     bom_bytes: int
     ascii_compatible: bool
+    universal_newlines: bool  # the first line ends in a lone CR: CR, LF and CRLF all end lines
     dialect: type[csv.Dialect]
     header: list[str]
     size: int
@@ -222,13 +252,17 @@ class CsvSource:
                 codecs.getincrementaldecoder("utf-8")().decode(sample, final=complete)
                 encoding, source = "utf-8", "utf-8"
             except UnicodeDecodeError:
-                encoding, source = self._guess(sample), "detected"
+                encoding, proposed = self._guess(sample)
+                source = "detected"
                 detection["guessed_from_bytes"] = len(sample)
+                if proposed != encoding:
+                    detection["detector_proposed"] = proposed
         body = sample[bom_len:]
         if not complete:
             cut = body.rfind(b"\n")
             body = body[: cut + 1] if cut > 0 else body
         text = body.decode(encoding, _MARK)
+        first_end = _FIRST_LINE_END.search(text)
         dialect, how = _sniff(text)
         detection["dialect_source"] = how
         reader = csv.reader(io.StringIO(text, newline=""), dialect)
@@ -248,18 +282,26 @@ class CsvSource:
             raise SourceError("ingest.empty_source", f"{self.path} has no header row")
         if _MARKED.search("".join(header)):
             raise SourceError("ingest.encoding_error", f"{self.path}: the header row does not decode as {encoding}")
-        self._layout = _Layout(encoding, source, bom_len, _ascii_compatible(encoding), dialect, _unique_header(header),
+        self._layout = _Layout(encoding, source, bom_len, _ascii_compatible(encoding),
+                               first_end is not None and first_end.group() == "\r", dialect, _unique_header(header),
                                size, records, len(body), detection)
         return self._layout
 
-    def _guess(self, sample: bytes) -> str:
+    def _guess(self, sample: bytes) -> tuple[str, str]:
+        """(the encoding to read with, charset-normalizer's own guess): windows-1252 over another Latin
+        code page where the detector accepts the bytes as windows-1252 (see the module docstring)."""
         from charset_normalizer import from_bytes
 
         best = from_bytes(sample).best()
         if best is None:
             raise SourceError("ingest.binary_source",
                               f"{self.path} is not text in any encoding charset-normalizer knows (not UTF-8, no BOM): not CSV")
-        return codecs.lookup(best.encoding).name
+        proposed = codecs.lookup(best.encoding).name
+        if ((proposed in _ISO_WINDOWS_LATIN
+             or proposed in _MAC_DOS_LATIN and not _CP1252_LETTERS_80_9F.search(sample))
+                and from_bytes(sample, cp_isolation=["cp1252"]).best() is not None):
+            return "cp1252", proposed
+        return proposed, proposed
 
     def describe(self) -> SourceDescription:
         """Reads the first 64 KiB: encoding, dialect, header, a row estimate."""
@@ -300,13 +342,24 @@ class CsvSource:
         enc = lay.encoding
         q = lay.dialect.quotechar
         if lay.ascii_compatible:
-            readline = f.readline
+            if lay.universal_newlines:
+                # binary readline ends lines at LF only; latin-1 maps bytes to characters one to one,
+                # so this reads the same bytes split at CR, LF or CRLF
+                read_text = io.TextIOWrapper(f, encoding="latin-1", newline="").readline
+
+                def readline(size):
+                    return read_text(size).encode("latin-1")
+
+                line_ends = b"\r\n"
+            else:
+                readline = f.readline
+                line_ends = b"\n"
 
             def next_line():  # -> (text, bytes, undecodable, cut at the limit)
                 line = readline(limit)
                 if not line:
                     return None, 0, False, False
-                full = len(line) == limit and line[-1] != 0x0A
+                full = len(line) == limit and line[-1] not in line_ends
                 try:
                     return line.decode(enc), len(line), False, full
                 except UnicodeDecodeError:

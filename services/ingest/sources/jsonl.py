@@ -234,7 +234,11 @@ class JsonlSource:
                 return skipped, blank, tail
 
     def describe(self) -> SourceDescription:
-        """Reads at most the first 64 KiB: size, BOM, the keys of the first object, a row estimate."""
+        """Reads at most the first 64 KiB: size, BOM, a row estimate and, when that is the whole file,
+        `columns`: every key of every object. JSON Lines has no fixed schema, so a key that the first
+        rows lack may still come later (a row without a required field is rejected on its own); only
+        a key that no row of a wholly read file has is one the source does not have. A larger file's
+        `columns` stay empty: no mapped field can be refused before all its rows are read."""
         f = self._open()
         with f:
             sample = f.read(_DESCRIBE_SAMPLE_BYTES)
@@ -248,21 +252,21 @@ class JsonlSource:
         if size > len(sample):
             complete = complete[:-1]  # the last piece may be cut
         lines = [ln for ln in complete if ln.strip()]
-        columns: list[str] = []
-        for ln in lines:
-            try:
-                value = orjson.loads(ln)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(value, dict):
-                columns = [str(k) for k in value]
-                break
+        keys: dict[str, None] = {}
+        if size <= len(sample):
+            for ln in lines:
+                try:
+                    value = orjson.loads(ln)
+                except orjson.JSONDecodeError:
+                    value, _ = _slow_parse(ln, 0)  # what load() parses too (NaN, integers beyond 64 bits)
+                if isinstance(value, dict):
+                    keys.update(dict.fromkeys(map(str, value)))
         estimate = None
         if lines:
             sampled_bytes = sum(len(ln) + 1 for ln in complete) or 1
             estimate = len(lines) if size <= len(sample) else round(len(lines) * (size - len(BOM) * bom) / sampled_bytes)
         return SourceDescription(
             scheme="jsonl", location=str(self.path), format="jsonl", size_bytes=size,
-            encoding="utf-8-sig" if bom else "utf-8", columns=columns, row_estimate=estimate,
+            encoding="utf-8-sig" if bom else "utf-8", columns=list(keys), row_estimate=estimate,
             details={"bom": bom, "sampled_rows": len(lines), "max_row_bytes": self.max_row_bytes},
         )
