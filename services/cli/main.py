@@ -36,11 +36,53 @@ def urls() -> tuple[str, str]:
     return nats_url, db_url
 
 
+class StackUnreachable(Exception):
+    """A server the command needs is not answering: main() prints the one-line message, exit status 1."""
+
+
+def redact(url: str) -> str:
+    """A URL without its password (NATS and PostgreSQL URLs may carry one)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        if not parts.password:
+            return url
+        host = parts.netloc.rpartition("@")[2]
+        netloc = f"{parts.username}:***@{host}"
+        return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        return "<unparsable URL>"
+
+
+async def _quiet(_exc: Exception) -> None:
+    pass  # connection errors become one StackUnreachable line, not a logged traceback per attempt
+
+
 async def _js(nats_url: str):
     import nats
 
-    nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=2)
+    try:
+        nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=2, reconnect_time_wait=0.5,
+                                error_cb=_quiet)
+    except Exception as exc:  # noqa: BLE001 - NoServersError, OSError, timeouts: all mean "not there"
+        raise StackUnreachable(f"nats-server at {redact(nats_url)} is not reachable ({type(exc).__name__}): "
+                               "run `tuneline up`") from None
     return nc, nc.jetstream()
+
+
+async def _db(db_url: str):
+    """A connection as tuneline_app; an unreachable server is a StackUnreachable, not a traceback."""
+    import asyncpg
+
+    from services.audit.db import connect_as_app
+
+    try:
+        return await connect_as_app(db_url)
+    except (OSError, asyncio.TimeoutError, asyncpg.CannotConnectNowError,
+            asyncpg.ConnectionDoesNotExistError) as exc:
+        raise StackUnreachable(f"PostgreSQL at {redact(db_url)} is not reachable ({type(exc).__name__}): "
+                               "run `tuneline up`") from None
 
 
 # --- up / down / status --------------------------------------------------------------------
@@ -83,38 +125,105 @@ DURABLES = {
 }
 
 
+def _ensure_nats(root: Path, recorded: dict | None) -> tuple[dict, bool]:
+    """The stack's nats-server: the recorded one when it is alive and listening, else a new one on the
+    same port and the same store. Never two on one store: any other nats-server found serving it is
+    stopped first. Returns (state entry, whether a server was started)."""
+    recorded = recorded if (recorded or {}).get("managed") else {}
+    store = (root / "nats" / "jetstream").resolve()
+    on_store = set(stack.nats_pids_for_store(store))
+    pid, url = recorded.get("pid"), recorded.get("url")
+    if stack.nats_alive(pid) and stack.port_open("127.0.0.1", stack.port_of(url)):
+        for stray in sorted(on_store - {pid}):
+            print(f"nats-server   stopping pid {stray}: a second server on {store}", file=sys.stderr)
+            stack.stop_pid(stray)
+        print(f"nats-server   {url} (running, pid {pid})")
+        return recorded, False
+    for old in sorted(on_store | ({pid} if stack.nats_alive(pid) else set())):
+        stack.stop_pid(old)  # hung, or not the recorded one: the store gets exactly one writer
+    port = stack.port_of(url)
+    if port and stack.port_open("127.0.0.1", port):
+        print(f"nats-server   port {port} is taken by another process; using a new port", file=sys.stderr)
+        port = None
+    n = stack.start_nats(root / "nats", port)
+    print(f"nats-server   {n.url} (JetStream, sync_interval: always, store {n.store_dir})")
+    return {"url": n.url, "pid": n.pid, "managed": True, "log": str(n.log)}, True
+
+
+def _ensure_postgres(root: Path, recorded: dict | None) -> tuple[dict, bool]:
+    """The stack's PostgreSQL: reused when its postmaster is alive, else started on the same pgdata
+    (same unix-socket URL). Returns (state entry, whether it was started)."""
+    recorded = recorded if (recorded or {}).get("managed") else {}
+    pgdata = Path(recorded.get("pgdata") or root / "postgres" / "pgdata").resolve()
+    was_alive = stack.postgres_alive(pgdata)
+    if recorded.get("url") and was_alive:
+        print(f"postgresql    {redact(recorded['url'])} (running)")
+        return recorded, False
+    pg = stack.start_postgres(root / "postgres")  # attaches when a postmaster is (still) there
+    print(f"postgresql    {redact(pg.url)}")
+    return {"url": pg.url, "pgdata": str(pg.pgdata), "managed": True}, not was_alive
+
+
 def cmd_up(args) -> int:
+    """Bring the stack to "everything up", from whatever stack.json records: live parts are reused, dead
+    ones restarted (the nats-server on its port and store), and every pid is recorded for `down`."""
     root = data_dir()
-    state = stack.read_state(root) or {}
-    if state.get("services") and all(stack.pid_alive(s["pid"]) for s in state["services"].values()):
-        print(f"already up ({root}); `tuneline status` for details")
-        return 0
-    state = {"data_dir": str(root)}
+    old = stack.read_state(root) or {}
+    state = {"data_dir": str(root), "services": {}}
+    # Services alive now, recorded or not (a lost stack.json must not orphan them): one kept per service.
+    alive: dict[str, list[int]] = stack.service_pids_for(root)
+    for name, s in (old.get("services") or {}).items():
+        if name in stack.SERVICES and stack.service_alive(s.get("pid"), name) and s["pid"] not in alive.get(name, []):
+            alive.setdefault(name, []).insert(0, s["pid"])
+    recorded_pid = {name: s.get("pid") for name, s in (old.get("services") or {}).items()}
+    for name, pids in alive.items():
+        pids.sort(key=lambda p: p != recorded_pid.get(name))  # the recorded one first
+        state["services"][name] = {"pid": pids[0], "log": str(root / "logs" / f"{name}.log")}
+    stack.write_state(root, {**old, **state})  # `down` can stop what is alive even if the rest fails
+
+    restarted = False
     if os.environ.get("NATS_URL"):
         state["nats"] = {"url": os.environ["NATS_URL"], "managed": False}
     else:
-        n = stack.start_nats(root / "nats")
-        state["nats"] = {"url": n.url, "pid": n.pid, "managed": True, "log": str(n.log)}
-        print(f"nats-server   {n.url} (JetStream, sync_interval: always, store {n.store_dir})")
+        state["nats"], started = _ensure_nats(root, old.get("nats"))
+        restarted |= started
+        stack.write_state(root, {**old, **state})
     if os.environ.get("DATABASE_URL"):
         state["postgres"] = {"url": os.environ["DATABASE_URL"], "managed": False}
     else:
-        pg = stack.start_postgres(root / "postgres")
-        state["postgres"] = {"url": pg.url, "pgdata": str(pg.pgdata), "managed": True}
-        print(f"postgresql    {pg.url}")
+        state["postgres"], started = _ensure_postgres(root, old.get("postgres"))
+        restarted |= started
+    stack.write_state(root, state)
+
+    healthy = not restarted and all(len(alive.get(n, [])) == 1 for n in stack.SERVICES)
+    if healthy:
+        print(f"already up ({root}); `tuneline status` for details")
+        return 0
+
+    for name, pids in alive.items():
+        # Duplicates always go; with nats or PostgreSQL restarted under them, every service restarts.
+        for pid in pids[(0 if restarted else 1):]:
+            stack.stop_pid(pid)
+        if restarted:
+            state["services"].pop(name, None)
     stack.write_state(root, state)
     asyncio.run(_prepare(state["nats"]["url"], state["postgres"]["url"]))
     env = dict(os.environ, NATS_URL=state["nats"]["url"], DATABASE_URL=state["postgres"]["url"],
                TUNELINE_DATA_DIR=str(root), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    state["services"] = {}
+    started_now = []
     for name in stack.SERVICES:
-        pid = stack.start_service(name, root, env)
-        state["services"][name] = {"pid": pid, "log": str(root / "logs" / f"{name}.log")}
+        if name not in state["services"]:
+            pid = stack.start_service(name, root, env)
+            state["services"][name] = {"pid": pid, "log": str(root / "logs" / f"{name}.log")}
+            started_now.append(name)
+            stack.write_state(root, state)
+    state["services"] = {n: state["services"][n] for n in stack.SERVICES}
     stack.write_state(root, state)
     missing = asyncio.run(_wait_ready(state["nats"]["url"], [DURABLES[s] for s in stack.SERVICES]))
     for name in stack.SERVICES:
-        ok = DURABLES[name] not in missing and stack.pid_alive(state["services"][name]["pid"])
-        print(f"{name:<13} {'up' if ok else 'NOT READY'} pid {state['services'][name]['pid']}")
+        ok = DURABLES[name] not in missing and stack.service_alive(state["services"][name]["pid"], name)
+        how = "started" if name in started_now else "running"
+        print(f"{name:<13} {'up' if ok else 'NOT READY'} pid {state['services'][name]['pid']} ({how})")
     if missing:
         print(f"services not ready: {missing}; see {root / 'logs'}", file=sys.stderr)
         return 1
@@ -124,25 +233,41 @@ def cmd_up(args) -> int:
 def cmd_down(args) -> int:
     root = data_dir()
     state = stack.read_state(root)
-    if not state:
+    strays = stack.service_pids_for(root)  # services of this data dir that stack.json lost track of
+    store = (root / "nats" / "jetstream").resolve()
+    pgdata = root / "postgres" / "pgdata"
+    if not state and not strays and not stack.nats_pids_for_store(store) and not stack.postgres_alive(pgdata):
         print("nothing to stop")
         return 0
-    for name, s in (state.get("services") or {}).items():
-        stack.stop_pid(s["pid"])
-        print(f"{name:<13} stopped")
+    state = state or {}
+    for name in stack.SERVICES:
+        pids = set(strays.get(name, []))
+        recorded = (state.get("services") or {}).get(name, {}).get("pid")
+        if stack.service_alive(recorded, name):
+            pids.add(recorded)
+        for pid in sorted(pids):
+            stack.stop_pid(pid)
+        if pids:
+            print(f"{name:<13} stopped")
     state["services"] = {}
-    if state.get("nats", {}).get("managed"):
-        stack.stop_pid(state["nats"]["pid"])
+    nats_pids = set(stack.nats_pids_for_store(store))
+    if state.get("nats", {}).get("managed") and stack.nats_alive(state["nats"].get("pid")):
+        nats_pids.add(state["nats"]["pid"])
+    for pid in sorted(nats_pids):
+        stack.stop_pid(pid)
+    if nats_pids:
         print("nats-server   stopped")
     if state.get("postgres", {}).get("managed"):
         stack.stop_postgres(Path(state["postgres"]["pgdata"]))
+        print("postgresql    stopped")
+    elif not state.get("postgres") and stack.postgres_alive(pgdata):
+        stack.stop_postgres(pgdata)  # ours (under the data dir), though stack.json did not record it
         print("postgresql    stopped")
     stack.state_path(root).unlink(missing_ok=True)
     return 0
 
 
 async def _status() -> dict:
-    from services.audit.db import connect_as_app
     from services.audit.recorder import find_gaps, recorder_lag
 
     nats_url, db_url = urls()
@@ -150,9 +275,13 @@ async def _status() -> dict:
     state = stack.read_state(data_dir()) or {}
     for name in stack.SERVICES:
         pid = (state.get("services") or {}).get(name, {}).get("pid")
-        out["services"][name] = {"pid": pid, "alive": stack.pid_alive(pid)}
+        out["services"][name] = {"pid": pid, "alive": stack.service_alive(pid, name)}
     nc, js = await _js(nats_url)
-    conn = await connect_as_app(db_url)
+    try:
+        conn = await _db(db_url)
+    except StackUnreachable:
+        await nc.close()
+        raise
     try:
         info = await js.stream_info(subjects.STREAM)
         dlq = await js.stream_info(subjects.DLQ_STREAM)
@@ -176,9 +305,11 @@ async def _status() -> dict:
 
 def cmd_status(args) -> int:
     st = asyncio.run(_status())
+    # Both modes: 1 when a service is down or the timeline projection has stopped on an error.
+    rc = 0 if all(s["alive"] for s in st["services"].values()) and not st["projection"].get("error_position") else 1
     if args.json:
         print(json.dumps(st, default=str, indent=2))
-        return 0
+        return rc
     for name, s in st["services"].items():
         print(f"{name:<10} {'up  ' if s['alive'] else 'DOWN'} pid {s['pid']}  pending {s.get('pending')}  "
               f"unacked {s.get('ack_pending')}")
@@ -189,7 +320,7 @@ def cmd_status(args) -> int:
     p = st["projection"]
     print(f"timeline projection: position {p.get('position')}"
           + (f", STOPPED at {p['error_position']}: {p['error']}" if p.get("error_position") else ""))
-    return 0 if all(s["alive"] for s in st["services"].values()) else 1
+    return rc
 
 
 # --- run / timeline / events ----------------------------------------------------------------
@@ -221,7 +352,38 @@ async def publish_command(cmd, *, prefix: str = "run", run_id: str | None = None
     return run_id
 
 
-async def _start_run(args) -> str:
+# RunPlan/StartRun fields -> the `tuneline run` option that sets them, for validation messages.
+RUN_OPTIONS = {
+    "locator": "--locator", "target": "--target", "text_field": "--text-field", "label_field": "--label-field",
+    "mapping": "--map", "force_mapping": "--force", "eval_locator": "--eval-locator", "max_steps": "--max-steps",
+    "eval_fraction": "--eval-fraction", "seed": "--seed", "base_model": "--base-model", "recipe": "--recipe",
+    "recipe_overrides": "--set", "backend": "--backend", "preflight": "--preflight", "requested_by": "$USER",
+    ("hosted", "model"): "--hosted-model", ("hosted", "base_url"): "--hosted-base-url",
+    ("hosted", "api_key_env"): "--api-key-env",
+}
+
+
+def validation_lines(exc, options: dict = RUN_OPTIONS) -> list[str]:
+    """One line per problem in a pydantic ValidationError: the option and pydantic's message. Never the
+    input value (it may be a secret), so neither str(exc) nor errors()' `input`/`ctx`."""
+    lines = []
+    for err in exc.errors(include_url=False, include_input=False, include_context=False):
+        loc = tuple(err["loc"])
+        while loc and loc[0] == "plan":
+            loc = loc[1:]
+        if loc[:2] in options:
+            option, rest = options[loc[:2]], loc[2:]
+        elif loc and loc[0] in options:
+            option, rest = options[loc[0]], loc[1:]
+        else:
+            option, rest = ".".join(str(p) for p in loc) or "input", ()
+        where = option + (f" ({'.'.join(str(p) for p in rest)})" if rest else "")
+        lines.append(f"tuneline run: {where}: {err['msg']}")
+    return lines
+
+
+def build_start_run(args) -> StartRun:
+    """The StartRun command for `tuneline run`'s options; raises pydantic's ValidationError on bad input."""
     from services.cli.ingest_cmds import parse_map
 
     plan = RunPlan(locator=absolute_locator(args.locator), target=args.target, text_field=args.text_field,
@@ -232,7 +394,7 @@ async def _start_run(args) -> str:
                    backend=args.backend, preflight=args.preflight,
                    hosted=HostedSettings(model=args.hosted_model, base_url=args.hosted_base_url,
                                          api_key_env=args.api_key_env) if args.backend != "local" else None)
-    return await publish_command(StartRun(plan=plan, requested_by=os.environ.get("USER", "cli")))
+    return StartRun(plan=plan, requested_by=os.environ.get("USER", "cli"))
 
 
 def parse_settings(pairs: list[str] | None) -> dict:
@@ -275,11 +437,10 @@ def cmd_recipes(args) -> int:
 
 
 async def _follow(run_id: str, timeout: float) -> dict | None:
-    from services.audit.db import connect_as_app
     from services.audit.projections.timeline import run_timeline
 
     _, db_url = urls()
-    conn = await connect_as_app(db_url)
+    conn = await _db(db_url)
     try:
         seen = 0
         deadline = time.monotonic() + timeout
@@ -308,7 +469,15 @@ def follow_and_print(run_id: str, timeout: float) -> int:
 
 
 def cmd_run(args) -> int:
-    run_id = asyncio.run(_start_run(args))
+    from pydantic import ValidationError
+
+    try:
+        cmd = build_start_run(args)
+    except ValidationError as exc:
+        for line in validation_lines(exc):
+            print(line, file=sys.stderr)
+        return 2  # a usage error, like argparse's
+    run_id = asyncio.run(publish_command(cmd))
     print(f"started {run_id} (correlation id {run_id})", flush=True)
     if args.no_wait:
         return 0
@@ -316,10 +485,9 @@ def cmd_run(args) -> int:
 
 
 async def _timeline(run_id: str) -> dict | None:
-    from services.audit.db import connect_as_app
     from services.audit.projections.timeline import run_timeline
 
-    conn = await connect_as_app(urls()[1])
+    conn = await _db(urls()[1])
     try:
         return await run_timeline(conn, run_id)
     finally:
@@ -339,9 +507,7 @@ def cmd_timeline(args) -> int:
 
 
 async def _events(run_id: str) -> list[dict]:
-    from services.audit.db import connect_as_app
-
-    conn = await connect_as_app(urls()[1])
+    conn = await _db(urls()[1])
     try:
         rows = await conn.fetch("SELECT * FROM run_events WHERE run_id = $1 ORDER BY global_position", run_id)
     finally:
@@ -358,6 +524,8 @@ def cmd_events(args) -> int:
     events = asyncio.run(_events(args.run))
     if args.json:
         print(json.dumps(events, default=str, indent=2))
+    elif not events:
+        print(f"no events recorded for run {args.run}", file=sys.stderr)
     else:
         for e in events:
             print(f"{e['global_position']:>8} {e['occurred_at']:%H:%M:%S} {e['type']:<28} {e['producer']:<10} "
@@ -366,10 +534,9 @@ def cmd_events(args) -> int:
 
 
 async def _rebuild() -> tuple[int, bool]:
-    from services.audit.db import connect_as_app
     from services.audit.projections import timeline
 
-    conn = await connect_as_app(urls()[1])
+    conn = await _db(urls()[1])
     try:
         before = await timeline.snapshot(conn)
         n = await timeline.rebuild(conn)
@@ -462,7 +629,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    sys.exit(args.fn(args))
+    try:
+        rc = args.fn(args)
+    except StackUnreachable as exc:
+        print(exc, file=sys.stderr)
+        rc = 1
+    sys.exit(rc)
 
 
 if __name__ == "__main__":

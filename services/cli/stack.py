@@ -155,6 +155,124 @@ def stop_pid(pid: int, timeout: float = 15.0) -> None:
         pass
 
 
+def _proc_cmdline(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return None
+
+
+def _proc_environ(pid: int) -> dict[str, str] | None:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    out = {}
+    for item in raw.split(b"\0"):
+        key, sep, value = item.decode(errors="replace").partition("=")
+        if sep:
+            out[key] = value
+    return out
+
+
+def _is_nats_cmdline(cmdline: list[str] | None) -> bool:
+    return bool(cmdline) and Path(cmdline[0]).name == "nats-server"
+
+
+def _is_service_cmdline(cmdline: list[str] | None, name: str) -> bool:
+    return bool(cmdline) and f"services.{name}" in cmdline and "-m" in cmdline
+
+
+def _same_path(a: str | None, b: Path) -> bool:
+    if not a:
+        return False
+    try:
+        return Path(a).resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _live_pids() -> list[int]:
+    try:
+        return [int(d) for d in os.listdir("/proc") if d.isdigit()]
+    except OSError:
+        return []  # no /proc: only the pids stack.json records are known
+
+
+def nats_alive(pid: int | None) -> bool:
+    """Is pid a live nats-server? (Not just a live pid: after a reboot the number may be another process's.)"""
+    if not pid_alive(pid):
+        return False
+    cmdline = _proc_cmdline(pid)
+    return cmdline is None or _is_nats_cmdline(cmdline)
+
+
+def service_alive(pid: int | None, name: str) -> bool:
+    """Is pid a live `python -m services.<name>`?"""
+    if not pid_alive(pid):
+        return False
+    cmdline = _proc_cmdline(pid)
+    return cmdline is None or _is_service_cmdline(cmdline, name)
+
+
+def nats_pids_for_store(store: Path) -> list[int]:
+    """Every live nats-server whose JetStream store is `store` (as start_nats sets it): there must never be
+    more than one, two writers corrupt the streams."""
+    found = []
+    for pid in _live_pids():
+        if pid == os.getpid() or not _is_nats_cmdline(_proc_cmdline(pid)) or not pid_alive(pid):
+            continue
+        if _same_path((_proc_environ(pid) or {}).get("TUNELINE_NATS_STORE_DIR"), store):
+            found.append(pid)
+    return sorted(found)
+
+
+def service_pids_for(data_dir: Path) -> dict[str, list[int]]:
+    """The live service processes started for `data_dir` (recorded in stack.json or not), by service."""
+    found: dict[str, list[int]] = {}
+    for pid in _live_pids():
+        if pid == os.getpid():
+            continue
+        cmdline = _proc_cmdline(pid)
+        name = next((n for n in SERVICES if _is_service_cmdline(cmdline, n)), None)
+        if name is None or not pid_alive(pid):
+            continue
+        if _same_path((_proc_environ(pid) or {}).get("TUNELINE_DATA_DIR"), data_dir):
+            found.setdefault(name, []).append(pid)
+    return {n: sorted(p) for n, p in found.items()}
+
+
+def port_of(url: str | None) -> int | None:
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(url).port if url else None
+    except ValueError:
+        return None
+
+
+def port_open(host: str, port: int | None, timeout: float = 1.0) -> bool:
+    if not port:
+        return False
+    with socket.socket() as s:
+        s.settimeout(timeout)
+        return s.connect_ex((host, port)) == 0
+
+
+def postgres_alive(pgdata: Path) -> bool:
+    """Is a postmaster running on pgdata? (postmaster.pid names it; a stale file after a crash does not count.)"""
+    try:
+        pid = int((pgdata / "postmaster.pid").read_text().splitlines()[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    if not pid_alive(pid):
+        return False
+    cmdline = _proc_cmdline(pid)
+    return cmdline is None or any("postgres" in Path(a).name for a in cmdline[:1])
+
+
 def start_service(name: str, data_dir: Path, env: dict[str, str]) -> int:
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
