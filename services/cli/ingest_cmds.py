@@ -44,8 +44,10 @@ def parse_map(items: list[str] | None) -> FieldMapping | None:
         data["shape"] = "multi_field_triage"
     try:
         return FieldMapping.model_validate(data)
-    except ValidationError as exc:
-        raise SystemExit(f"--map: {exc}") from None
+    except ValidationError as exc:  # loc and message only: the input may be anything, a secret included
+        raise SystemExit("\n".join(f"--map: {'.'.join(str(p) for p in e['loc']) or 'mapping'}: {e['msg']}"
+                                    for e in exc.errors(include_url=False, include_input=False, include_context=False))
+                         ) from None
 
 
 async def _await_event(db_url: str, run_id: str, types: tuple[str, ...], timeout: float) -> dict | None:

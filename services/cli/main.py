@@ -412,10 +412,23 @@ def parse_settings(pairs: list[str] | None) -> dict:
     return out
 
 
+async def _run_recorded(run_id: str) -> bool:
+    conn = await _db(urls()[1])
+    try:
+        return await conn.fetchval("SELECT EXISTS (SELECT 1 FROM run_events WHERE run_id = $1)", run_id)
+    finally:
+        await conn.close()
+
+
 def cmd_train_control(args) -> int:
     from contracts.commands import CancelTraining, PauseTraining, ResumeTraining
 
     cls = {"cancel": CancelTraining, "pause": PauseTraining, "resume": ResumeTraining}[args.action]
+    if not asyncio.run(_run_recorded(args.run_id)):
+        # a command for a run nobody started would only make a run of its own in the timeline
+        print(f"no run {args.run_id} is recorded: nothing sent (`tuneline events --run RUN` lists a run's events)",
+              file=sys.stderr)
+        return 1
     asyncio.run(publish_command(cls(requested_by=os.environ.get("USER", "cli"), reason=args.reason),
                                 run_id=args.run_id))
     print(f"{args.action} sent to {args.run_id}; `tuneline timeline {args.run_id}` shows when the trainer acts on it")
@@ -533,22 +546,35 @@ def cmd_events(args) -> int:
     return 0 if events else 1
 
 
-async def _rebuild() -> tuple[int, bool]:
+async def _rebuild() -> tuple[int, bool, int | None]:
+    """Rebuild the timeline and compare it with the live projection at the same position: under the
+    checkpoint's row lock (the live projector waits), the live rows are read, then the rebuild replays
+    run_events up to the live checkpoint only, so events recorded meanwhile cannot make it differ."""
     from services.audit.projections import timeline
 
     conn = await _db(urls()[1])
     try:
-        before = await timeline.snapshot(conn)
-        n = await timeline.rebuild(conn)
-        after = await timeline.snapshot(conn)
-        return n, before == after
+        async with conn.transaction():
+            position = await conn.fetchval(
+                "SELECT position FROM projection_checkpoints WHERE projection = $1 FOR UPDATE", timeline.NAME)
+            before = await timeline.snapshot(conn)
+            n = await timeline.rebuild(conn, until=position)
+            after = await timeline.snapshot(conn)
+        return n, before == after, position
     finally:
         await conn.close()
 
 
 def cmd_rebuild(args) -> int:
-    n, same = asyncio.run(_rebuild())
-    print(f"timeline rebuilt from run_events: {n} events replayed; "
+    from services.audit.projections.timeline import ProjectionError
+
+    try:
+        n, same, position = asyncio.run(_rebuild())
+    except ProjectionError as exc:
+        print(f"rebuild stopped: {exc} (nothing changed)", file=sys.stderr)
+        return 1
+    upto = "" if position is None else f" up to position {position}, the live projection's checkpoint"
+    print(f"timeline rebuilt from run_events{upto}: {n} events replayed; "
           f"{'identical to the live projection' if same else 'DIFFERS from the previous projection'}")
     return 0 if same else 1
 

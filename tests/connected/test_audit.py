@@ -431,3 +431,47 @@ async def test_the_migrator_sets_the_application_role_password_from_the_environm
     finally:
         await owner.execute("ALTER ROLE tuneline_app PASSWORD NULL")
         await owner.close()
+
+
+def _rows(envs, first: int):
+    return [(first + i, e.event_id, e.type, e.schema_version, e.run_id, e.correlation_id, e.causation_id, e.occurred_at,
+             e.producer, e.severity.value, e.reason_code, subject_of(e), json.dumps(e.payload)) for i, e in enumerate(envs)]
+
+
+_COLUMNS = ("global_position", "event_id", "type", "schema_version", "run_id", "correlation_id", "causation_id",
+            "occurred_at", "producer", "severity", "reason_code", "subject", "payload")
+
+
+async def test_rebuild_compares_with_the_live_projection_at_its_checkpoint_while_events_arrive(database, monkeypatch):
+    """Events recorded beyond the live checkpoint (the projector not there yet) must not make `tuneline
+    rebuild timeline` report a difference: it replays up to the checkpoint, and the projector goes on."""
+    from services.cli.main import _rebuild
+
+    conn = await connect_as_app(database)
+    try:
+        first, later = successful_run("run-a"), successful_run("run-a2") + failed_run("run-b")
+        await conn.copy_records_to_table("run_events", records=_rows(first, 1), columns=_COLUMNS)
+        await timeline.catch_up(conn)
+        live = await timeline.snapshot(conn)
+        await conn.copy_records_to_table("run_events", records=_rows(later, len(first) + 1), columns=_COLUMNS)
+        monkeypatch.setenv("DATABASE_URL", database)
+        monkeypatch.setenv("NATS_URL", "nats://127.0.0.1:1")
+        n, same, position = await _rebuild()
+        assert (n, same, position) == (len(first), True, len(first))
+        assert await timeline.snapshot(conn) == live
+        assert await timeline.catch_up(conn) == len(later)
+        assert len((await timeline.snapshot(conn))["timeline_entries"]) == len(first) + len(later)
+    finally:
+        await conn.close()
+
+
+def test_a_training_command_for_a_run_nobody_started_is_not_sent(database, monkeypatch, capsys):
+    """It used to be published, and the timeline then showed a run of its own, RUNNING for ever."""
+    import argparse
+
+    from services.cli.main import cmd_train_control
+
+    monkeypatch.setenv("DATABASE_URL", database)
+    monkeypatch.setenv("NATS_URL", "nats://127.0.0.1:1")  # nothing listens: sending would fail loudly
+    rc = cmd_train_control(argparse.Namespace(action="cancel", run_id="run-nobody-started", reason=None))
+    assert rc == 1 and "no run run-nobody-started is recorded: nothing sent" in capsys.readouterr().err

@@ -465,27 +465,38 @@ async def _record_error(conn: asyncpg.Connection, position: int, error: str) -> 
               reason_code="audit.projection_failed")
 
 
-async def rebuild(conn: asyncpg.Connection, batch_size: int = 5000) -> int:
+async def rebuild(conn: asyncpg.Connection, batch_size: int = 5000, *, until: int | None = None) -> int:
     """Drop the projection's rows and replay run_events from position 0, in one transaction.
 
     Readers keep seeing the old rows until the commit (MVCC), and the live projector waits on the
     checkpoint row lock, so nobody observes a half-built timeline.
+
+    `until`: replay only up to that position and leave the checkpoint there, so that the result can
+    be compared with the live projection at its checkpoint while events keep arriving (`tuneline
+    rebuild timeline`); the live projector then goes on from there. An error the live projector
+    stopped on beyond `until` stays recorded.
     """
     await _ensure_checkpoint(conn)
     applied = 0
     async with conn.transaction():
-        await conn.fetchval("SELECT position FROM projection_checkpoints WHERE projection = $1 FOR UPDATE", NAME)
+        live = await conn.fetchrow(
+            "SELECT position, error_position, error FROM projection_checkpoints WHERE projection = $1 FOR UPDATE", NAME)
         for table in ("timeline_entries", "timeline_stages", "timeline_runs"):
             await conn.execute(f"DELETE FROM {table}")
         position = 0
         await conn.execute("UPDATE projection_checkpoints SET position = 0 WHERE projection = $1", NAME)
         while True:
             rows, checkpoint = await _next_batch(conn, position, batch_size)
+            if until is not None and checkpoint > until:
+                rows, checkpoint = [r for r in rows if r["global_position"] <= until], until
             if checkpoint == position:
                 break
             await _apply(conn, fold(rows), checkpoint)
             position = checkpoint
             applied += len(rows)
+        if until is not None and live["error_position"] is not None and live["error_position"] > until:
+            await conn.execute("UPDATE projection_checkpoints SET error_position = $2, error = $3 WHERE projection = $1",
+                               NAME, live["error_position"], live["error"])
     return applied
 
 
