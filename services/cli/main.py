@@ -18,6 +18,7 @@ from contracts.registry import message_type_of
 from services.cli import ingest_cmds, stack
 from services.cli.render import entry_line, timeline_text
 from services.common.ids import new_run_id
+from services.common.logging import configure_logging
 
 TERMINAL = ("succeeded", "failed")
 
@@ -653,6 +654,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def entry() -> None:
+    """The `tuneline` command. Its own log events (stream declarations, ...) are JSON on stderr like
+    every service's, warnings and up unless TUNELINE_LOG_LEVEL says otherwise: its output is what it
+    prints. (main() leaves logging as it finds it, for callers in-process.)"""
+    configure_logging("cli", os.environ.get("TUNELINE_LOG_LEVEL", "WARNING"))
+    main()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     try:
@@ -664,4 +673,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +35,10 @@ class _CurrentStderr:
 
 
 def configure_logging(service: str, level: str = "INFO") -> None:
+    # Progress bars (transformers' "Loading weights", the hub's downloads) would put non-JSON lines in
+    # the log; long work reports progress as log events and training.progress instead. Read by
+    # huggingface_hub when it is first imported, which a service does later, lazily.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(format="%(message)s", stream=sys.stderr, level=level.upper())
     # FastStream and nats log through stdlib; keep them, but quieter than our own events.
     for noisy in ("faststream", "nats"):
