@@ -62,7 +62,7 @@ _CODES = [
     ReasonCode("cleaning.conflicting_labels", "prep", "Row dropped: the same (normalised) text appears under different labels."),
     ReasonCode("cleaning.length_outlier", "prep", "Row dropped: its length is an outlier for this dataset."),
     ReasonCode("cleaning.low_quality", "prep", "Row dropped: its quality score is below the threshold."),
-    ReasonCode("cleaning.empty_after_cleaning", "prep", "Row dropped: nothing is left of its text after normalisation."),
+    ReasonCode("cleaning.empty_after_cleaning", "prep", "Row dropped: nothing is left of its text (or of a message or field it needs) after normalisation."),
     ReasonCode("cleaning.synthetic_cap", "prep", "Row dropped: synthetic rows above the cap on the synthetic share."),
     ReasonCode("cleaning.eval_overlap", "prep", "Row dropped from train: it equals or nearly equals a row of the explicit eval set."),
     # Training.

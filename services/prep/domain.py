@@ -6,6 +6,12 @@ Accounting, asserted: rows_in = train + eval + dropped (every dropped row named 
 dropped.jsonl). Near-duplicates are removed before the split, so no text or near-copy of it is on
 both sides; an explicit eval set is cleaned with the same PII placeholders and every train row that
 equals or nearly equals an eval row is dropped from train (`cleaning.eval_overlap`).
+
+Classification shapes are cleaned by :func:`services.prep.clean.clean`; the others (chat, prompt/
+completion, JSON extraction, preference pairs) by :func:`services.prep.structured.clean_structured`:
+every string of a row normalised and scrubbed, the same dedup, quality, outlier, near-dup and
+synthetic-cap steps on a text key of the row. Chat and prompt/completion rows get the OpenAI chat
+JSONL and a cost estimate; for the other two the manifest's ``openai_chat`` says why there is none.
 """
 
 from __future__ import annotations
@@ -22,9 +28,12 @@ from contracts.events import CostEstimate, Notice
 from services.common.artifacts import ArtifactStore
 from services.common.jsonl import gc_paused, write_jsonl, write_lines
 from services.prep.clean import PARALLEL_MIN_CHARS, CleaningBlocked, CleaningPolicy, check_eval_overlap, clean
-from services.prep.formats import estimate_cost, openai_chat_lines, openai_chat_tokens, system_prompt
+from services.prep.formats import (NO_OPENAI_CHAT, OPENAI_CHAT_SHAPES, estimate_cost, estimate_text_tokens,
+                                   openai_chat_lines, openai_chat_tokens, openai_messages_lines,
+                                   openai_messages_tokens, system_prompt)
 from services.common.parallel import Forked, workers
 from services.prep.pii import Scrubber
+from services.prep.structured import check_eval_overlap_structured, clean_structured
 
 MIN_ROWS = 10
 MIN_ROWS_PER_CLASS = 2  # one to train on, one to evaluate
@@ -95,22 +104,6 @@ def sufficiency_warnings(rows: list[dict], classification: bool) -> list[Notice]
     return out
 
 
-def _exact_dedup_structured(rows: list[dict]) -> tuple[list[dict], list[dict]]:
-    """Non-classification shapes: drop exact repeats of the row's content (canonical JSON)."""
-    seen: dict[bytes, int] = {}
-    kept, dropped = [], []
-    for r in rows:
-        content = {k: v for k, v in r.items() if k not in ("row_number", "provenance")}
-        key = hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).digest()
-        if key in seen:
-            dropped.append({"row_number": r["row_number"], "reason_code": "cleaning.exact_duplicate",
-                            "detail": "same content as an earlier row", "duplicate_of": seen[key]})
-        else:
-            seen[key] = r["row_number"]
-            kept.append(r)
-    return kept, dropped
-
-
 @dataclass
 class Prepared:
     manifest: dict
@@ -172,17 +165,24 @@ def _prepare(rows: list[dict], plan: RunPlan, store: ArtifactStore, eval_rows: l
             else:
                 train, eval_ = stratified_split(kept, plan.eval_fraction, plan.seed)
         else:
-            kept, d = _exact_dedup_structured(rows)
-            dropped += [x | {"side": "source"} for x in d]
+            scrubber = Scrubber()  # one scrubber: train and eval share placeholders
+            res = clean_structured(rows, shape, policy, scrubber=scrubber)
+            kept, cleaning_stats = res.kept, {k: v for k, v in res.stats.items() if k != "policy"}
+            cleaning_stats["timings_s"] = res.timings
+            dropped += [d | {"side": "source"} for d in res.dropped]
             if eval_rows is not None:
-                ekept, ed = _exact_dedup_structured(eval_rows)
-                dropped += [x | {"side": "eval"} for x in ed]
-                train, eval_ = kept, ekept
+                eres = clean_structured(eval_rows, shape, policy, scrubber=scrubber)
+                dropped += [d | {"side": "eval"} for d in eres.dropped]
+                train, overlap = check_eval_overlap_structured(kept, eres.kept, shape, policy)
+                dropped += [d | {"side": "source"} for d in overlap]
+                eval_ = eres.kept
+                cleaning_stats["eval"] = {k: eres.stats[k] for k in ("rows_in", "kept", "dropped_by_reason")}
             else:
                 train, eval_ = random_split(kept, plan.eval_fraction, plan.seed)
-            cleaning_stats = {"note": f"{shape}: exact dedup only; text cleaning applies to classification shapes"}
     except CleaningBlocked as exc:
         raise PrepBlocked(exc.reason_code, exc.message) from exc
+    if not classification and eval_rows is not None and (not train or not eval_):
+        raise InsufficientData(f"after cleaning and the overlap check: {len(train)} train rows, {len(eval_)} eval rows")
     if classification and eval_rows is not None:
         missing = sorted({r["label"] for r in eval_} - {r["label"] for r in train})
         if not train or not eval_:
@@ -216,10 +216,13 @@ def _prepare(rows: list[dict], plan: RunPlan, store: ArtifactStore, eval_rows: l
         if classification:
             done = job.result() if job is not None else None
             openai_train, openai_eval, tokens = done if done is not None else _openai_files(store, train, eval_, label_space, sp)
+        elif shape in OPENAI_CHAT_SHAPES:
+            openai_train, openai_eval = write_lines(store, openai_messages_lines(train)), write_lines(store, openai_messages_lines(eval_))
+            tokens = openai_messages_tokens(train)
     finally:
         if job is not None:
             job.close()
-    if classification:
+    if classification or shape in OPENAI_CHAT_SHAPES:
         c = estimate_cost(tokens, hosted_epochs, hosted_model)
         cost = CostEstimate(model=hosted_model, training_tokens=tokens, epochs=hosted_epochs,
                             usd_per_1m_tokens=c["usd_per_1m_tokens"], usd=c["estimate_usd"], buffer=c["buffer"],
@@ -240,7 +243,8 @@ def _prepare(rows: list[dict], plan: RunPlan, store: ArtifactStore, eval_rows: l
         "class_histogram": class_histogram,
         "heads": heads,
         "provenance": provenance,
-        "token_estimate": {"openai_chat_train_tokens": tokens, "method": "chars/4 + message overhead"} if tokens else None,
+        "token_estimate": {"openai_chat_train_tokens": tokens, "method": "chars/4 + message overhead"} if tokens is not None
+        else _content_tokens(train, shape) if not classification else None,
         "cost_estimate": cost.model_dump() if cost else None,
         "cleaning": cleaning_stats,
         "warnings": [w.model_dump() for w in warnings],
@@ -252,6 +256,10 @@ def _prepare(rows: list[dict], plan: RunPlan, store: ArtifactStore, eval_rows: l
                if openai_train else {}),
         },
     }
+    if not classification:
+        manifest["openai_chat"] = ({"written": True, "messages": "as given" if shape == "chat_messages"
+                                    else "prompt as the user turn, completion as the assistant turn"}
+                                   if openai_train else {"written": False, "reason": NO_OPENAI_CHAT[shape]})
     manifest_ref = store.put_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
     return Prepared(manifest, manifest_ref, train_ref, eval_ref, dropped_ref, openai_train, openai_eval, label_space,
                     len(train), len(eval_), rows_in, by_reason, cleaning_stats, warnings, cost)
@@ -263,6 +271,16 @@ def _openai_files(store: ArtifactStore, train: list[dict], eval_: list[dict], la
     return (write_lines(store, openai_chat_lines(train, label_space, system=sp)),
             write_lines(store, openai_chat_lines(eval_, label_space, system=sp)),
             openai_chat_tokens(train, label_space, system=sp))
+
+
+def _content_tokens(train: list[dict], shape: str) -> dict:
+    """The training token estimate of a shape with no OpenAI chat file: chars/4 of its strings."""
+    if shape == "json_extraction":
+        n = sum(estimate_text_tokens(r["text"]) + estimate_text_tokens(orjson.dumps(r["target"]).decode()) for r in train)
+    else:
+        n = sum(estimate_text_tokens(r["prompt"]) + estimate_text_tokens(r["chosen"]) + estimate_text_tokens(r["rejected"])
+                for r in train)
+    return {"content_train_tokens": n, "method": "chars/4 of the row's strings (JSON target as JSON); no OpenAI chat file"}
 
 
 def _head_spaces(rows: list[dict]) -> dict[str, dict[str, int]]:

@@ -83,6 +83,41 @@ def openai_chat_jsonl(rows: Iterable[Mapping], label_space: Sequence[str], *, sy
                    for r in rows)
 
 
+# ---------- the shapes without a label ----------
+
+# Shapes whose rows are conversations as they stand: chat rows as given, prompt/completion as one user
+# turn and one assistant turn (as the local trainer reads them, services/trainer/local/tasks.py).
+OPENAI_CHAT_SHAPES = ("chat_messages", "prompt_completion")
+NO_OPENAI_CHAT = {
+    "json_extraction": (
+        "no OpenAI chat file: an extraction row is an input text and a target object, with no instruction "
+        "or output schema to put in the prompt, and no serialisation of the target for hosted training is "
+        "specified (only the local trainer's); train this shape with the local backend"),
+    "preference_pairs": (
+        "no OpenAI chat file: supervised chat fine-tuning has no place for the rejected answer, and OpenAI's "
+        "preference (DPO) format is not implemented here; train this shape with the local backend"),
+}
+
+
+def openai_messages_example(row: Mapping) -> dict:
+    """The OpenAI chat fine-tuning example of a chat_messages or prompt_completion row."""
+    if "messages" in row:
+        return {"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]}
+    if "completion" in row:
+        return {"messages": [{"role": "user", "content": row["prompt"]},
+                             {"role": "assistant", "content": row["completion"]}]}
+    raise ValueError(f"row {row.get('row_number')} is neither a chat_messages nor a prompt_completion row")
+
+
+def openai_messages_lines(rows: Iterable[Mapping]) -> Iterator[bytes]:
+    for r in rows:
+        yield orjson.dumps(openai_messages_example(r))
+
+
+def openai_messages_tokens(rows: Iterable[Mapping]) -> int:
+    return estimate_dataset_tokens(openai_messages_example(r) for r in rows)
+
+
 # ---------- token estimate (no tokenizer download: tiktoken needs one) ----------
 
 CHARS_PER_TOKEN = 4.0  # OpenAI's rule of thumb for English text with cl100k/o200k-style BPE

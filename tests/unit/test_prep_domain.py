@@ -187,7 +187,7 @@ def test_structured_shapes_get_exact_dedup_and_a_seeded_split(store):
     rows = [{"row_number": i, "prompt": f"q{i % 30}", "completion": f"a{i % 30}", "provenance": "human"} for i in range(1, 41)]
     out = prepare(rows, plan(mapping=FieldMapping(shape="prompt_completion", prompt="q", completion="a")), store)
     assert out.dropped_by_reason == {"cleaning.exact_duplicate": 10}
-    assert out.train_rows + out.eval_rows == 30 and out.openai_train is None
+    assert out.train_rows + out.eval_rows == 30 and out.openai_train is not None
     assert out.manifest["task_profile"] == "prompt_completion"
 
 
