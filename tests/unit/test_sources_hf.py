@@ -106,3 +106,23 @@ def test_jsonable_values():
     assert jsonable(value) == {"d": "2024-01-02", "t": "01:02:00", "td": 90.0, "dec": "1.10", "b": "AP8=",
                                "u": "00000000-0000-0000-0000-000000000001", "np": 3, "arr": [1.5, 2.0], "1": [True, None]}
     json.dumps(jsonable(value))
+
+
+def test_an_unlabelled_row_of_a_class_label_column_is_rejected_not_a_class(tmp_path):
+    """-1 is the datasets library's "no label" (unlabelled test splits): the row has no label."""
+    from contracts.common import FieldMapping
+    from services.common.artifacts import ArtifactStore
+    from services.ingest.domain import run_ingest
+
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["negative", "positive"])})
+    ds = datasets.Dataset.from_dict({"text": ["good", "who knows", "bad"], "label": [1, -1, 0]}, features=features)
+    ds.save_to_disk(str(tmp_path / "ds"))
+    src = HfSource(str(tmp_path / "ds"), "train", roots=[tmp_path])
+    assert [r.fields["label"] for r in src.load()] == [1, None, 0]
+    out = run_ingest(HfSource(str(tmp_path / "ds"), "train", roots=[tmp_path]),
+                     FieldMapping(text=["text"], label="label"), ArtifactStore(tmp_path / "art"), commit=False,
+                     sample_size=5)
+    assert (out.counts.rows_read, out.counts.rows_accepted, out.counts.rows_rejected) == (3, 2, 1)
+    assert sorted(str(r["label"]) for r in out.sample_accepted) == ["0", "1"]
+    assert out.rejected_by_reason == {"ingest.missing_field": 1}

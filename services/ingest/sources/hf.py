@@ -7,7 +7,9 @@
                                               reads the local cache; with a network it downloads
 
 Rows come back as dicts of JSON-able values: ClassLabel columns stay ints (describe() reports the
-label names under details["label_names"]); datetime/date/time -> ISO 8601 strings; timedelta ->
+label names under details["label_names"]), except -1, the datasets library's "no label" (unlabelled
+test splits), which becomes None so that the row is rejected as missing its label rather than
+trained on as a class "-1"; datetime/date/time -> ISO 8601 strings; timedelta ->
 seconds (float); Decimal -> string; bytes -> base64 string; numpy scalars/arrays -> Python numbers/
 lists; anything else (e.g. decoded images or audio) -> str(value). `row_number` is the 1-based row
 index, `offset` the 0-based one; `raw` is the row as JSON.
@@ -147,11 +149,16 @@ class HfSource:
         ds = self._open()
         record = new_record
         index = 0
+        labels = [name for name, feat in (getattr(ds, "features", None) or {}).items()
+                  if isinstance(feat, datasets.ClassLabel)]
         if isinstance(ds, datasets.Dataset):
             columns = list(ds.column_names)
             for batch in ds.iter(batch_size=self.batch_size):
                 for values in zip(*(batch[c] for c in columns)):
                     fields = jsonable_row(dict(zip(columns, values)))
+                    for name in labels:
+                        if fields.get(name) == -1:
+                            fields[name] = None
                     yield record(index + 1, index, raw_json(fields), fields, None)
                     index += 1
         else:
@@ -164,6 +171,9 @@ class HfSource:
                 except Exception as exc:  # noqa: BLE001 - a streaming read failing midway
                     raise self._classify(exc) from None
                 fields = jsonable_row(dict(row))
+                for name in labels:
+                    if fields.get(name) == -1:
+                        fields[name] = None
                 yield record(index + 1, index, raw_json(fields), fields, None)
                 index += 1
         if index == 0:
