@@ -23,6 +23,7 @@ from services.ingest.domain import (
     plan_mapping,
     resolve_mapping,
     run_ingest,
+    scrubbed_sample,
 )
 from services.ingest.settings import IngestSettings
 
@@ -125,7 +126,7 @@ async def on_dry_run(ctx: StageContext) -> None:
     await ctx.emit(IngestDryRunCompleted(
         locator=cmd.locator, mapping=mapping, rows_read=c.rows_read, rows_accepted=c.rows_accepted,
         rows_rejected=c.rows_rejected, rejected_by_reason=outcome.rejected_by_reason,
-        sample_accepted=outcome.sample_accepted, rejected=outcome.rejected,
+        sample_accepted=scrubbed_sample(outcome.sample_accepted), rejected=outcome.rejected,
     ))
 
 

@@ -63,6 +63,26 @@ class Introspection:
         return bool(self.hypotheses) and self.hypotheses[0].confidence >= AUTO_PICK
 
 
+def scrubbed_sample(rows: list[dict]) -> list[dict]:
+    """A dry run's sample of accepted rows as it may travel in an event, which the audit log keeps
+    for good: every string with its PII and secrets replaced by placeholders (prep's scrubber; the
+    committed rows themselves are scrubbed by prep, the sample is shown before that)."""
+    from services.prep.pii import Scrubber
+
+    scrubber = Scrubber()
+
+    def scrub(v):
+        if isinstance(v, str):
+            return scrubber.scrub(v).text
+        if isinstance(v, dict):
+            return {k: scrub(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [scrub(x) for x in v]
+        return v
+
+    return [scrub(r) for r in rows]
+
+
 def introspect_source(source: Source, sample_size: int = SAMPLE_SIZE) -> Introspection:
     try:
         records = (r for r in source.load() if r.fields is not None)

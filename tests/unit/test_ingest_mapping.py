@@ -234,3 +234,13 @@ def test_a_file_split_between_two_processes_gives_the_same_artifacts_counts_and_
     one = ingest("1", 1, "one")
     assert ingest("2", 1, "two") == one
     assert one[2] == len([line for line in lines if line.strip()])
+
+
+def test_the_dry_run_sample_that_goes_into_an_event_holds_no_pii_or_secret():
+    from services.ingest.domain import scrubbed_sample
+
+    rows = [{"row_number": 1, "text": "mail bob@example.com, key sk-proj-abcDEF1234567890abcdef123", "label": "bug",
+             "messages": [{"role": "user", "content": "call 555-123-4567"}]}]
+    out = scrubbed_sample(rows)
+    assert out[0]["text"] == "mail <EMAIL_1>, key <SECRET_1>" and out[0]["label"] == "bug"
+    assert out[0]["messages"] == [{"role": "user", "content": "call <PHONE_1>"}] and out[0]["row_number"] == 1
