@@ -246,7 +246,9 @@ def _prepare(rows: list[dict], plan: RunPlan, store: ArtifactStore, eval_rows: l
         "token_estimate": {"openai_chat_train_tokens": tokens, "method": "chars/4 + message overhead"} if tokens is not None
         else _content_tokens(train, shape) if not classification else None,
         "cost_estimate": cost.model_dump() if cost else None,
-        "cleaning": cleaning_stats,
+        # timings vary from run to run: they go in the prep.cleaned event, not in the manifest, which
+        # identical inputs must reproduce byte for byte
+        "cleaning": {k: v for k, v in cleaning_stats.items() if k != "timings_s"},
         "warnings": [w.model_dump() for w in warnings],
         "files": {
             "train": {"sha256": train_ref.sha256, "rows": len(train)},

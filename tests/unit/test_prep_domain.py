@@ -203,3 +203,19 @@ def test_the_openai_files_written_by_a_forked_child_are_the_same(store, monkeypa
         out = prepare(rows, plan(), store)
         outs.append((out.openai_train, out.openai_eval, out.cost, {k: v for k, v in out.manifest.items() if k != "cleaning"}))
     assert outs[0] == outs[1]
+
+
+def test_the_same_input_gives_the_same_manifest_byte_for_byte(tmp_path):
+    """It held the cleaning timings, so its sha256 changed from run to run; the timings go in the
+    prep.cleaned event instead."""
+    from contracts.common import RunPlan
+    from services.common.artifacts import ArtifactStore
+    from services.prep.domain import prepare
+
+    rows = [{"row_number": i + 1, "text": f"ticket {i} about the {('invoice', 'login', 'parcel')[i % 3]} problem number {i}",
+             "label": ("billing", "login", "shipping")[i % 3]} for i in range(90)]
+    plan = RunPlan(locator="jsonl:x.jsonl", target="t")
+    first = prepare([dict(r) for r in rows], plan, ArtifactStore(tmp_path / "a"))
+    second = prepare([dict(r) for r in rows], plan, ArtifactStore(tmp_path / "b"))
+    assert first.manifest_ref.sha256 == second.manifest_ref.sha256
+    assert "timings_s" not in first.manifest["cleaning"] and "timings_s" in first.cleaning
