@@ -269,3 +269,20 @@ def test_shared_csv_datasets_load(parts, columns, rows):
     assert all(set(r.fields) == set(columns) for r in recs)
     if parts[0].startswith("bitext"):
         assert d.encoding == "utf-8-sig"
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+@pytest.mark.parametrize("rows", [3, 5000])
+def test_utf16_without_a_byte_order_mark_is_read_as_text_not_refused_as_binary(tmp_path, encoding, rows):
+    path = tmp_path / "u16.csv"
+    path.write_bytes(("text,label\n" + "".join(f"während der Prüfung {i},bug\n" for i in range(rows))).encode(encoding))
+    got = [r.fields for r in CsvSource(path).load()]
+    assert len(got) == rows and got[-1] == {"text": f"während der Prüfung {rows - 1}", "label": "bug"}
+
+
+def test_a_binary_file_with_nul_bytes_is_still_refused(tmp_path):
+    path = tmp_path / "x.csv"
+    path.write_bytes(bytes(range(256)) * 40)
+    with pytest.raises(SourceError) as err:
+        CsvSource(path).describe()
+    assert err.value.reason_code == "ingest.binary_source"

@@ -2,7 +2,9 @@
 
 Encoding: an explicit `encoding=` wins; else a BOM (UTF-8, UTF-16 LE/BE, UTF-32); else UTF-8 when the
 first 64 KiB decode as UTF-8; else charset-normalizer's best guess (describe() reports which, and how
-it was found). Without a BOM, NUL bytes in the first 8 KiB mean a binary file (ingest.binary_source).
+it was found). Without a BOM, NUL bytes in the first 8 KiB mean UTF-16 when they fall on one side of
+nearly every 2-byte unit and nothing else is NUL (UTF-16 written without a BOM, as some Windows tools
+do), else a binary file (ingest.binary_source).
 When that guess is a Latin-script single-byte code page, windows-1252 is read instead if the
 detector accepts the bytes as windows-1252, as the WHATWG encoding standard and browsers default
 such text to it: windows-1252 is Windows' and Excel's Western code page and holds latin-1's
@@ -91,6 +93,24 @@ _MAC_DOS_LATIN = frozenset({
 # the bytes at 0x80-0x9F that windows-1252 reads as letters (ƒ ˆ Š Œ Ž š œ ž Ÿ), not as punctuation
 _CP1252_LETTERS_80_9F = re.compile(rb"[\x83\x88\x8a\x8c\x8e\x9a\x9c\x9e\x9f]")
 _FIRST_LINE_END = re.compile("\r(?!\n)|\n")
+
+
+def _utf16_without_bom(head: bytes) -> str | None:
+    """"utf-16-le" or "utf-16-be" when `head` reads as UTF-16 text with no byte-order mark (Windows
+    tools write it so): NUL as the high byte of nearly every code unit on one side, as Latin text
+    has, and the whole decoding cleanly; else None (a binary file)."""
+    n = len(head) // 2 * 2
+    if n < 16:
+        return None
+    even, odd = head[0:n:2].count(0), head[1:n:2].count(0)
+    for encoding, zeros, other in (("utf-16-le", odd, even), ("utf-16-be", even, odd)):
+        if zeros >= 0.9 * (n // 2) and other == 0:
+            try:
+                head[:n].decode(encoding)
+            except UnicodeDecodeError:
+                return None
+            return encoding
+    return None
 
 
 def _mark_undecodable(exc: UnicodeError):
@@ -244,10 +264,14 @@ class CsvSource:
             source = "override"
         elif bom_enc:
             encoding, source = bom_enc, "bom"
-        else:
-            if b"\x00" in sample[:BINARY_SNIFF_BYTES]:
+        elif b"\x00" in sample[:BINARY_SNIFF_BYTES]:
+            encoding = _utf16_without_bom(sample[:BINARY_SNIFF_BYTES])
+            if encoding is None:
                 raise SourceError("ingest.binary_source",
-                                  f"{self.path} is a binary file (NUL bytes in its first {BINARY_SNIFF_BYTES} bytes), not CSV text")
+                                  f"{self.path} is a binary file (NUL bytes in its first {BINARY_SNIFF_BYTES} bytes, and not "
+                                  "UTF-16 text without a byte-order mark), not CSV text")
+            source = "utf-16-pattern"
+        else:
             try:
                 codecs.getincrementaldecoder("utf-8")().decode(sample, final=complete)
                 encoding, source = "utf-8", "utf-8"
