@@ -8,6 +8,7 @@ from faststream import FastStream
 from faststream.middlewares import AckPolicy
 from faststream.nats import ConsumerConfig, JStream, NatsBroker, NatsMessage, PullSub
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from contracts import subjects
 from services.common.artifacts import ArtifactStore
@@ -22,7 +23,11 @@ RUN_EVENTS = JStream(subjects.STREAM, declare=False)
 
 
 def consumer_config(settings: ServiceSettings) -> ConsumerConfig:
-    return ConsumerConfig(max_deliver=settings.max_deliver, ack_wait=settings.ack_wait_s)
+    """Durable consumers redeliver without limit (max_deliver -1): the handler, not the server, ends a
+    message's deliveries (services/common/delivery.py). A server limit would stop delivering a message
+    whose worker died on each try (killed, out of memory) and lose it with no dead letter or failure
+    event: nobody hears the server's MAX_DELIVERIES advisory."""
+    return ConsumerConfig(max_deliver=-1, ack_wait=settings.ack_wait_s)
 
 
 class Service:
@@ -39,6 +44,7 @@ class Service:
         self.artifacts = ArtifactStore(settings.artifact_root)
         self._js: JetStreamContext | None = None
         self._startup_hooks: list = []
+        self._durables: list[str] = []
         self.app = FastStream(self.broker, after_startup=[self._after_startup])
 
     @property
@@ -51,6 +57,8 @@ class Service:
         log.info("service_started", nats_url=self.settings.nats_url)
 
     def consume(self, spec: ConsumerSpec, handler: Handler) -> None:
+        self._durables.append(spec.durable)
+
         @self.broker.subscriber(
             spec.subject,
             stream=RUN_EVENTS,
@@ -72,8 +80,22 @@ class Service:
         """Connect and declare streams before subscribers start (they need the stream to exist)."""
         await self.broker.connect()
         await declare_streams(self.js)
+        await self._align_consumers()
         for hook in self._startup_hooks:
             await hook(self)
+
+    async def _align_consumers(self) -> None:
+        """A durable consumer made before redeliveries became unlimited keeps its server limit (the
+        subscriber does not update an existing consumer): lift it, so that a stack upgraded in place
+        cannot drop a message either (see consumer_config)."""
+        for durable in self._durables:
+            try:
+                info = await self.js.consumer_info(subjects.STREAM, durable)
+            except NotFoundError:
+                continue  # the subscriber creates it with consumer_config
+            if info.config.max_deliver != -1:
+                await self.js.add_consumer(subjects.STREAM, info.config.evolve(max_deliver=-1))
+                log.info("consumer_updated", durable=durable, max_deliver=-1, was=info.config.max_deliver)
 
     def run(self) -> None:
         import asyncio

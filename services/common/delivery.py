@@ -8,7 +8,11 @@ Outcomes of one delivery:
 - the message does not decode (bad JSON, unknown type, invalid payload): dead-lettered with a
   `bus.message_dead_lettered` event, then terminated (redelivering it cannot help);
 - any other exception: nacked with backoff; on the last allowed delivery, dead-lettered with
-  `bus.delivery_exhausted` and terminated, so a poison message cannot loop.
+  `bus.delivery_exhausted` and terminated, so a poison message cannot loop;
+- a delivery beyond the allowed number (each earlier one ended without a settlement: the worker
+  died, or publishing its outcome failed): dead-lettered with `bus.delivery_exhausted` without
+  running the handler again. The server redelivers without limit (services/common/app.py), so this
+  delivery always comes; if dead-lettering fails too, the next one tries again.
 """
 
 from __future__ import annotations
@@ -138,6 +142,17 @@ async def handle_delivery(
             )
     except ContractError as exc:
         await dead_letter(js, msg, consumer=spec.durable, producer=spec.service, reason_code=exc.reason_code, error=str(exc))
+        await msg.term()
+        return "dead_lettered"
+
+    if md.num_delivered > settings.max_deliver:
+        with message_context(env, consumer=spec.durable, delivery=md.num_delivered):
+            log.error("delivery_exhausted", deliveries=md.num_delivered, unsettled=True)
+        await dead_letter(
+            js, msg, consumer=spec.durable, producer=spec.service, reason_code="bus.delivery_exhausted",
+            error=f"delivered {md.num_delivered - 1} times without being settled (the worker died or could not "
+                  "publish its outcome each time); not handled again", envelope=env,
+        )
         await msg.term()
         return "dead_lettered"
 

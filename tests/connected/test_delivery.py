@@ -168,3 +168,56 @@ async def test_stage_error_is_answered_with_a_failure_event_and_acked(js, nats_s
     assert failed[0].payload["message"] == "jsonl:/nope.jsonl: no such file"
     assert failed[0].causation_id == cmd.event_id and failed[0].run_id == "run-missing"
     assert (await js.stream_info(subjects.DLQ_STREAM)).state.messages == 0
+
+
+async def test_a_message_whose_worker_dies_on_every_delivery_is_dead_lettered_not_lost(js, nats_server, tmp_path):
+    """The worker never settles it (killed each time): the server keeps delivering (no server limit)
+    and the delivery after the allowed number is dead-lettered with a failure event, without running
+    the handler again. With the server's own max_deliver it was silently dropped."""
+    from nats.js.api import AckPolicy
+
+    from services.common.app import consumer_config
+    from services.common.artifacts import ArtifactStore
+    from services.common.delivery import handle_delivery
+
+    settings = ServiceSettings(nats_url=nats_server.url, data_dir=tmp_path / "data", max_deliver=2, ack_wait_s=1)
+    config = consumer_config(settings)
+    assert config.max_deliver == -1
+    config.durable_name, config.ack_policy, config.filter_subject = "dies", AckPolicy.EXPLICIT, SPEC.subject
+    await js.add_consumer(subjects.STREAM, config)
+    sub = await js.pull_subscribe_bind("dies", stream=subjects.STREAM)
+    cmd = start_command("run-dies")
+    await publish(js, cmd, SPEC.subject)
+    for attempt in (1, 2):  # the worker takes it and dies: no ack, no nak
+        (msg,) = await sub.fetch(1, timeout=5)
+        assert msg.metadata.num_delivered == attempt
+    (msg,) = await sub.fetch(1, timeout=5)  # redelivered after ack_wait, beyond the allowed two
+
+    async def handler(ctx):
+        raise AssertionError("a delivery beyond max_deliver must not run the handler")
+
+    outcome = await handle_delivery(msg, SPEC, handler, js, ArtifactStore(tmp_path / "a"), settings)
+    assert outcome == "dead_lettered"
+    (dead,) = await wait_for(lambda: events_of_type(js, "bus.message_dead_lettered"))
+    assert dead.reason_code == "bus.delivery_exhausted" and dead.run_id == "run-dies"
+    assert "without being settled" in dead.payload["error"]
+    assert len(await stream_messages(js, subjects.DLQ_STREAM)) == 1
+    info = await js.consumer_info(subjects.STREAM, "dies")
+    assert info.num_ack_pending == 0 and info.num_pending == 0
+
+
+async def test_a_consumer_made_with_a_server_delivery_limit_loses_it_when_the_service_starts(js, nats_server, tmp_path):
+    """A stack upgraded in place: the durable exists with max_deliver 5, which the subscriber would keep."""
+    from nats.js.api import ConsumerConfig
+
+    await js.add_consumer(subjects.STREAM, ConsumerConfig(durable_name=SPEC.durable, max_deliver=5, ack_wait=5,
+                                                          filter_subject=SPEC.subject))
+
+    async def handler(ctx):
+        pass
+
+    svc = await started_service(nats_server, tmp_path, handler)
+    try:
+        assert (await js.consumer_info(subjects.STREAM, SPEC.durable)).config.max_deliver == -1
+    finally:
+        await svc.broker.stop()
