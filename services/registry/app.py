@@ -34,16 +34,38 @@ async def last_target_event(js, target_filter: str) -> tuple[int, dict | None]:
     return msg.seq, json.loads(msg.data)
 
 
+async def registered_by(js, target_filter: str, trigger_id: str, last_seq: int) -> dict | None:
+    """The target's registry event caused by `trigger_id`, if any, looking through all of them.
+
+    The last event alone is not enough: a redelivered export.completed (its ack lost, a retrained run)
+    may come after another run registered, and past the stream's duplicate window; registering it
+    again would make a version the audit log refuses as a duplicate of the first (same event id)."""
+    seq = 1
+    while seq <= last_seq:
+        try:
+            msg = await js.get_msg(subjects.STREAM, seq, subject=target_filter, next=True)
+        except NotFoundError:
+            return None
+        event = json.loads(msg.data)
+        if event.get("causation_id") == trigger_id:
+            return event
+        seq = msg.seq + 1
+    return None
+
+
 async def on_exported(ctx: StageContext) -> None:
     p = ctx.payload
     target = p.plan.target
     if not subjects.is_subject_token(target):
         raise StageError("registry.invalid_target", f"target {target!r} is not a valid subject token")
     target_filter = subjects.registry_target_filter(target)
+    trigger = str(ctx.envelope.event_id)
     for attempt in range(1, MAX_ATTEMPTS + 1):
         seq, last = await last_target_event(ctx.js, target_filter)
-        if last is not None and last.get("causation_id") == str(ctx.envelope.event_id):
-            log.info("already_registered", version=last["payload"]["version"])  # a redelivery after success
+        done = last if last is not None and last.get("causation_id") == trigger else (
+            await registered_by(ctx.js, target_filter, trigger, seq) if last is not None else None)
+        if done is not None:
+            log.info("already_registered", version=done["payload"]["version"])  # a redelivery after success
             return
         event = VersionRegistered(
             target=target, version=next_version(last), export=p.export, base_model=p.base_model,

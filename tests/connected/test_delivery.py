@@ -221,3 +221,47 @@ async def test_a_consumer_made_with_a_server_delivery_limit_loses_it_when_the_se
         assert (await js.consumer_info(subjects.STREAM, SPEC.durable)).config.max_deliver == -1
     finally:
         await svc.broker.stop()
+
+
+async def test_a_redelivered_export_is_not_registered_again_after_another_run_registered(js, nats_server, tmp_path):
+    """Only the target's last event was checked: a redelivery arriving after another run's version (and
+    past the duplicate window) registered a second version of the same export."""
+    from contracts.events import ExportCompleted
+    from services.common.artifacts import ArtifactStore
+    from services.common.delivery import StageContext
+    from services.registry.app import on_exported
+
+    settings = ServiceSettings(nats_url=nats_server.url, data_dir=tmp_path / "data")
+    metrics = {"accuracy": 0.9, "macro_f1": 0.9, "n": 10}
+    exports = [envelope(ExportCompleted(plan=plan(), export=ref(f"e{i}"), files={"adapter_model.safetensors": "0" * 64},
+                                        format="peft-lora-safetensors",
+                                        base_model="m", candidate=metrics, base=metrics), run_id=f"run-{i}", producer="export")
+               for i in (1, 2)]
+
+    async def register(env):
+        _, payload = decode(encode(env))
+        await on_exported(StageContext(env, payload, "registry", js, ArtifactStore(tmp_path / "a"), settings, None))
+
+    import asyncio
+
+    config = (await js.stream_info(subjects.STREAM)).config
+    await js.update_stream(config.evolve(duplicate_window=0.5))  # so that the redelivery comes "past the window"
+    await register(exports[0])
+    await register(exports[1])
+    await asyncio.sleep(1.0)
+    await register(exports[0])  # the first export again: nothing new
+    registered = await events_of_type_on(js, "tuneline.evt.registry.>")
+    assert [(e.payload["source_run_id"], e.payload["version"]) for e in registered] == [("run-1", 1), ("run-2", 2)]
+
+
+async def events_of_type_on(js, subject_filter):
+    from nats.js.errors import NotFoundError
+
+    out, seq = [], 1
+    while True:
+        try:
+            msg = await js.get_msg(subjects.STREAM, seq, subject=subject_filter, next=True)
+        except NotFoundError:
+            return out
+        out.append(decode(msg.data)[0])
+        seq = msg.seq + 1
