@@ -211,6 +211,9 @@ def cmd_up(args) -> int:
     asyncio.run(_prepare(state["nats"]["url"], state["postgres"]["url"]))
     env = dict(os.environ, NATS_URL=state["nats"]["url"], DATABASE_URL=state["postgres"]["url"],
                TUNELINE_DATA_DIR=str(root), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    # Services run in the repository; the files a user points at are where they ran `up` (and the
+    # data dir), so those are the default ingest roots, not the services' working directory.
+    env.setdefault("TUNELINE_INGEST_ROOTS", json.dumps([str(Path.cwd().resolve()), str(root.resolve())]))
     started_now = []
     for name in stack.SERVICES:
         if name not in state["services"]:

@@ -3,6 +3,7 @@ nats-server on its own port and store, never a second one), and down stops every
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -76,6 +77,9 @@ def assert_nothing_left(cli, state: dict) -> None:
 def test_up_on_a_healthy_stack_is_a_no_op_and_after_a_dead_service_starts_only_that_one(cli):
     first = up(cli)
     assert_whole(cli, first)
+    # files are read from where `up` ran and the data dir, not from the services' working directory
+    roots = stack._proc_environ(first["services"]["ingest"]["pid"])["TUNELINE_INGEST_ROOTS"]
+    assert json.loads(roots) == [os.getcwd(), str(cli.data)]
 
     again = cli("up")
     assert again.returncode == 0 and "already up" in again.stdout
