@@ -4,16 +4,20 @@ Events: `preflight.passed` / `preflight.blocked`, then `training.started`, throt
 `training.progress`, `training.checkpointed`, `training.paused` / `training.resumed`, and
 `training.completed` or `training.failed` (reason codes in contracts.reason_codes).
 
-Crash-safety (D5): local training checkpoints into a work directory named by the trigger's event
-id, so when the trigger is redelivered after a crash the new attempt finds the checkpoints and
-resumes; hosted jobs are keyed by uuid5(trigger, "hosted-train"), so a redelivery follows the job
-already created instead of creating a second one (D3).
+Crash-safety (D5): the trigger is held with in_progress() heartbeats for the whole handler
+(preflight, reading the splits, hosted uploads and job creation, training, the adapter upload), so it
+is not redelivered to another trainer while this one works. Local training checkpoints into a work
+directory named by the trigger's event id, so when the trigger is redelivered after a crash the new
+attempt finds the checkpoints and resumes; hosted jobs are keyed by uuid5(trigger, "hosted-train"), so
+a redelivery follows the job already created instead of creating a second one (D3). A completed job
+is recorded before `training.completed` is published (services.trainer.completion): a redelivery
+after that (a crash or a lost ack before the ack) publishes the same `training.completed` again and
+trains nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import shutil
 import tempfile
 import time
 import uuid
@@ -38,6 +42,7 @@ from services.common.artifacts import ArtifactIntegrityError
 from services.common.delivery import ConsumerSpec, StageContext, StageError
 from services.common.jsonl import loads_jsonl
 from services.common.logging import get_logger
+from services.trainer.completion import complete, held, replay_completion
 from services.trainer.control import ControlRegistry
 from services.trainer.emitter import OrderedEmitter
 from services.trainer.local.engine import (
@@ -92,6 +97,13 @@ def checkpoint_step(work_dir: Path) -> int | None:
 
 def make_on_prepared(settings: TrainerSettings, controls: ControlRegistry):
     async def on_prepared(ctx: StageContext) -> None:
+        async with held(ctx):  # heartbeats from the first to the last line (D5)
+            await _on_prepared(ctx)
+
+    async def _on_prepared(ctx: StageContext) -> None:
+        # A redelivery of a trigger whose job already completed: publish the same outcome, train nothing.
+        if await replay_completion(ctx, cleanup=work_dir_for(settings, ctx.envelope.event_id)):
+            return
         p = ctx.payload
         plan = p.plan
         shape = plan.mapping.shape if plan.mapping else "single_label_classification"
@@ -100,8 +112,8 @@ def make_on_prepared(settings: TrainerSettings, controls: ControlRegistry):
         except RecipeError as exc:
             raise StageError(exc.reason_code, str(exc)) from exc
         try:
-            rows = loads_jsonl(ctx.artifacts.read_bytes(p.train))
-            eval_rows = loads_jsonl(ctx.artifacts.read_bytes(p.eval))
+            rows, eval_rows = await asyncio.to_thread(
+                lambda: (loads_jsonl(ctx.artifacts.read_bytes(p.train)), loads_jsonl(ctx.artifacts.read_bytes(p.eval))))
         except ArtifactIntegrityError as exc:
             raise StageError("training.runtime_error", f"train or eval split unreadable: {exc}") from exc
 
@@ -174,7 +186,7 @@ async def train_locally(ctx: StageContext, settings: TrainerSettings, recipe: Re
                           on_resume=on_resume, on_warning=on_warning)
     with tempfile.TemporaryDirectory(prefix="tuneline-train-") as tmp:
         try:
-            async with ctx.keep_alive():
+            async with held(ctx):
                 result = await asyncio.to_thread(train, task, recipe, rows, eval_rows, work_dir, Path(tmp) / "adapter",
                                                  control=control, callbacks=callbacks,
                                                  progress_every_s=settings.progress_every_s)
@@ -183,18 +195,19 @@ async def train_locally(ctx: StageContext, settings: TrainerSettings, recipe: Re
             raise StageError(failure_reason(exc), f"{type(exc).__name__}: {exc}") from exc
         finally:
             await emitter.close()
-        adapter = ctx.artifacts.put_dir(result.adapter_dir)
+        async with held(ctx):
+            adapter = await asyncio.to_thread(ctx.artifacts.put_dir, result.adapter_dir)
     log.info("training_done", steps=result.steps, wall_s=round(result.wall_s, 2), best_step=result.best_step,
              best_metric=result.best_metric, resumed_from_step=result.resumed_from_step)
-    await ctx.emit(TrainingCompleted(
+    # Recorded before it is published, and the checkpoints removed only after both: a redelivery from
+    # here on publishes this same event again instead of training from step 0.
+    await complete(ctx, TrainingCompleted(
         plan=p.plan, base_model=recipe.base_model, adapter=adapter, manifest=p.manifest, eval=p.eval,
         label_space=p.label_space, steps=result.steps, final_loss=result.final_loss,
         examples_per_s=result.examples_per_s, wall_s=result.wall_s, recipe=recipe.name, task=recipe.task,
         best_step=result.best_step, best_metric=result.best_metric, metric_name=result.metric_name,
         stopped_early=result.stopped_early, resumed_from_step=result.resumed_from_step,
-    ))
-    # The adapter is in the artifact store and announced: the checkpoints have done their job.
-    shutil.rmtree(work_dir, ignore_errors=True)
+    ), cleanup=work_dir)
 
 
 def build(settings: TrainerSettings | None = None) -> Service:

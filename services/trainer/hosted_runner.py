@@ -3,11 +3,17 @@ as local training (D12).
 
 - The cost estimate from prep is recorded before the job (preflight.passed's train plan and
   training.started); the trained tokens the provider bills are recorded after (training.completed).
-- The job is keyed by uuid5(trigger, "hosted-train") (D3): a redelivered trigger follows the job
-  created before the crash instead of creating a second one.
-- The provider is polled from a worker thread; the trigger is held with in_progress() heartbeats
-  meanwhile (D5), and cancel / pause / resume commands for the run are passed to the provider at
-  the next poll.
+- The job is keyed by uuid5(trigger, "hosted-train") (D3) and tagged with the run id and the trigger
+  event id (job metadata where the host has it): a redelivered trigger follows the job created before
+  the crash instead of creating a second one.
+- The trigger is held with in_progress() heartbeats for the whole job (D5): the file uploads and the
+  job creation too, which can outlast ack_wait (a large training file), so the trigger is never
+  redelivered to another trainer while this one is still submitting.
+- The provider is polled from a worker thread; cancel / pause / resume commands for the run are passed
+  to the provider at the next poll. Each pause and resume is its own event, identified by the run's
+  pause/resume transition counter (Control.transitions), which every trainer process derives the same
+  way from the command stream: a redelivery repeats a transition's id, a second pause gets a new one.
+- The completion is recorded before `training.completed` is published (services.trainer.completion).
 - A failure the provider may recover from (a rate limit that outlasted the SDK's retries, a dropped
   connection) is re-raised as a plain error, so the delivery policy nacks and retries it (D4);
   the rest become `training.failed` with the backend's reason code.
@@ -30,6 +36,7 @@ from contracts.events import (
 )
 from services.common.delivery import StageContext, StageError
 from services.common.logging import get_logger
+from services.trainer.completion import complete, held
 from services.trainer.emitter import OrderedEmitter
 from services.trainer.hosted.base import HostedJobSpec, HostedProgress, HostedTrainingError
 
@@ -51,7 +58,17 @@ def hosted_key(trigger_id: uuid.UUID) -> str:
     return str(uuid.uuid5(trigger_id, "hosted-train"))
 
 
+def job_labels(ctx: StageContext) -> dict[str, str]:
+    """Tags on the provider job besides its idempotency key: which run and which trigger created it."""
+    return {"tuneline_run_id": ctx.envelope.run_id[:512], "tuneline_trigger_event_id": str(ctx.envelope.event_id)}
+
+
 async def train_hosted(ctx: StageContext, hosted: HostedSettings, control, controls, *, backend=None) -> None:
+    async with held(ctx):
+        await _train_hosted(ctx, hosted, control, controls, backend=backend)
+
+
+async def _train_hosted(ctx: StageContext, hosted: HostedSettings, control, controls, *, backend=None) -> None:
     p = ctx.payload
     plan = p.plan
     if p.openai_train is None:
@@ -60,14 +77,19 @@ async def train_hosted(ctx: StageContext, hosted: HostedSettings, control, contr
     started = time.monotonic()
     try:
         backend = backend or backend_for(plan.backend, hosted)
-        spec = HostedJobSpec(
-            base_model=hosted.model, training_file=ctx.artifacts.path(p.openai_train),
-            validation_file=ctx.artifacts.path(p.openai_eval) if p.openai_eval else None,
-            idempotency_key=hosted_key(ctx.envelope.event_id), n_epochs=hosted.n_epochs,
-            batch_size=hosted.batch_size, learning_rate_multiplier=hosted.learning_rate_multiplier,
-            suffix=hosted.suffix or plan.target[:18], seed=plan.seed,
-        )
-        job_id = await asyncio.to_thread(backend.submit, spec)
+
+        def submit() -> str:
+            # in a worker thread: verifying the splits' digests and uploading them take a while
+            spec = HostedJobSpec(
+                base_model=hosted.model, training_file=ctx.artifacts.path(p.openai_train),
+                validation_file=ctx.artifacts.path(p.openai_eval) if p.openai_eval else None,
+                idempotency_key=hosted_key(ctx.envelope.event_id), n_epochs=hosted.n_epochs,
+                batch_size=hosted.batch_size, learning_rate_multiplier=hosted.learning_rate_multiplier,
+                suffix=hosted.suffix or plan.target[:18], seed=plan.seed, labels=job_labels(ctx),
+            )
+            return backend.submit(spec)
+
+        job_id = await asyncio.to_thread(submit)
     except HostedTrainingError as exc:
         _raise_for(exc)
     await ctx.emit(TrainingStarted(plan=plan, base_model=hosted.model, max_steps=0, train_rows=p.train_rows,
@@ -77,7 +99,7 @@ async def train_hosted(ctx: StageContext, hosted: HostedSettings, control, contr
     emitter = OrderedEmitter(ctx)
     emit_from_thread = emitter.emit
     last: dict = {"progress": None}
-    sent: dict = {"cancel": False, "paused": False}
+    sent: dict = {"cancel": False, "paused": False, "polls": 0}
 
     def on_progress(pr: HostedProgress) -> None:
         last["progress"] = pr
@@ -87,22 +109,29 @@ async def train_hosted(ctx: StageContext, hosted: HostedSettings, control, contr
 
     def on_poll(status: str) -> None:
         # Runs in the polling thread: pass the run's control state to the provider once per change.
+        sent["polls"] += 1
+        paused, transition, requested_by = control.pause_state()
+        if sent["polls"] == 1 and status == "paused" and not paused:
+            sent["paused"] = True  # paused by an earlier delivery and resumed since: the resume must reach the provider
         if control.cancelled and not sent["cancel"]:
             sent["cancel"] = True
             backend.cancel(job_id)
-        elif control.paused and not sent["paused"]:
+        elif paused and not sent["paused"]:
             sent["paused"] = True
-            backend.pause(job_id)
-            emit_from_thread(TrainingPaused(requested_by=control.requested_by or "unknown", hosted_job_id=job_id),
-                             f":paused-{job_id}")
-        elif not control.paused and sent["paused"]:
+            if status != "paused":
+                backend.pause(job_id)
+            # The transition counter names this pause: a redelivery re-announcing it reuses the id (deduplicated),
+            # a later pause of the same job gets its own.
+            emit_from_thread(TrainingPaused(requested_by=requested_by or "unknown", hosted_job_id=job_id),
+                             f":paused-{job_id}-{transition}")
+        elif not paused and sent["paused"]:
             sent["paused"] = False
             backend.resume(job_id)
-            emit_from_thread(TrainingResumed(requested_by=control.requested_by or "unknown", hosted_job_id=job_id),
-                             f":resumed-{job_id}")
+            emit_from_thread(TrainingResumed(requested_by=requested_by or "unknown", hosted_job_id=job_id),
+                             f":resumed-{job_id}-{transition}")
 
     try:
-        async with ctx.keep_alive():
+        async with held(ctx):
             outcome = await asyncio.to_thread(backend.follow, job_id, on_progress=on_progress,
                                               poll_interval=hosted.poll_interval_s, timeout=hosted.timeout_s,
                                               on_poll=on_poll)
@@ -115,7 +144,7 @@ async def train_hosted(ctx: StageContext, hosted: HostedSettings, control, contr
         await ctx.emit(TrainingCheckpointed(step=ck.step, eval_loss=ck.valid_loss, checkpoint=ck.model),
                        step=f":ckpt-{ck.id}")
     pr = last["progress"]
-    await ctx.emit(TrainingCompleted(
+    await complete(ctx, TrainingCompleted(
         plan=plan, base_model=hosted.model, adapter=None, manifest=p.manifest, eval=p.eval, label_space=p.label_space,
         steps=pr.step if pr else 0, final_loss=pr.train_loss if pr else None, examples_per_s=None, wall_s=time.monotonic() - started,
         backend=plan.backend, hosted_job_id=job_id, fine_tuned_model=outcome.fine_tuned_model,

@@ -3,24 +3,34 @@ talks to the stateful fake of the documented fine-tuning API (the only fake, at 
 
 The run's events say what a user needs: the cost estimate before the job, the job id, progress and
 checkpoints normalised into `training.*`, the trained tokens after; cancel reaches the provider;
-a failed job is a `training.failed` with its reason code; the API key is nowhere in the stream."""
+a failed job is a `training.failed` with its reason code; the API key is nowhere in the stream.
+Delivery (D3/D5): a slow upload does not get the trigger redelivered to a second trainer (one job);
+each pause and resume is its own event, and a redelivery names them the same way; a redelivery
+after completion publishes the same training.completed and touches the provider no more."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
+import nats
 import pytest
 
 from contracts import subjects
-from contracts.commands import CancelTraining
+from contracts.commands import CancelTraining, PauseTraining, ResumeTraining
 from contracts.common import HostedSettings, RunPlan
 from contracts.events import CostEstimate, PrepPrepared
-from contracts.registry import decode
+from contracts.registry import decode, encode
 from services.common.artifacts import ArtifactStore
 from services.common.bus import publish
+from services.common.delivery import StageContext
 from services.trainer import app as trainer_app
 from services.trainer import hosted_runner
+from services.trainer.control import ControlRegistry
+from services.trainer.hosted.base import HostedOutcome, HostedProgress
 from services.trainer.hosted.openai_backend import METADATA_KEY
+from services.trainer.local.engine import Control
 from services.trainer.settings import TrainerSettings
 from tests.conftest import wait_for
 from tests.factories import envelope, ref
@@ -32,9 +42,25 @@ COST = CostEstimate(model="gpt-4o-mini-2024-07-18", training_tokens=1200, epochs
                     usd=0.013, prices_as_of="2026-04")
 
 
+class DocumentedMetadataProvider(FakeProvider):
+    """The fake, also refusing job metadata the API reference does not allow: at most 16 pairs, keys
+    strings of up to 64 characters, values strings of up to 512."""
+
+    def create_job(self, body: dict):
+        from tests.unit.test_hosted_openai import _error
+
+        md = body.get("metadata")
+        if md is not None and (not isinstance(md, dict) or len(md) > 16 or any(
+                not isinstance(k, str) or len(k) > 64 or not isinstance(v, str) or len(v) > 512
+                for k, v in md.items())):
+            return _error(400, "Invalid 'metadata': at most 16 string pairs (keys <= 64, values <= 512 chars)",
+                          param="metadata")
+        return super().create_job(body)
+
+
 @pytest.fixture
 def fake(monkeypatch):
-    provider = FakeProvider(total_steps=3)
+    provider = DocumentedMetadataProvider(total_steps=3)
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     monkeypatch.setattr(hosted_runner, "backend_for", lambda backend, hosted: backend_for(provider))
     return provider
@@ -54,8 +80,9 @@ def prepared_event(tmp_path, run_id: str):
     return envelope(payload, run_id=run_id, producer="prep")
 
 
-async def start_trainer(nats_server, tmp_path):
-    svc = trainer_app.build(TrainerSettings(nats_url=nats_server.url, data_dir=tmp_path / "data", ack_wait_s=5))
+async def start_trainer(nats_server, tmp_path, ack_wait_s: float = 5):
+    svc = trainer_app.build(TrainerSettings(nats_url=nats_server.url, data_dir=tmp_path / "data",
+                                            ack_wait_s=ack_wait_s))
     await svc.prepare_broker()
     await svc.broker.start()
     return svc
@@ -110,7 +137,10 @@ async def test_hosted_job_records_cost_before_and_tokens_after(js, nats_server, 
     (body,) = fake.bodies
     assert body["method"]["supervised"]["hyperparameters"]["n_epochs"] == 3
     # keyed by the trigger (D3): a redelivered prep.prepared finds this job instead of creating another
-    assert body["metadata"] == {METADATA_KEY: hosted_runner.hosted_key(evs[0][0].event_id)}
+    # and tagged with the run and the trigger that created it
+    trigger = evs[0][0]
+    assert body["metadata"] == {METADATA_KEY: hosted_runner.hosted_key(trigger.event_id),
+                                "tuneline_run_id": "run-hosted", "tuneline_trigger_event_id": str(trigger.event_id)}
 
 
 async def test_cancel_command_reaches_the_provider(js, nats_server, tmp_path, fake):
@@ -134,3 +164,161 @@ async def test_failed_job_is_a_training_failure(js, nats_server, tmp_path, fake)
     env, payload = [(e, p) for e, p in evs if e.type == "training.failed"][0]
     assert env.reason_code == "training.runtime_error" and "failed" in payload.message
     assert "training.completed" not in [e.type for e, _ in evs]
+
+
+async def test_slow_upload_is_held_by_heartbeats_so_no_second_trainer_creates_a_second_job(
+        js, nats_server, tmp_path, fake, monkeypatch):
+    """The upload and the job creation outlast ack_wait: the trigger is heartbeated meanwhile, so the
+    second trainer never gets it (before, it found no job yet and created a second, billed one)."""
+    handle = fake.handle
+
+    def slow(request):
+        if request.method == "POST" and request.url.path.endswith("/files"):
+            time.sleep(3)  # a large training file on a real link
+        return handle(request)
+
+    monkeypatch.setattr(fake, "handle", slow)
+    trainers = [await start_trainer(nats_server, tmp_path, ack_wait_s=2) for _ in range(2)]
+    try:
+        await publish(js, prepared_event(tmp_path, "run-slow"), subjects.subject_for("prep.prepared", kind="event"))
+        await until(js, "run-slow", "training.completed")
+        info = await js.consumer_info(subjects.STREAM, trainer_app.PREPARED.durable)
+    finally:
+        for svc in trainers:
+            await svc.broker.stop()
+    assert fake.count("POST", "/fine_tuning/jobs") == 1 and len(fake.jobs) == 1
+    assert info.num_redelivered == 0
+
+
+async def test_each_pause_and_resume_of_a_hosted_job_is_its_own_event(js, nats_server, tmp_path, fake):
+    fake.outcome = "hang"
+    fake.total_steps = 1000
+
+    async def command(cmd) -> None:
+        env = envelope(cmd, run_id="run-pauses", producer="cli")
+        await publish(js, env, subjects.subject_for(env.type, kind="command"))
+
+    async def count(type_name: str, n: int) -> None:
+        async def enough():
+            return len([1 for e, _ in await run_events(js, "run-pauses") if e.type == type_name]) >= n
+
+        await wait_for(enough, timeout=30)
+
+    async def pause_resume_twice_then_cancel():
+        await until(js, "run-pauses", "training.progress")
+        for n in (1, 2):
+            await command(PauseTraining(requested_by="alice"))
+            await count("training.paused", n)
+            await command(ResumeTraining(requested_by="alice"))
+            await count("training.resumed", n)
+        await command(CancelTraining(requested_by="carol"))
+
+    evs = await hosted_run(js, nats_server, tmp_path, "run-pauses", "training.failed",
+                           meanwhile=pause_resume_twice_then_cancel)
+    controls = [(e.type, e.event_id) for e, _ in evs if e.type in ("training.paused", "training.resumed")]
+    assert [t for t, _ in controls] == ["training.paused", "training.resumed"] * 2
+    assert len({i for _, i in controls}) == 4
+    assert fake.count("POST", r"/fine_tuning/jobs/.*/pause") == 2
+    assert fake.count("POST", r"/fine_tuning/jobs/.*/resume") == 2
+
+
+class _Raw:
+    def __init__(self) -> None:
+        self.beats = 0
+
+    async def in_progress(self) -> None:
+        self.beats += 1
+
+
+class ScriptedBackend:
+    """A provider whose job sees the run's pause/resume commands arrive one per poll."""
+
+    def __init__(self, control: Control, script: list[str]) -> None:
+        self.control, self.script, self.calls = control, script, []
+
+    def submit(self, spec):
+        return "ftjob-1"
+
+    def pause(self, job_id):
+        self.calls.append("pause")
+
+    def resume(self, job_id):
+        self.calls.append("resume")
+
+    def cancel(self, job_id):
+        self.calls.append("cancel")
+
+    def follow(self, job_id, *, on_progress, poll_interval, timeout, on_poll):
+        for step, change in enumerate(self.script, 1):
+            getattr(self.control, change)("alice")
+            on_poll("running")
+            on_progress(HostedProgress(step=step, total_steps=len(self.script), train_loss=1.0 / step))
+        return HostedOutcome(job_id=job_id, status="succeeded", fine_tuned_model="ft:x", trained_tokens=10)
+
+
+async def _published(nats_server):
+    nc = await nats.connect(nats_server.url)
+    seen: list[tuple[str, bytes]] = []
+
+    async def cb(msg) -> None:
+        seen.append((msg.subject, msg.data))
+
+    await nc.subscribe(f"{subjects.EVENTS}.>", cb=cb)
+    await nc.flush()
+    return nc, seen
+
+
+async def test_a_redelivery_names_pause_and_resume_transitions_the_same_way(js, nats_server, tmp_path):
+    """Each delivery's Control is rebuilt from the same command history, so the transition counter in the
+    event ids agrees: a redelivery re-announces a transition under its id, a new one gets a new id."""
+    env = prepared_event(tmp_path, "run-redeliver-pause")
+    store = ArtifactStore((tmp_path / "data" / "artifacts").resolve())
+    settings = TrainerSettings(nats_url=nats_server.url, data_dir=tmp_path / "data")
+    nc, seen = await _published(nats_server)
+    ids = []
+    try:
+        for script in (["pause", "resume", "pause", "resume"], ["pause", "resume", "pause", "resume", "pause", "resume"]):
+            control = Control()
+            backend = ScriptedBackend(control, script)
+            _, payload = decode(encode(env))
+            ctx = StageContext(env, payload, "trainer", js, store, settings, _Raw())
+            before = len(seen)
+            await hosted_runner.train_hosted(ctx, payload.plan.hosted, control, None, backend=backend)
+            await nc.flush()
+            await asyncio.sleep(0.2)
+            ids.append([(s.rsplit(".", 1)[-1], decode(d)[0].event_id) for s, d in seen[before:]
+                        if s.endswith((".training.paused", ".training.resumed"))])
+            assert backend.calls == script
+    finally:
+        await nc.close()
+    first, again = ids
+    assert [t for t, _ in first] == ["paused", "resumed"] * 2 and len({i for _, i in first}) == 4
+    assert again[:4] == first  # the same transitions, the same ids
+    assert len({i for _, i in again}) == 6  # the third pause/resume are new events
+    stored = [e for e, _ in await run_events(js, "run-redeliver-pause") if e.type in ("training.paused", "training.resumed")]
+    assert len(stored) == 6
+
+
+async def test_a_redelivery_after_hosted_completion_does_not_touch_the_provider(js, nats_server, tmp_path, fake):
+    env = prepared_event(tmp_path, "run-hosted-again")
+    settings = TrainerSettings(nats_url=nats_server.url, data_dir=tmp_path / "data")
+    store = ArtifactStore((tmp_path / "data" / "artifacts").resolve())
+    handler = trainer_app.make_on_prepared(settings, ControlRegistry())
+    nc, seen = await _published(nats_server)
+    try:
+        _, payload = decode(encode(env))
+        raw = _Raw()
+        await handler(StageContext(env, payload, "trainer", js, store, settings, raw))
+        await nc.flush()
+        await asyncio.sleep(0.2)
+        first, requests = list(seen), len(fake.requests)
+        _, payload = decode(encode(env))
+        await handler(StageContext(env, payload, "trainer", js, store, settings, _Raw()))  # the redelivery
+        await nc.flush()
+        await asyncio.sleep(0.2)
+        again = seen[len(first):]
+    finally:
+        await nc.close()
+    completed = [(s, d) for s, d in first if s.endswith(".training.completed")]
+    assert len(completed) == 1 and again == completed  # the identical event, nothing else
+    assert len(fake.requests) == requests  # no upload, no job lookup, no second job

@@ -3,7 +3,9 @@
 - SIGKILL mid-run: the trigger is redelivered to a new trainer process, which resumes from the last
   checkpoint (not step 0) and never repeats a step after it;
 - cancel, pause and resume are commands that reach the process running the job;
-- strict preflight blocks an impossible plan before any training.
+- strict preflight blocks an impossible plan before any training;
+- a redelivery after the job completed (a crash or a lost ack before the ack) trains nothing and
+  publishes the identical training.completed again.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -230,3 +233,77 @@ async def test_chat_sft_run_trains_on_a_causal_lm(js, nats_server, tmp_path):
     assert ckpts[-1].eval_loss < ckpts[0].eval_loss
     passed = (await events(js, "preflight.passed", "run-chat"))[0]
     assert passed.train_plan.task == "chat_sft"
+
+
+class _Raw:
+    """The trigger message as the handler sees it: only heartbeats are used."""
+
+    def __init__(self) -> None:
+        self.beats = 0
+
+    async def in_progress(self) -> None:
+        self.beats += 1
+
+
+async def test_redelivery_after_completion_republishes_the_completion_without_training(js, nats_server, tiny_bert,
+                                                                                        tmp_path):
+    """The handler finished (training.completed published) but the ack never reached the server: the
+    same prep.prepared comes again. It must not train from step 0 (its checkpoints are gone) nor publish
+    anything new: only the identical training.completed, which the stream deduplicates, or which
+    downstream stages recognise by its id after the duplicate window."""
+    import nats
+
+    from contracts.registry import encode
+    from services.common.delivery import StageContext
+    from services.trainer.app import make_on_prepared, work_dir_for
+    from services.trainer.completion import completion_record_path
+    from services.trainer.control import ControlRegistry
+    from services.trainer.settings import TrainerSettings
+
+    data_dir = tmp_path / "data"
+    env = prepared(data_dir, tiny_bert, "run-again", epochs=20, eval_every_steps=10)
+    settings = TrainerSettings(nats_url=nats_server.url, data_dir=data_dir, progress_every_s=0)
+    store = ArtifactStore((data_dir / "artifacts").resolve())
+    handler = make_on_prepared(settings, ControlRegistry())
+
+    nc = await nats.connect(nats_server.url)
+    published: list[tuple[str, bytes]] = []  # every publish, duplicates included (core NATS sees them all)
+
+    async def seen(msg) -> None:
+        published.append((msg.subject, msg.data))
+
+    await nc.subscribe(f"{subjects.EVENTS}.>", cb=seen)
+    await nc.flush()
+
+    async def deliver() -> None:
+        _, payload = decode(encode(env))
+        await handler(StageContext(env, payload, "trainer", js, store, settings, _Raw()))
+
+    try:
+        await deliver()
+        completed_subject = subjects.subject_for("training.completed", kind="event")
+        await wait_for(lambda: any(s == completed_subject for s, _ in published))
+        first = list(published)
+        assert [s for s, _ in first].count(subjects.subject_for("training.progress", kind="event")) == 20
+        assert not work_dir_for(settings, env.event_id).exists()  # the checkpoints are removed after completion
+        assert completion_record_path(data_dir, env.event_id).is_file()
+
+        started = time.monotonic()
+        await deliver()  # the redelivery
+        elapsed = time.monotonic() - started
+        await wait_for(lambda: len(published) > len(first))
+        await nc.flush()
+        await asyncio.sleep(0.2)
+        again = published[len(first):]
+    finally:
+        await nc.close()
+
+    original = [d for s, d in first if s == completed_subject]
+    assert len(original) == 1
+    # nothing but the same training.completed, byte for byte: same id, payload and adapter artifact
+    assert again == [(completed_subject, original[0])]
+    assert elapsed < 5
+    done = await events(js, "training.completed", "run-again")
+    assert len(done) == 1 and done[0].steps == 20 and done[0].resumed_from_step is None
+    assert store.path(done[0].adapter).exists()  # the adapter it names is still in the artifact store
+    assert len(await events(js, "training.started", "run-again")) == 1

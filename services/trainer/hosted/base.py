@@ -63,6 +63,9 @@ class HostedJobSpec:
     learning_rate_multiplier: float | None = None
     suffix: str | None = None
     seed: int | None = None
+    # Extra tags for the provider job (OpenAI job `metadata`: at most 16 pairs with the key's, keys up to 64
+    # characters, string values up to 512), e.g. the run id and the trigger event id.
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if not self.base_model:
@@ -71,6 +74,12 @@ class HostedJobSpec:
             raise ValueError("idempotency_key is required (derive it from the trigger event, D3)")
         if len(self.idempotency_key) > 512:
             raise ValueError("idempotency_key is longer than 512 characters (a metadata value's limit)")
+        if len(self.labels) > 15:
+            raise ValueError("at most 15 labels (job metadata holds 16 pairs, one is the idempotency key)")
+        for k, v in self.labels.items():
+            if not isinstance(k, str) or not isinstance(v, str) or not k or len(k) > 64 or len(v) > 512:
+                raise ValueError(f"label {k!r}: keys are 1-64 characters and values strings up to 512")
+        object.__setattr__(self, "labels", dict(self.labels))
         object.__setattr__(self, "training_file", Path(self.training_file))
         if self.validation_file is not None:
             object.__setattr__(self, "validation_file", Path(self.validation_file))

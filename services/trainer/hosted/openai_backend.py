@@ -255,7 +255,10 @@ class OpenAIHostedBackend:
         if spec.seed is not None:
             body["seed"] = spec.seed
         if self._use_metadata:
-            body["metadata"] = {METADATA_KEY: spec.idempotency_key}
+            # Documented: job `metadata` (string pairs) is returned by GET /fine_tuning/jobs and filterable
+            # there (metadata[k]=v): find_job finds this job again by its key.
+            body["metadata"] = {**{k: v for k, v in spec.labels.items() if k != METADATA_KEY},
+                                METADATA_KEY: spec.idempotency_key}
         return self._create(body, spec.idempotency_key, suffix)
 
     def _create(self, body: dict[str, Any], key: str, suffix: str) -> str:

@@ -105,8 +105,13 @@ class Control:
         self._cancelled = threading.Event()
         self._running = threading.Event()
         self._running.set()
+        self._lock = threading.Lock()
         self.requested_by: str | None = None
         self.deadline = deadline  # time.monotonic() value after which training stops as timed out
+        # Pause/resume state changes so far (a pause of a paused run, a resume of a running one: no change).
+        # Commands reach every trainer process in stream order, so each process counts the same: the
+        # counter identifies a transition deterministically, e.g. in the ids of training.paused/resumed.
+        self.transitions = 0
 
     def cancel(self, requested_by: str = "unknown") -> None:
         self.requested_by = requested_by
@@ -114,12 +119,23 @@ class Control:
         self._running.set()  # a paused loop wakes up to notice
 
     def pause(self, requested_by: str = "unknown") -> None:
-        self.requested_by = requested_by
-        self._running.clear()
+        with self._lock:
+            self.requested_by = requested_by
+            if self._running.is_set():
+                self.transitions += 1
+            self._running.clear()
 
     def resume(self, requested_by: str = "unknown") -> None:
-        self.requested_by = requested_by
-        self._running.set()
+        with self._lock:
+            self.requested_by = requested_by
+            if not self._running.is_set():
+                self.transitions += 1
+            self._running.set()
+
+    def pause_state(self) -> tuple[bool, int, str | None]:
+        """(paused, transitions, requested_by), read together."""
+        with self._lock:
+            return not self._running.is_set(), self.transitions, self.requested_by
 
     @property
     def cancelled(self) -> bool:
