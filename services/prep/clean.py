@@ -264,6 +264,15 @@ def _stats_batch(texts: Sequence[str], idx: list[int], quals: list, sigs: list,
 
 # ---------- the stage ----------
 
+def check_pii_share(rows_with_pii: int, rows: int, pii_counts: Counter, threshold: float | None) -> None:
+    """Raise cleaning.pii_block when the share of rows carrying PII is above the threshold."""
+    share = rows_with_pii / rows
+    if threshold is not None and share > threshold:
+        raise CleaningBlocked("cleaning.pii_block", (
+            f"{share:.1%} of rows ({rows_with_pii} of {rows}) carry PII "
+            f"({', '.join(f'{k}: {v}' for k, v in sorted(pii_counts.items()))}), above the threshold of {threshold:.1%}"))
+
+
 def _drop(row: dict, code: str, detail: str, duplicate_of: int | None = None) -> dict:
     return {"row_number": row["row_number"], "reason_code": code, "detail": detail, "duplicate_of": duplicate_of}
 
@@ -404,12 +413,7 @@ def _clean(rows: list[dict], policy: CleaningPolicy, scrubber: Scrubber) -> Clea
             rows_with_pii += 1
             pii_counts.update(res.counts)
             norm[i] = res.text
-        share = rows_with_pii / len(live)
-        if policy.pii_block_threshold is not None and share > policy.pii_block_threshold:
-            raise CleaningBlocked("cleaning.pii_block", (
-                f"{share:.1%} of rows ({rows_with_pii} of {len(live)}) carry PII "
-                f"({', '.join(f'{k}: {v}' for k, v in sorted(pii_counts.items()))}), above the threshold "
-                f"of {policy.pii_block_threshold:.1%}"))
+        check_pii_share(rows_with_pii, len(live), pii_counts, policy.pii_block_threshold)
         if changed:  # what the per-row step left to the scrubbed texts
             scrubbed = [norm[i] for i in changed]
             for i, q, sig, x in zip(changed, *_row_stats(scrubbed), scrubbed):

@@ -32,7 +32,8 @@ from typing import Any, Iterator
 
 import orjson
 
-from services.prep.clean import CleaningBlocked, CleaningPolicy, CleanResult, check_eval_overlap, clean, normalise
+from services.prep.clean import (CleaningPolicy, CleanResult, check_eval_overlap, check_pii_share, clean,
+                                 normalise)
 from services.prep.pii import KINDS, Scrubber
 
 STRUCTURED_SHAPES = ("chat_messages", "prompt_completion", "json_extraction", "preference_pairs")
@@ -191,12 +192,7 @@ def clean_structured(rows: list[dict], shape: str, policy: CleaningPolicy | None
                         if h:
                             pii_counts.update(h.counts)
                     live[k] = with_strings(live[k], shape, [h.text if h else s for h, s in zip(hits, ss)])
-        share = rows_with_pii / len(live)
-        if policy.pii_block_threshold is not None and share > policy.pii_block_threshold:
-            raise CleaningBlocked("cleaning.pii_block", (
-                f"{share:.1%} of rows ({rows_with_pii} of {len(live)}) carry PII "
-                f"({', '.join(f'{k}: {v}' for k, v in sorted(pii_counts.items()))}), above the threshold "
-                f"of {policy.pii_block_threshold:.1%}"))
+        check_pii_share(rows_with_pii, len(live), pii_counts, policy.pii_block_threshold)
     timings["pii"] = time.perf_counter() - t
 
     # 3. exact duplicates of the cleaned content; preference pairs with nothing left to prefer
