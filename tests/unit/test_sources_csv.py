@@ -286,3 +286,27 @@ def test_a_binary_file_with_nul_bytes_is_still_refused(tmp_path):
     with pytest.raises(SourceError) as err:
         CsvSource(path).describe()
     assert err.value.reason_code == "ingest.binary_source"
+
+
+REGIONAL = {
+    "cp1257": ["Užsakymas neatvyko, prašau grąžinti pinigus.", "Prekė buvo sugadinta, noriu ją grąžinti."],
+    "cp1250": ["Objednávka nepřišla, prosím o vrácení peněz.", "Zboží bylo poškozené, chci reklamovat."],
+    "cp1254": ["Müşteri hizmetleri çok yavaş, değil mi?", "Şikayetim var: ürün kırık geldi."],
+}
+
+
+@pytest.mark.parametrize("rows", [40, 3000])
+@pytest.mark.parametrize("encoding", sorted(REGIONAL))
+def test_central_european_baltic_and_turkish_text_keeps_its_own_code_page(tmp_path, encoding, rows):
+    """Reading every Latin guess as windows-1252 garbled these ("Uþsakymas", "nepøi¹la"); the detector
+    alone got Turkish wrong, and gave up on 3,000 rows of it."""
+    path, chosen = _csv_of(tmp_path, REGIONAL[encoding], rows, encoding)
+    assert [r.fields["text"] for r in CsvSource(path).load()] == chosen
+
+
+@pytest.mark.parametrize("text", ["a grin 😀 here and thanks", "a box ─ line in the report", "Ādaži un Ļaudona ok"])
+def test_utf16_without_a_bom_holding_characters_with_a_nul_low_byte_is_text(tmp_path, text):
+    path = tmp_path / "u16.csv"
+    path.write_bytes(("text,label\n" + "".join(f"{text} {i},a\n" for i in range(400))).encode("utf-16-le"))
+    got = [r.fields["text"] for r in CsvSource(path).load()]
+    assert len(got) == 400 and got[0] == f"{text} 0"

@@ -5,17 +5,17 @@ first 64 KiB decode as UTF-8; else charset-normalizer's best guess (describe() r
 it was found). Without a BOM, NUL bytes in the first 8 KiB mean UTF-16 when they fall on one side of
 nearly every 2-byte unit and nothing else is NUL (UTF-16 written without a BOM, as some Windows tools
 do), else a binary file (ingest.binary_source).
-When that guess is a Latin-script single-byte code page, windows-1252 is read instead if the
-detector accepts the bytes as windows-1252, as the WHATWG encoding standard and browsers default
-such text to it: windows-1252 is Windows' and Excel's Western code page and holds latin-1's
-printable characters, while the ISO-8859 and Windows Latin code pages put different letters on the
-same bytes, so the detector's pick among them is close to arbitrary (French latin-1 came out as
-iso8859-10, "très" as "trčs"). Mac and DOS code pages put their accented letters at 0x80-0x9F,
-where windows-1252 has punctuation (English smart quotes came out as cp852); their guess stands only
-when a byte there is one windows-1252 reads as a letter (ƒ ˆ Š Œ Ž š œ ž Ÿ: Mac Roman's ü is Ÿ), which
-windows-1252 text rarely has. Text that does not read as windows-1252 (Polish cp1250, ...) and
-non-Latin guesses (cp1251, koi8-r, Greek, shift_jis, gb18030, ...) keep the detector's answer;
-`encoding=` is there for the rest (Hungarian cp1250 also reads as windows-1252, with õ û for ő ű).
+When that guess is a Latin-script single-byte code page, the detector's pick among them is close to
+arbitrary (French latin-1 came out as iso8859-10, cp1257 and mac-latin2, "très" as "trčs"): the guess
+and the Windows pages of the main regions (windows-1252 Western, cp1250 Central European, cp1257
+Baltic, cp1254 Turkish) are compared by how many of each decoding's letters beyond ASCII are common
+letters of its own languages, ties going to windows-1252 (Windows' and Excel's Western page, holding
+latin-1's printable characters, as the WHATWG encoding standard defaults such text to) and then to the
+guess (see _latin_page). Mac and DOS code pages put their accented letters at 0x80-0x9F, where
+windows-1252 has punctuation (English smart quotes came out as cp852); their guess stands only when a
+byte there is one windows-1252 reads as a letter (ƒ ˆ Š Œ Ž š œ ž Ÿ: Mac Roman's ü is Ÿ), which
+windows-1252 text rarely has. Non-Latin guesses (cp1251, koi8-r, Greek, shift_jis, gb18030, ...) keep
+the detector's answer.
 
 Dialect: csv.Sniffer on the first 16 KiB, delimiters `,;\\t|`, checked against the header (the sniffed
 delimiter must split the header at least as well as the others), falling back to excel (comma,
@@ -79,12 +79,51 @@ _BOMS = (  # longest first: the UTF-32 LE BOM starts with the UTF-16 LE one
     (codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"),
     (codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"),
 )
-# Latin-script code pages that charset-normalizer may guess (codecs names), with controls or
-# punctuation at 0x80-0x9F and letters at 0xA0-0xFF as in windows-1252 ...
-_ISO_WINDOWS_LATIN = frozenset({
+# Latin-script single-byte code pages charset-normalizer may guess (codecs names). It tells them
+# apart poorly: French came out as iso8859-10, cp1257 and mac-latin2. So between its guess and the
+# Windows pages of the main Latin-script regions, the decoding whose letters beyond ASCII are the
+# common ones of its own languages wins (ties: windows-1252, the most used, then the guess): French read
+# as cp1250 has "č" for "è" and "ŕ" for "à"; Czech read as windows-1252 has "ø" for "ř" and no "ě";
+# Lithuanian read as cp1250 has "ţ", "đ", "ŕ"; a symbol between two letters ("nepøi¹la") counts against.
+_LATIN_GUESSES = frozenset({
     "iso8859-1", "iso8859-2", "iso8859-3", "iso8859-4", "iso8859-9", "iso8859-10", "iso8859-13", "iso8859-14",
     "iso8859-15", "iso8859-16", "cp1250", "cp1254", "cp1257", "cp1258", "hp-roman8",
 })
+_COMMON_LETTERS = {  # page -> the letters beyond ASCII its languages write most
+    "cp1252": "éèêëàâäáãåæçîïíìôöóòõøœùûüúÿñß",            # French, German, Spanish, Portuguese, Italian, Nordic
+    "cp1250": "áäčďéěíľĺňóôöőŕřšťúůüűýžąćęłńśźżăâîşţđ",     # Czech, Slovak, Polish, Hungarian, Romanian, Croatian
+    "cp1257": "ąčęėįšųūžāēģīķļņōõäöü",                        # Lithuanian, Latvian, Estonian
+    "cp1254": "çğıöşüâî",                                     # Turkish
+}
+_COMMON_LETTERS = {page: frozenset(letters + letters.upper() + ("İ" if page == "cp1254" else ""))
+                   for page, letters in _COMMON_LETTERS.items()}
+_FAMILY = {"iso8859-1": "cp1252", "iso8859-15": "cp1252", "iso8859-2": "cp1250", "iso8859-16": "cp1250",
+           "iso8859-4": "cp1257", "iso8859-13": "cp1257", "iso8859-9": "cp1254"}
+_BEYOND_ASCII = re.compile(r"[^\x00-\x7f]")
+_BETWEEN_LETTERS = re.compile(r"(?<=[^\W\d_])[^\x00-\x7f](?=[^\W\d_])")
+
+
+def _common_share(text: str, letters: frozenset[str]) -> float:
+    """The share of the text's letters beyond ASCII that are common ones in `letters`, a symbol beyond
+    ASCII between two letters counting as a foreign letter ("nepøi¹la": ¹ was one); 1.0 for none."""
+    beyond = [c for c in _BEYOND_ASCII.findall(text) if c.isalpha()]
+    total = len(beyond) + sum(not c.isalpha() for c in _BETWEEN_LETTERS.findall(text))
+    return sum(c in letters for c in beyond) / total if total else 1.0
+
+
+def _latin_page(sample: bytes, guess: str) -> str:
+    """The Latin code page to read `sample` with, given the detector's guess (see _LATIN_GUESSES)."""
+    candidates = ["cp1252", guess] + [p for p in ("cp1250", "cp1257", "cp1254") if p != guess]
+    scores = {}
+    for page in dict.fromkeys(candidates):
+        try:
+            text = sample.decode(page)
+        except UnicodeDecodeError:
+            continue  # bytes this page has no character for: not it
+        scores[page] = _common_share(text, _COMMON_LETTERS.get(_FAMILY.get(page, page), frozenset()))
+    return max(scores, key=lambda page: (scores[page], page == "cp1252", page == guess)) if scores else guess
+
+
 # ... and Mac and DOS ones, with accented letters at 0x80-0x9F
 _MAC_DOS_LATIN = frozenset({
     "cp437", "cp775", "cp850", "cp852", "cp857", "cp858", "cp860", "cp861", "cp863", "cp865",
@@ -97,16 +136,18 @@ _FIRST_LINE_END = re.compile("\r(?!\n)|\n")
 
 def _utf16_without_bom(head: bytes) -> str | None:
     """"utf-16-le" or "utf-16-be" when `head` reads as UTF-16 text with no byte-order mark (Windows
-    tools write it so): NUL as the high byte of nearly every code unit on one side, as Latin text
-    has, and the whole decoding cleanly; else None (a binary file)."""
+    tools write it so): NUL as the high byte of most code units on one side, as Latin text has, few
+    on the other (U+0100, U+2500, an emoji's low surrogate DE00 have one there), and the
+    whole decoding cleanly (a character cut at the end of `head` is not an error); else None."""
     n = len(head) // 2 * 2
     if n < 16:
         return None
+    units = n // 2
     even, odd = head[0:n:2].count(0), head[1:n:2].count(0)
     for encoding, zeros, other in (("utf-16-le", odd, even), ("utf-16-be", even, odd)):
-        if zeros >= 0.9 * (n // 2) and other == 0:
+        if zeros >= 0.8 * units and other <= 0.1 * units:
             try:
-                head[:n].decode(encoding)
+                codecs.getincrementaldecoder(encoding)().decode(head[:n], final=False)
             except UnicodeDecodeError:
                 return None
             return encoding
@@ -312,17 +353,23 @@ class CsvSource:
         return self._layout
 
     def _guess(self, sample: bytes) -> tuple[str, str]:
-        """(the encoding to read with, charset-normalizer's own guess): windows-1252 over another Latin
-        code page where the detector accepts the bytes as windows-1252 (see the module docstring)."""
+        """(the encoding to read with, charset-normalizer's own guess, "none" when it had none): see
+        the module docstring for Latin-script guesses."""
         from charset_normalizer import from_bytes
 
         best = from_bytes(sample).best()
         if best is None:
+            # It gives up on some long single-language samples (64 KiB of Turkish cp1254); text in a Latin
+            # page still shows by its letters, where random bytes would not.
+            page = _latin_page(sample, "cp1252")
+            if _common_share(sample.decode(page, "replace"), _COMMON_LETTERS[page]) >= 0.9:
+                return page, "none"
             raise SourceError("ingest.binary_source",
                               f"{self.path} is not text in any encoding charset-normalizer knows (not UTF-8, no BOM): not CSV")
         proposed = codecs.lookup(best.encoding).name
-        if ((proposed in _ISO_WINDOWS_LATIN
-             or proposed in _MAC_DOS_LATIN and not _CP1252_LETTERS_80_9F.search(sample))
+        if proposed in _LATIN_GUESSES:
+            return _latin_page(sample, proposed), proposed
+        if (proposed in _MAC_DOS_LATIN and not _CP1252_LETTERS_80_9F.search(sample)
                 and from_bytes(sample, cp_isolation=["cp1252"]).best() is not None):
             return "cp1252", proposed
         return proposed, proposed
