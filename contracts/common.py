@@ -9,16 +9,18 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 
 _PG_ENV = re.compile(r"pg:[A-Za-z_][A-Za-z0-9_]*(\?.*)?", re.S)
-_URL_CREDENTIALS = re.compile(r"://[^/@\s]*:[^/@\s]*@")
+_URL_CREDENTIALS = re.compile(r"://[^@\s]*:[^@\s]*@")  # a password may hold "/"
+_DSN_PASSWORD = re.compile(r"(?i)\b(?:password|passwd|pwd)\s*=")  # a key=value DSN (before any ?query=)
 
 
 def _no_credentials(locator: str) -> str:
     """A locator travels in events, which the audit log keeps for good: one that carries a password
     is refused before it is published (the message does not repeat it)."""
-    if locator.startswith("pg:") and not _PG_ENV.fullmatch(locator):
+    text = locator.strip()  # as the ingest parser reads it
+    if text.startswith("pg:") and not _PG_ENV.fullmatch(text):
         raise ValueError("a pg: locator names the environment variable that holds the DSN (pg:DSN_ENV?query=SQL), "
                          "never the DSN itself")
-    if _URL_CREDENTIALS.search(locator):
+    if _URL_CREDENTIALS.search(text) or _DSN_PASSWORD.search(text.partition("?")[0]):
         raise ValueError("the locator holds credentials (scheme://user:password@...); pass them through the "
                          "environment instead")
     return locator

@@ -42,3 +42,16 @@ def test_a_run_start_published_with_a_dsn_in_its_locator_is_refused_by_decode_wi
     with pytest.raises(ContractError) as err:
         decode(json.dumps(body).encode())
     assert err.value.reason_code == "bus.invalid_payload" and SECRET not in str(err.value)
+
+
+@pytest.mark.parametrize("locator", [f" pg:host=db password={SECRET} dbname=crm?query=select 1",
+                                     f"pg :host=db password={SECRET}?query=select 1",
+                                     f"csv:https://app:hun/ter2{SECRET}@files.example.com/x.csv"])
+def test_credentials_behind_a_space_or_with_a_slash_in_the_password_are_refused_too(locator):
+    with pytest.raises(ValidationError) as err:
+        RunPlan(locator=locator, target="t")
+    assert all(SECRET not in e["msg"] for e in err.value.errors())
+
+
+def test_a_query_about_passwords_is_not_a_credential():
+    assert RunPlan(locator="pg:CRM_DSN?query=select text, label from t where password_reset = true", target="t")

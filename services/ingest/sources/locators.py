@@ -95,7 +95,7 @@ class PgLocator(Locator):
 
 def redact(text: str) -> str:
     """Hide what looks like a password in a URL (`//user:pw@`) or a key=value DSN (`password=pw`)."""
-    text = re.sub(r"(//[^/@:\s]*:)[^@/\s]*@", r"\1***@", text)
+    text = re.sub(r"(//[^/@:\s]*:)[^@\s]*@", r"\1***@", text)  # a password may hold "/"
     return re.sub(r"(?i)\b(password|passwd|pwd)=[^\s&;]*", r"\1=***", text)
 
 
