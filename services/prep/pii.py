@@ -283,11 +283,12 @@ class Scrubber:
                     spans.append((m.start(), m.end(), "card", d))
         if "ipv6" in kinds:
             for m in _IPV6.finditer(text):
-                end = m.end()
+                end, v = m.end(), None
                 tail = _IPV6_V4_TAIL.match(text, end) if text.startswith(".", end) else None
-                if tail:
-                    end = tail.end()
-                v = _valid_ipv6(text[m.start():end])
+                if tail:  # the whole ::ffff:a.b.c.d if it parses, else what _IPV6 matched
+                    v = _valid_ipv6(text[m.start():tail.end()])
+                    end = tail.end() if v else end
+                v = v or _valid_ipv6(m.group())
                 if v:
                     spans.append((m.start(), end, "ipv6", v))
         if "ipv4" in kinds:

@@ -17,7 +17,10 @@ training content holds.
    length outliers, near duplicates, synthetic cap) on a text key of the row: its strings joined, each
    prefixed by its role or field name (target leaves by their JSON path). System messages are left
    out of the key: a fixed system prompt shared by every conversation would otherwise make them all
-   near duplicates of each other. Each kept row gets its ``quality``.
+   near duplicates of each other. So two conversations that differ only in their system prompt
+   (the same exchange under two personas) share a key: the later one is dropped as a near duplicate
+   (it would teach the same answers, and could sit on the other side of the split). Each kept row
+   gets its ``quality``.
 
 Every input row ends up kept or dropped with a reason code (asserted).
 """
@@ -213,6 +216,12 @@ def clean_structured(rows: list[dict], shape: str, policy: CleaningPolicy | None
     keyed = [{"row_number": r["row_number"], "text": content_text(r, shape), "label": "",
               "provenance": r.get("provenance", "human"), "_i": i} for i, r in enumerate(live)]
     res = clean(keyed, replace(policy, pii_scrub=False, pii_block_threshold=None))
+    if shape == "chat_messages":  # equal keys, different system prompts: near duplicates, not exact ones
+        system = {r["row_number"]: [m["content"] for m in r["messages"] if m["role"] == "system"] for r in live}
+        for d in res.dropped:
+            if d["reason_code"] == "cleaning.exact_duplicate" and system[d["row_number"]] != system.get(d["duplicate_of"]):
+                d.update(reason_code="cleaning.near_duplicate",
+                         detail="the same conversation as an earlier row but for its system prompt")
     dropped += res.dropped
     kept = [dict(live[k["_i"]], quality=k["quality"]) for k in res.kept]
     timings.update({f"clean.{k}": v for k, v in res.timings.items()})

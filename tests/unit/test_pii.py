@@ -199,3 +199,7 @@ def test_emails_with_letters_beyond_ascii_are_scrubbed():
     assert [scrub(t).text.count("<EMAIL_1>") for t in texts] == [1, 1, 1, 1]
     one_by_one = Scrubber()
     assert [r.text for r in Scrubber().scrub_many(texts)] == [one_by_one.scrub(t).text for t in texts]
+
+
+def test_an_ipv6_address_followed_by_dotted_numbers_that_do_not_parse_as_one_is_still_scrubbed():
+    assert scrub("addr fe80::abcd.1.2.3 x").text == "addr <IP_1>.1.2.3 x"

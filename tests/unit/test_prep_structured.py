@@ -210,3 +210,17 @@ def test_clean_structured_alone_keeps_layout_and_accounting():
     res = clean_structured(rows, "chat_messages")
     assert len(res.kept) + len(res.dropped) == len(rows) == res.stats["rows_in"]
     assert set(res.kept[0]) == {"row_number", "messages", "provenance", "quality"}
+
+
+def test_conversations_that_differ_only_in_their_system_prompt_are_near_not_exact_duplicates():
+    from services.prep.structured import clean_structured
+
+    def chat(n, persona, answer="It ships in two days."):
+        return {"row_number": n, "messages": [{"role": "system", "content": f"You are {persona}."},
+                                              {"role": "user", "content": "When does my parcel ship?"},
+                                              {"role": "assistant", "content": answer}]}
+
+    rows = [chat(1, "a pirate"), chat(2, "a poet"), chat(3, "a pirate", "IT SHIPS IN TWO DAYS.")]
+    res = clean_structured(rows, "chat_messages")
+    reasons = {d["row_number"]: (d["reason_code"], d["duplicate_of"]) for d in res.dropped}
+    assert reasons == {2: ("cleaning.near_duplicate", 1), 3: ("cleaning.exact_duplicate", 1)}
