@@ -213,7 +213,13 @@ def cmd_up(args) -> int:
                TUNELINE_DATA_DIR=str(root), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     # Services run in the repository; the files a user points at are where they ran `up` (and the
     # data dir), so those are the default ingest roots, not the services' working directory.
-    env.setdefault("TUNELINE_INGEST_ROOTS", json.dumps([str(Path.cwd().resolve()), str(root.resolve())]))
+    # Not the whole disk or home directory, though: from there, only the data dir unless set.
+    here = Path.cwd().resolve()
+    roots = [root.resolve()] if here in (Path("/"), Path.home().resolve()) else [here, root.resolve()]
+    if "TUNELINE_INGEST_ROOTS" not in env and len(roots) == 1:
+        print(f"ingest roots: {roots[0]} only (up ran in {here}); set TUNELINE_INGEST_ROOTS to read files elsewhere",
+              file=sys.stderr)
+    env.setdefault("TUNELINE_INGEST_ROOTS", json.dumps([str(r) for r in roots]))
     started_now = []
     for name in stack.SERVICES:
         if name not in state["services"]:
