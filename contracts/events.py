@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from contracts.common import PLAN_V3, ArtifactRef, FieldMapping, Frozen, RunPlan, TaskShape, upcast_plan_v2
 from contracts.reason_codes import is_registered
 from contracts.registry import register
+
+
+def _registered_reasons(counts: dict[str, int]) -> dict[str, int]:
+    unknown = sorted(k for k in counts if not is_registered(k))
+    if unknown:
+        raise ValueError(f"counts by reason name unregistered reason codes: {', '.join(unknown[:5])}")
+    return counts
+
+
+# Row counts by reason code: the codes must be registered (D9), as the timeline and the History view
+# read them as such.
+ReasonCounts = Annotated[dict[str, int], AfterValidator(_registered_reasons)]
 
 
 class Notice(Frozen):
@@ -65,7 +77,7 @@ class IngestDryRunCompleted(Frozen):
     rows_read: int = Field(ge=0)
     rows_accepted: int = Field(ge=0)
     rows_rejected: int = Field(ge=0)
-    rejected_by_reason: dict[str, int]
+    rejected_by_reason: ReasonCounts
     sample_accepted: list[dict[str, Any]]
     rejected: ArtifactRef
 
@@ -79,7 +91,7 @@ class CommittedRows(Frozen):
     rows_read: int = Field(ge=0)
     rows_accepted: int = Field(ge=0)
     rows_rejected: int = Field(ge=0)
-    rejected_by_reason: dict[str, int]
+    rejected_by_reason: ReasonCounts
 
 
 @register("ingest.committed", kind="event", version=3, upcasters=PLAN_V3)
@@ -90,7 +102,7 @@ class IngestCommitted(Frozen):
     rows_read: int = Field(ge=0)
     rows_accepted: int = Field(ge=0)
     rows_rejected: int = Field(ge=0)
-    rejected_by_reason: dict[str, int]
+    rejected_by_reason: ReasonCounts
     mapping: FieldMapping | None = None       # the mapping applied (v2)
     mapping_confidence: float | None = None   # when introspection chose it (v2)
     source: dict[str, Any] = Field(default_factory=dict)  # the source's description, no secrets (v2)
@@ -112,7 +124,7 @@ class PrepCleaned(Frozen):
     plan: RunPlan
     rows_in: int = Field(ge=0)
     rows_kept: int = Field(ge=0)
-    dropped_by_reason: dict[str, int]
+    dropped_by_reason: ReasonCounts
     dropped: ArtifactRef
     pii_by_kind: dict[str, int]
     rows_with_pii: int = Field(ge=0)

@@ -151,3 +151,19 @@ def test_subjects_keep_events_commands_and_dead_letters_apart():
 def test_event_ids_are_uuids_and_distinct_by_default():
     a, b = successful_run("x")[:2]
     assert isinstance(a.event_id, uuid.UUID) and a.event_id != b.event_id
+
+
+def test_counts_by_reason_must_name_registered_reason_codes():
+    """An unregistered key passed the contract, and a `prep.cleaned` holding one stopped the timeline
+    projection (its summary splits the code at the dot)."""
+    import pydantic
+
+    from contracts.events import PrepCleaned
+    from tests.factories import plan, ref
+
+    ok = dict(plan=plan(), rows_in=3, rows_kept=1, dropped_by_reason={"cleaning.exact_duplicate": 2}, dropped=ref("d"),
+              pii_by_kind={}, rows_with_pii=0)
+    PrepCleaned(**ok)
+    for bad in ({"nodot": 2}, {"cleaning.made_up": 2}):
+        with pytest.raises(pydantic.ValidationError, match="unregistered reason codes"):
+            PrepCleaned(**(ok | {"dropped_by_reason": bad}))

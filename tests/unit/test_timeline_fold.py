@@ -323,6 +323,23 @@ def test_random_batch_boundaries_give_the_same_rows():
         assert project(rows, cuts) == whole, cuts
 
 
+def test_two_starts_in_one_run_and_a_failure_before_the_start_are_split_independent():
+    """The fold kept the last start's target within a batch while the upsert keeps the first across
+    batches: one batch and many disagreed (a run started twice, e.g. re-published past the window)."""
+    from contracts.commands import StartRun
+    from tests.factories import plan
+
+    first = successful_run("run-t")[0]
+    again = envelope(StartRun(plan=plan(target="other-target", locator="jsonl:/b.jsonl")), run_id="run-t",
+                     producer="cli")
+    early_failure = failed_run("run-u")[1]  # ingest.failed before its run.start
+    rows = renumber(as_rows([first, again, early_failure, failed_run("run-u")[0], progress("run-t")]))
+    whole = project(rows, [])
+    assert whole["runs"]["run-t"]["target"] == first.payload["plan"]["target"]
+    for size in range(1, len(rows) + 1):
+        assert project(rows, list(range(size, len(rows), size))) == whole, size
+
+
 def test_a_successful_run_gives_the_same_rows_in_any_batching():
     rows = as_rows(successful_run("run-ok"))
     whole = project(rows, [])
@@ -370,3 +387,9 @@ def test_an_introspection_is_a_run_of_one_step_with_its_proposal_in_the_timeline
     b = fold(as_rows([ask, answer]))
     assert b.runs["r-i"].status == "succeeded" and b.runs["r-i"].locator == "csv:/d.csv"
     assert b.entries[-1][-1] == "introspected 20 sample rows: best single_label_classification at 0.62 (below 0.80: not picked)"
+
+
+def test_a_summary_never_fails_on_a_reason_key_without_a_dot():
+    line = summarize("prep.cleaned", {"rows_in": 3, "rows_kept": 1, "dropped_by_reason": {"nodot": 2},
+                                      "pii_by_kind": {}, "rows_with_pii": 0}, None)
+    assert line == "cleaned 3 rows: kept 1, dropped nodot: 2"

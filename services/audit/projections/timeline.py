@@ -146,7 +146,7 @@ def summarize(event_type: str, payload: dict, reason_code: str | None) -> str:
             return (f"dry run: read {p['rows_read']} rows: {p['rows_accepted']} would be accepted, "
                     f"{p['rows_rejected']} rejected" + (f" ({reasons})" if reasons else ""))
         case "prep.cleaned":
-            reasons = ", ".join(f"{k.split('.', 1)[1]}: {v}" for k, v in sorted(p["dropped_by_reason"].items()))
+            reasons = ", ".join(f"{k.split('.', 1)[-1]}: {v}" for k, v in sorted(p["dropped_by_reason"].items()))
             pii = sum(p["pii_by_kind"].values())
             return (f"cleaned {p['rows_in']} rows: kept {p['rows_kept']}" + (f", dropped {reasons}" if reasons else "")
                     + (f"; {pii} PII values scrubbed in {p['rows_with_pii']} rows" if pii else ""))
@@ -254,7 +254,10 @@ def fold(rows: list) -> TimelineBatch:
             run.updated_at, run.last_position = at, pos
             if etype in _STARTS_A_RUN:
                 plan = payload.get("plan") or {}
-                run.target, run.locator = plan.get("target"), plan.get("locator") or payload.get("locator")
+                # the first start names the run's target and source, as the upsert keeps them across
+                # batches (coalesce): folding must not depend on where a batch ends
+                run.target = run.target or plan.get("target")
+                run.locator = run.locator or plan.get("locator") or payload.get("locator")
                 run.status = run.status or "running"
             status = stage_status(etype) if stage in STAGES else None
             if etype == "bus.message_dead_lettered" or fails(etype):
