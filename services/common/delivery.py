@@ -243,7 +243,9 @@ async def dead_letter(
         payload=failure.model_dump(mode="json"),
     )
     await publish(js, env, subjects.subject_for(env.type, kind="event"))
-    log.error("dead_lettered", consumer=consumer, stream_seq=seq, reason_code=reason_code, error=error[:300], run_id=run_id)
+    log.error("dead_lettered", consumer=consumer, stream_seq=seq, reason_code=reason_code, error=error[:300],
+              run_id=run_id, correlation_id=correlation_id, event_id=str(causation) if causation else None,
+              failure_event_id=str(env.event_id))
 
 
 def attribution(data: bytes, envelope: Envelope | None) -> tuple[str, str, uuid.UUID | None]:
