@@ -26,6 +26,7 @@ from services.ingest.domain import (
     scrubbed_sample,
 )
 from services.ingest.settings import IngestSettings
+from services.ingest.sources.base import SourceError
 
 log = get_logger(__name__)
 
@@ -50,7 +51,7 @@ async def _in_thread(fn, *args, **kw):
     when it fails as a whole."""
     try:
         return await asyncio.to_thread(fn, *args, **kw)
-    except IngestError as exc:
+    except (IngestError, SourceError) as exc:  # a source that fails as a whole: its reason, not retries
         raise StageError(exc.reason_code, str(exc)) from exc
 
 

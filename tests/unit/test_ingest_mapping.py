@@ -244,3 +244,20 @@ def test_the_dry_run_sample_that_goes_into_an_event_holds_no_pii_or_secret():
     out = scrubbed_sample(rows)
     assert out[0]["text"] == "mail <EMAIL_1>, key <SECRET_1>" and out[0]["label"] == "bug"
     assert out[0]["messages"] == [{"role": "user", "content": "call <PHONE_1>"}] and out[0]["row_number"] == 1
+
+
+def test_a_source_failing_as_a_whole_in_any_ingest_command_is_a_stage_failure_not_a_retried_crash():
+    """introspect called describe() outside the conversion: an empty or unreachable source was retried
+    until bus.delivery_exhausted (51 s) instead of failing at once with its reason code."""
+    import asyncio
+
+    from services.common.delivery import StageError
+    from services.ingest.app import _in_thread
+    from services.ingest.sources.base import SourceError
+
+    def describe():
+        raise SourceError("ingest.empty_source", "x.csv is empty")
+
+    with pytest.raises(StageError) as err:
+        asyncio.run(_in_thread(describe))
+    assert err.value.reason_code == "ingest.empty_source"
