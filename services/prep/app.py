@@ -21,16 +21,27 @@ COMMITTED = ConsumerSpec(service="prep", durable="prep-ingest-committed",
                          accepts=("ingest.committed",), failure_type=PrepFailed, stage="prep")
 
 
+def hosted_cost_basis(plan, settings: PrepSettings) -> tuple[str, int]:
+    """The model and epochs the hosted cost estimate is for: the run's own hosted settings when it
+    trains on a hosted backend (a run on gpt-4o was priced as gpt-4o-mini), else the service's defaults
+    (what a hosted fine-tune of this dataset would cost by default)."""
+    if plan.backend == "local" or plan.hosted is None:
+        return settings.hosted_model, settings.hosted_epochs
+    return plan.hosted.model, plan.hosted.n_epochs or settings.hosted_epochs
+
+
 async def on_committed(ctx: StageContext) -> None:
     p = ctx.payload
     s: PrepSettings = ctx.settings  # type: ignore[assignment]
     plan = p.plan if p.plan.mapping or not p.mapping else p.plan.model_copy(update={"mapping": p.mapping})
 
+    model, epochs = hosted_cost_basis(plan, s)
+
     def work():
         rows = read_jsonl(ctx.artifacts, p.dataset)
         eval_rows = read_jsonl(ctx.artifacts, p.eval_source.dataset) if p.eval_source else None
         return prepare(rows, plan, ctx.artifacts, eval_rows=eval_rows, base_policy=s.policy(),
-                       source_sha256=p.dataset.sha256, hosted_model=s.hosted_model, hosted_epochs=s.hosted_epochs)
+                       source_sha256=p.dataset.sha256, hosted_model=model, hosted_epochs=epochs)
 
     try:
         async with ctx.keep_alive():

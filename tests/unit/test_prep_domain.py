@@ -219,3 +219,18 @@ def test_the_same_input_gives_the_same_manifest_byte_for_byte(tmp_path):
     second = prepare([dict(r) for r in rows], plan, ArtifactStore(tmp_path / "b"))
     assert first.manifest_ref.sha256 == second.manifest_ref.sha256
     assert "timings_s" not in first.manifest["cleaning"] and "timings_s" in first.cleaning
+
+
+def test_the_hosted_cost_estimate_is_for_the_runs_own_model_and_epochs():
+    from contracts.common import HostedSettings, RunPlan
+    from services.prep.app import hosted_cost_basis
+    from services.prep.settings import PrepSettings
+
+    s = PrepSettings()
+    local = RunPlan(locator="jsonl:x.jsonl", target="t")
+    hosted = RunPlan(locator="jsonl:x.jsonl", target="t", backend="openai",
+                     hosted=HostedSettings(model="gpt-4o-2024-08-06", n_epochs=5))
+    assert hosted_cost_basis(local, s) == (s.hosted_model, s.hosted_epochs)
+    assert hosted_cost_basis(hosted, s) == ("gpt-4o-2024-08-06", 5)
+    auto = hosted.model_copy(update={"hosted": HostedSettings(model="gpt-4o-2024-08-06")})
+    assert hosted_cost_basis(auto, s) == ("gpt-4o-2024-08-06", s.hosted_epochs)
