@@ -28,8 +28,8 @@ from contracts.events import CostEstimate, Notice
 from services.common.artifacts import ArtifactStore
 from services.common.jsonl import gc_paused, write_jsonl, write_lines
 from services.prep.clean import PARALLEL_MIN_CHARS, CleaningBlocked, CleaningPolicy, check_eval_overlap, clean
-from services.prep.formats import (NO_OPENAI_CHAT, OPENAI_CHAT_SHAPES, estimate_cost, estimate_text_tokens,
-                                   openai_chat_lines, openai_chat_tokens, openai_messages_lines,
+from services.prep.formats import (NO_OPENAI_CHAT, OPENAI_CHAT_SHAPES, TRAINING_PRICE_PER_1M, estimate_cost,
+                                   estimate_text_tokens, openai_chat_lines, openai_chat_tokens, openai_messages_lines,
                                    openai_messages_tokens, system_prompt)
 from services.common.parallel import Forked, workers
 from services.prep.pii import Scrubber
@@ -222,11 +222,12 @@ def _prepare(rows: list[dict], plan: RunPlan, store: ArtifactStore, eval_rows: l
     finally:
         if job is not None:
             job.close()
-    if classification or shape in OPENAI_CHAT_SHAPES:
+    if (classification or shape in OPENAI_CHAT_SHAPES) and hosted_model in TRAINING_PRICE_PER_1M:
         c = estimate_cost(tokens, hosted_epochs, hosted_model)
         cost = CostEstimate(model=hosted_model, training_tokens=tokens, epochs=hosted_epochs,
                             usd_per_1m_tokens=c["usd_per_1m_tokens"], usd=c["estimate_usd"], buffer=c["buffer"],
                             prices_as_of=c.get("prices_as_of", "") or "")
+    # (a model with no known price, e.g. on an OpenAI-compatible host: no estimate, the tokens still counted)
     manifest = {
         "dataset_version": version,
         "task_profile": shape,

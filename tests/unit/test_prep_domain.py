@@ -234,3 +234,16 @@ def test_the_hosted_cost_estimate_is_for_the_runs_own_model_and_epochs():
     assert hosted_cost_basis(hosted, s) == ("gpt-4o-2024-08-06", 5)
     auto = hosted.model_copy(update={"hosted": HostedSettings(model="gpt-4o-2024-08-06")})
     assert hosted_cost_basis(auto, s) == ("gpt-4o-2024-08-06", s.hosted_epochs)
+
+
+def test_a_model_with_no_known_price_gets_no_cost_estimate_and_prep_goes_on(tmp_path):
+    """An OpenAI-compatible host's own model: there is no price to estimate with (it used to raise)."""
+    from contracts.common import RunPlan
+    from services.common.artifacts import ArtifactStore
+    from services.prep.domain import prepare
+
+    rows = [{"row_number": i + 1, "text": f"ticket {i} about the {('invoice', 'login')[i % 2]} problem {i}",
+             "label": ("billing", "login")[i % 2]} for i in range(60)]
+    out = prepare(rows, RunPlan(locator="jsonl:x.jsonl", target="t"), ArtifactStore(tmp_path / "a"),
+                  hosted_model="my-org/custom-model")
+    assert out.cost is None and out.manifest["token_estimate"]["openai_chat_train_tokens"] > 0
