@@ -39,6 +39,18 @@ def drift() -> tuple[list[str], list[str]]:
     return missing, changed
 
 
+def orphans() -> list[str]:
+    """Snapshot files whose type is no longer registered, or whose version is above the registered
+    one: a published contract removed or rolled back (drift() only compares the current ones)."""
+    current = {"envelope": ENVELOPE_VERSION} | {name: mt.version for name, mt in registered_types().items()}
+    out = []
+    for path in sorted(SCHEMA_DIR.glob("*.json")):
+        name, _, version = path.name.removesuffix(".json").rpartition(".v")
+        if name not in current or not version.isdigit() or int(version) > current[name]:
+            out.append(path.name)
+    return out
+
+
 def write_missing() -> list[str]:
     missing, changed = drift()
     if changed:

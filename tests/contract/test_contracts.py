@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import json
 import uuid
 from pathlib import Path
@@ -17,6 +18,19 @@ from contracts.registry import ContractError, decode, encode, register, register
 from tests.factories import failed_run, successful_run
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def test_no_published_contract_was_removed_or_rolled_back():
+    assert snapshots.orphans() == []
+
+
+def test_unregistering_a_type_is_detected(monkeypatch):
+    from contracts import registry
+
+    types = dict(registry.registered_types())
+    types.pop("training.pause")
+    monkeypatch.setattr(snapshots, "registered_types", lambda: types)
+    assert "training.pause.v1.json" in snapshots.orphans()
 
 
 def test_every_contract_matches_its_committed_schema_snapshot():
@@ -124,6 +138,27 @@ def test_every_reason_code_used_in_the_code_is_registered():
     assert len(used) > 10  # the scan really finds the call sites
     unregistered = sorted((code, where) for code, where in used if code not in REASON_CODES)
     assert not unregistered, f"unregistered reason codes: {unregistered}"
+
+
+_NAMESPACES = ("bus", "ingest", "prep", "cleaning", "preflight", "training", "eval", "export", "registry", "audit")
+
+
+def test_every_string_in_the_code_that_looks_like_a_reason_code_is_registered_or_an_event_type():
+    """Whatever carries it (SourceError, a rejected row, a warning, a blocker, a Notice...): any string
+    literal shaped like `<stage>.<name>` is a registered reason code or a registered message type. The
+    call-site scan above only sees a few constructors; this one cannot miss a new one."""
+    from contracts.registry import registered_types
+
+    shaped = re.compile(rf"(?:{'|'.join(_NAMESPACES)})\.[a-z][a-z0-9_]*")
+    known = set(REASON_CODES) | set(registered_types())
+    found = set()
+    for path in [*REPO.glob("services/**/*.py"), *REPO.glob("contracts/**/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and shaped.fullmatch(node.value):
+                found.add((node.value, str(path.relative_to(REPO))))
+    assert len(found) > 50
+    strays = sorted((value, where) for value, where in found if value not in known)
+    assert not strays, f"neither a registered reason code nor a message type: {strays}"
 
 
 def test_reason_codes_are_namespaced_by_stage():
