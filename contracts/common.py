@@ -161,16 +161,28 @@ class RunPlan(Frozen):
         return {**{k: v for k, v in top.items() if v is not None}, **self.recipe_overrides}
 
 
+def _with_plan_defaults(payload: dict, defaults: dict) -> dict:
+    """The payload with its plan's missing fields set to what the older version defaulted them to."""
+    plan = payload.get("plan")
+    if not isinstance(plan, dict):
+        return payload
+    missing = {k: v for k, v in defaults.items() if k not in plan}
+    return {**payload, "plan": {**plan, **missing}} if missing else payload
+
+
 def upcast_plan_v1(payload: dict) -> dict:
-    """v1 -> v2 of a payload carrying a RunPlan: v1 plans always name text_field and label_field,
-    which v2 still reads; the new fields take their defaults. Nothing to rewrite."""
-    return payload
+    """v1 -> v2 of a payload carrying a RunPlan: a v1 plan always had a text and a label field, by
+    default "text" and "label", where v2's default (None) means "let introspection propose"; a v1 plan
+    that left them out is given those defaults. The new fields take v2's defaults."""
+    return _with_plan_defaults(payload, {"text_field": "text", "label_field": "label"})
 
 
 def upcast_plan_v2(payload: dict) -> dict:
-    """v2 -> v3: a v2 plan's explicit training knobs become recipe overrides, so an old run replays
-    with the settings it had; the new fields (recipe, backend, preflight) take their defaults."""
-    return payload
+    """v2 -> v3: a v2 plan's training knobs (max_steps 120, batch_size 16, learning_rate 1e-3,
+    max_length 128 by default) stay what they were, now as explicit overrides of the recipe, where
+    v3's default (None) means "the recipe's value"; so an old run replays with the settings it had.
+    The new fields (recipe, backend, preflight) take their defaults."""
+    return _with_plan_defaults(payload, {"max_steps": 120, "batch_size": 16, "learning_rate": 0.001, "max_length": 128})
 
 
 PLAN_V2 = {1: upcast_plan_v1}

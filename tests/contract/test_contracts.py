@@ -202,3 +202,19 @@ def test_counts_by_reason_must_name_registered_reason_codes():
     for bad in ({"nodot": 2}, {"cleaning.made_up": 2}):
         with pytest.raises(pydantic.ValidationError, match="unregistered reason codes"):
             PrepCleaned(**(ok | {"dropped_by_reason": bad}))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_old_plan_that_left_fields_to_their_defaults_upcasts_to_those_defaults(version):
+    """v1 defaulted text/label fields to "text"/"label" and v2 the training knobs to 120 steps, batch 16,
+    lr 1e-3, 128 tokens; v3's defaults (None) mean something else, so the upcasters must fill them in."""
+    import json
+    import uuid
+
+    body = {"event_id": str(uuid.uuid4()), "type": "run.start", "schema_version": version, "run_id": "r",
+            "correlation_id": "r", "causation_id": None, "occurred_at": "2026-01-01T00:00:00Z", "producer": "cli",
+            "severity": "info", "reason_code": None,
+            "payload": {"plan": {"locator": "jsonl:a.jsonl", "target": "t"}, "requested_by": "x"}}
+    plan = decode(json.dumps(body).encode())[1].plan
+    assert (plan.max_steps, plan.batch_size, plan.learning_rate, plan.max_length) == (120, 16, 0.001, 128)
+    assert (plan.text_field, plan.label_field) == (("text", "label") if version == 1 else (None, None))
