@@ -3,7 +3,7 @@ confidence and a rationale. A proposal is picked automatically only at 0.80 or a
 
 The evidence is deliberately simple and stated in each rationale: field names (a `label`, a `title`
 and a `body`, a `priority`), value shapes (long free text, short repeated values, lists of
-{role, content}), presence in the sample. Confidences are scores on a fixed scale, not probabilities;
+{role, content} or ShareGPT's {from, value}), presence in the sample. Confidences are scores on a fixed scale, not probabilities;
 the thresholds below are what makes a proposal auto-pickable, and the tests pin them on real data.
 """
 
@@ -29,7 +29,10 @@ TAG_NAMES = ("tags", "labels", "keywords")
 TITLE_NAMES = ("title", "summary", "subject", "headline", "question_title")
 BODY_NAMES = ("body", "description", "text", "content", "message", "utterance", "query", "question", "comment",
               "sentence", "review", "document", "input")
-PROMPT_NAMES = ("prompt", "instruction", "input", "question", "query")
+PROMPT_NAMES = ("prompt", "instruction", "input", "question", "query")  # in order of preference
+INSTRUCTION_NAMES = ("instruction",)
+CONTEXT_NAMES = ("input", "context")  # the optional input that follows an instruction (Alpaca, Dolly)
+SHAREGPT_FROM = frozenset(("human", "user", "gpt", "assistant", "bot", "system"))
 COMPLETION_NAMES = ("completion", "response", "output", "answer", "target_text")
 ID_LIKE = re.compile(r"(^id$|_id$|^key$|^uuid$|^created|^updated|_at$|^date|^timestamp|^url$|^split$)")
 
@@ -43,7 +46,8 @@ class FieldStats:
     lists: int = 0
     dicts: int = 0
     list_of_str: int = 0
-    chat_like: int = 0        # a list of {role, content}
+    chat_like: int = 0        # a list of {role, content} or of ShareGPT {from, value}
+    sharegpt_like: int = 0    # of which a list of ShareGPT {from, value} with from human/gpt/...
     json_object_strings: int = 0
     total_len: int = 0
     max_words: int = 0
@@ -91,6 +95,10 @@ def field_stats(rows: list[dict]) -> dict[str, FieldStats]:
                     s.values.append("|".join(sorted(v))[:200])
                 if v and all(isinstance(x, dict) and "role" in x and "content" in x for x in v):
                     s.chat_like += 1
+                elif v and all(isinstance(x, dict) and isinstance(x.get("from"), str) and "value" in x
+                               and x["from"].strip().lower() in SHAREGPT_FROM for x in v):
+                    s.chat_like += 1
+                    s.sharegpt_like += 1
             elif isinstance(v, dict):
                 s.dicts += 1
     return stats
@@ -134,9 +142,11 @@ def _pick_text(stats: dict[str, FieldStats], n: int) -> tuple[list[str], str]:
 
 
 def _find(stats, n, names, pred) -> FieldStats | None:
-    for s in stats.values():
-        if _named(s.name, names) and pred(s, n):
-            return s
+    """The first field, in the order of `names` (not of the file's columns), named like one of them."""
+    for name in names:
+        for s in stats.values():
+            if _named(s.name, (name,)) and pred(s, n):
+                return s
     return None
 
 
@@ -203,10 +213,17 @@ def _classification(stats: dict[str, FieldStats], n: int) -> list[ShapeHypothesi
 def _other_shapes(stats: dict[str, FieldStats], n: int) -> list[ShapeHypothesis]:
     out = []
     chat = next((s for s in stats.values() if s.chat_like >= max(1, 0.6 * n)), None)
+    if chat and chat.sharegpt_like * 2 > chat.chat_like:
+        chat_why = (f"{chat.name!r} holds ShareGPT-style lists of {{from, value}} (from human/gpt/system), "
+                    "read as chat messages with from normalised to role (human -> user, gpt -> assistant)")
+    elif chat:
+        chat_why = f"{chat.name!r} holds lists of {{role, content}}"
+    else:
+        chat_why = "no field holds lists of {role, content} or ShareGPT {from, value}"
     out.append(ShapeHypothesis(
         shape="chat_messages", confidence=0.95 if chat else 0.0,
         mapping=FieldMapping(shape="chat_messages", messages=chat.name) if chat else FieldMapping(shape="chat_messages"),
-        rationale=f"{chat.name!r} holds lists of {{role, content}}" if chat else "no field holds lists of {role, content}"))
+        rationale=chat_why))
 
     chosen = _find(stats, n, ("chosen",), lambda s, n: s.strings > 0)
     rejected = _find(stats, n, ("rejected",), lambda s, n: s.strings > 0)
@@ -222,13 +239,29 @@ def _other_shapes(stats: dict[str, FieldStats], n: int) -> list[ShapeHypothesis]
                                    rationale="no chosen/rejected fields"))
 
     completion = _find(stats, n, COMPLETION_NAMES, lambda s, n: s.strings >= max(1, 0.6 * n))
-    if prompt and completion and prompt.name != completion.name:
+    instruction = _find(stats, n, INSTRUCTION_NAMES, lambda s, n: s.strings >= max(1, 0.6 * n))
+    # the input is often empty: being a text field in the sample at all is enough
+    context = _find(stats, n, CONTEXT_NAMES, lambda s, n: s.strings or not (s.present or s.lists or s.dicts))
+    if instruction and context and completion and len({instruction.name, context.name, completion.name}) == 3:
+        # Instruction tuning (Alpaca-style): the prompt is the instruction and its input, so the input
+        # is not lost; FieldMapping.text carries the prompt's fields (see services/ingest/mapping.py).
+        conf = 0.9 if completion.mean_len >= 20 else 0.6
+        out.append(ShapeHypothesis(
+            shape="prompt_completion", confidence=conf,
+            mapping=FieldMapping(shape="prompt_completion", text=[instruction.name, context.name],
+                                 completion=completion.name),
+            rationale=f"{instruction.name!r}, {context.name!r} and {completion.name!r} read as instruction tuning: "
+                      f"the prompt is {instruction.name!r} followed by {context.name!r} after a blank line "
+                      f"(left out when empty), the completion is {completion.name!r} "
+                      f"(mean {completion.mean_len:.0f} chars)"))
+    elif prompt and completion and prompt.name != completion.name:
         conf = 0.88 if (completion.mean_len >= 20) else 0.6
         out.append(ShapeHypothesis(
             shape="prompt_completion", confidence=conf,
             mapping=FieldMapping(shape="prompt_completion", prompt=prompt.name, completion=completion.name),
             rationale=f"{prompt.name!r} reads as a prompt and {completion.name!r} as its completion "
-                      f"(mean {completion.mean_len:.0f} chars)"))
+                      f"(mean {completion.mean_len:.0f} chars)"
+                      + (" (instruction tuning with no input field)" if prompt is instruction else "")))
     else:
         out.append(ShapeHypothesis(shape="prompt_completion", confidence=0.0, mapping=FieldMapping(shape="prompt_completion"),
                                    rationale="no prompt/completion pair of fields"))

@@ -3,8 +3,15 @@ with a registered reason code. read = accepted + rejected, always (asserted wher
 
 Accepted rows by shape:
 - classification: {"row_number", "text", "label", "provenance", ["heads"], ["tags"]}
-- chat_messages: {"row_number", "messages", "provenance"}
+- chat_messages: {"row_number", "messages", "provenance"}; messages are {role, content} with role
+  system, user or assistant; ShareGPT messages ({from, value}, from human/user, gpt/assistant/bot,
+  system) are normalised to {role, content}. Tool/function messages reject the row (see _messages).
 - prompt_completion: {"row_number", "prompt", "completion", "provenance"}
+  The prompt is the mapping's `prompt` field, or, for instruction-tuning (Alpaca-style) sources,
+  the mapping's `text` fields joined with a blank line in the order given, empty ones left out:
+  `text=["instruction", "input"]` gives "instruction\n\ninput", or just the instruction when the
+  input is empty. (FieldMapping.prompt is one field name; `text` is the contract's list of fields
+  joined with a blank line, so it carries the multi-field prompt without a contract change.)
 - json_extraction: {"row_number", "text", "target", "provenance"}
 - preference_pairs: {"row_number", "prompt", "chosen", "rejected", "provenance"}
 """
@@ -22,7 +29,10 @@ from services.ingest.sources.base import MAX_RAW_KEPT, SourceRecord
 
 DEFAULT_MAX_TEXT_CHARS = 200_000
 PROVENANCES = ("human", "synthetic", "production_sample")
-CHAT_ROLES = ("system", "user", "assistant", "tool")
+CHAT_ROLES = ("system", "user", "assistant")
+# ShareGPT's `from` values -> the {role, content} role they stand for
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
+                  "system": "system"}
 
 
 class MappingError(ValueError):
@@ -70,6 +80,12 @@ def check_mapping(mapping: FieldMapping) -> None:
         "json_extraction": ("text", "target"),
         "preference_pairs": ("prompt", "chosen", "rejected"),
     }[mapping.shape]
+    if mapping.shape == "prompt_completion":
+        if mapping.prompt and mapping.text:
+            raise MappingError("a prompt_completion mapping names its prompt either as prompt (one field) or as "
+                               "text (fields joined with a blank line), not both")
+        if mapping.text:
+            need = ("completion",)
     missing = [n for n in need if not getattr(mapping, n)]
     if missing:
         raise MappingError(f"a {mapping.shape} mapping needs {', '.join(missing)}")
@@ -146,7 +162,37 @@ def _tags(v: Any) -> list[str]:
     raise _Reject("ingest.invalid_value", "tags must be a list of strings or a comma-separated string")
 
 
+def _message(i: int, m: Any) -> dict:
+    """One message as {role, content}: the OpenAI form as it stands, or the ShareGPT form normalised."""
+    if isinstance(m, dict):
+        if "role" in m or "content" in m:
+            role, content = m.get("role"), m.get("content")
+        elif "from" in m or "value" in m:
+            sender, content = m.get("from"), m.get("value")
+            role = SHAREGPT_ROLES.get(sender.strip().lower(), sender) if isinstance(sender, str) else sender
+        else:
+            role = content = None
+        if isinstance(role, str) and isinstance(content, str):
+            if role in CHAT_ROLES:
+                return {"role": role, "content": content}
+            raise _Reject("ingest.invalid_value",
+                          f"message {i} has role {role[:40]!r}; only system, user and assistant turns are supported")
+    raise _Reject("ingest.invalid_value", f"message {i} is not a {{role, content}} (or ShareGPT {{from, value}}) object "
+                                          "with a known role")
+
+
 def _messages(v: Any) -> list[dict]:
+    """A conversation as a list of {role, content} with role system, user or assistant.
+
+    A conversation holding any other role (tool, function, ShareGPT's function_call/observation) is
+    a rejected row (ingest.invalid_value, the detail names the role), not kept with the turn dropped
+    nor kept as it is: ingest keeps only role and content, so a tool message would arrive without its
+    tool_call_id and after an assistant turn without tool_calls, which OpenAI's fine-tuning format
+    rejects; dropping just the tool turn would teach answers built on results the model never saw.
+    Rejecting at ingest (rather than leaving such rows out of prep's OpenAI file only) keeps every
+    backend on the same rows and makes the loss visible per row, with its reason, in the ingest
+    counts and rejected rows.
+    """
     if isinstance(v, str):
         try:
             v = json.loads(v)
@@ -154,11 +200,7 @@ def _messages(v: Any) -> list[dict]:
             raise _Reject("ingest.invalid_value", f"messages is a string that is not JSON: {exc}") from None
     if not isinstance(v, list) or not v:
         raise _Reject("ingest.invalid_value", "messages must be a non-empty list of {role, content}")
-    out = []
-    for i, m in enumerate(v):
-        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
-            raise _Reject("ingest.invalid_value", f"message {i} is not a {{role, content}} object with a known role")
-        out.append({"role": m["role"], "content": m["content"]})
+    out = [_message(i, m) for i, m in enumerate(v)]
     if out[-1]["role"] != "assistant" or not any(m["role"] == "user" for m in out):
         raise _Reject("ingest.invalid_value", "a training conversation needs a user turn and must end with an assistant turn")
     return out
@@ -178,7 +220,7 @@ class RowMapper:
         self._text_fields = tuple(mapping.text or ())
         self._heads = tuple(mapping.heads.items()) if mapping.heads else ()
 
-    def _text(self, obj: dict) -> str:
+    def _text(self, obj: dict, what: str = "text") -> str:
         # str values (nearly all) take the short way; anything else goes through _string, which
         # converts numbers and rejects the rest exactly as before
         fields = self._text_fields
@@ -200,13 +242,13 @@ class RowMapper:
                 if v:
                     parts.append(v)
             if not present:
-                raise _Reject("ingest.missing_field", f"none of the text fields {', '.join(fields)} is present")
+                raise _Reject("ingest.missing_field", f"none of the {what} fields {', '.join(fields)} is present")
             text = "\n\n".join(parts)
         text = text.strip()
         if not text:
-            raise _Reject("ingest.empty_text", f"text ({'+'.join(fields)}) is empty")
+            raise _Reject("ingest.empty_text", f"{what} ({'+'.join(fields)}) is empty")
         if len(text) > self.max_text_chars:
-            raise _Reject("ingest.text_too_long", f"text has {len(text)} characters; the limit is {self.max_text_chars}")
+            raise _Reject("ingest.text_too_long", f"{what} has {len(text)} characters; the limit is {self.max_text_chars}")
         return text
 
     def _provenance(self, obj: dict) -> str:
@@ -245,7 +287,11 @@ class RowMapper:
                 raise _Reject("ingest.missing_field", f"missing field {m.messages!r}")
             row = {"row_number": row_number, "messages": _messages(obj[m.messages])}
         elif m.shape == "prompt_completion":
-            row = {"row_number": row_number, "prompt": _string(obj, m.prompt), "completion": _string(obj, m.completion)}
+            if self._text_fields:  # instruction-tuning: e.g. instruction + input, joined with a blank line
+                row = {"row_number": row_number, "prompt": self._text(obj, "prompt"),
+                       "completion": _string(obj, m.completion)}
+            else:
+                row = {"row_number": row_number, "prompt": _string(obj, m.prompt), "completion": _string(obj, m.completion)}
             if not row["prompt"].strip() or not row["completion"].strip():
                 raise _Reject("ingest.empty_text", "prompt or completion is empty")
         elif m.shape == "json_extraction":
