@@ -54,8 +54,14 @@ class PrepBlocked(ValueError):
 
 
 def stratified_split(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Per label, a seeded shuffle puts round(n * fraction) rows (at least one, never all) into eval.
-    Both sides keep source row order."""
+    """A seeded split per label that holds out round(total * fraction) rows overall (at least one),
+    shared among the labels by largest remainder: each label first gets the whole part of its quota
+    (its rows * fraction), then the rows still owed go one each to the labels with the largest
+    fractional part (ties in a seeded order). A label never gives up its last train row, so every eval
+    label is in train; a label whose quota is under one row may get no eval row at all (many tiny
+    classes would otherwise inflate the eval share far past the fraction; the data-sufficiency
+    warnings name such labels). Within a label, a seeded shuffle picks the eval rows. Both sides keep
+    source row order."""
     if len(rows) < MIN_ROWS:
         raise InsufficientData(f"{len(rows)} rows after cleaning; at least {MIN_ROWS} are needed")
     by_label: dict[str, list[dict]] = defaultdict(list)
@@ -66,13 +72,25 @@ def stratified_split(rows: list[dict], eval_fraction: float, seed: int) -> tuple
     small = sorted(label for label, rs in by_label.items() if len(rs) < MIN_ROWS_PER_CLASS)
     if small:
         raise InsufficientData(f"labels with fewer than {MIN_ROWS_PER_CLASS} rows after cleaning: {', '.join(small[:10])}")
+    labels = sorted(by_label)
+    spare = {label: len(by_label[label]) - 1 for label in labels}  # one row of each label stays in train
+    total = min(sum(spare.values()), max(1, round(len(rows) * eval_fraction)))
+    quota = {label: len(by_label[label]) * eval_fraction for label in labels}
+    n_eval = {label: min(spare[label], int(quota[label])) for label in labels}
+    owed = total - sum(n_eval.values())
+    tie = {label: hashlib.blake2b(f"{seed}:{label}".encode(), digest_size=8).digest() for label in labels}
+    while owed > 0:  # more than one pass only when spare rows cap some labels (a fraction near 1)
+        order = sorted((label for label in labels if n_eval[label] < spare[label]),
+                       key=lambda label: (n_eval[label] - quota[label], tie[label]))
+        for label in order[:owed]:
+            n_eval[label] += 1
+        owed -= min(owed, len(order))
     train, eval_ = [], []
-    for label in sorted(by_label):
+    for label in labels:
         rs = list(by_label[label])
         random.Random(f"{seed}:{label}").shuffle(rs)
-        n_eval = min(len(rs) - 1, max(1, round(len(rs) * eval_fraction)))
-        eval_ += rs[:n_eval]
-        train += rs[n_eval:]
+        eval_ += rs[:n_eval[label]]
+        train += rs[n_eval[label]:]
     train.sort(key=lambda r: r["row_number"])
     eval_.sort(key=lambda r: r["row_number"])
     return train, eval_

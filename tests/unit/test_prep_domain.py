@@ -61,6 +61,50 @@ def test_a_tiny_class_still_has_a_row_on_each_side():
     assert Counter(r["label"] for r in train)["login"] == 1 and Counter(r["label"] for r in ev)["login"] == 1
 
 
+def _labelled(per_class: dict[str, int]) -> list[dict]:
+    rows, n = [], 1
+    for label, k in per_class.items():
+        for i in range(k):
+            rows.append({"row_number": n, "text": f"{label} row {i}", "label": label})
+            n += 1
+    return rows
+
+
+@pytest.mark.parametrize("per_class", [
+    {f"c{i}": 3 for i in range(40)},                                     # was 33% held out
+    {f"c{i}": 2 for i in range(30)},                                     # was 50%
+    {"big": 400, "mid": 60, **{f"s{i}": 2 + i % 4 for i in range(25)}},  # skewed
+    {"a": 7, "b": 5, "c": 3, "d": 2, "e": 2, "f": 11},
+])
+@pytest.mark.parametrize("fraction", [0.15, 0.2, 0.3])
+def test_many_small_classes_keep_the_eval_share_near_the_fraction(per_class, fraction):
+    rows = _labelled(per_class)
+    for seed in (1, 2):
+        train, ev = stratified_split(rows, fraction, seed=seed)
+        assert len(train) + len(ev) == len(rows)
+        assert {r["row_number"] for r in train}.isdisjoint(r["row_number"] for r in ev)
+        assert len(ev) == max(1, round(len(rows) * fraction))  # the integer nearest the fraction
+        assert abs(len(ev) / len(rows) - fraction) <= 0.02 or abs(len(ev) - len(rows) * fraction) <= 0.5
+        train_counts, eval_counts = Counter(r["label"] for r in train), Counter(r["label"] for r in ev)
+        assert set(train_counts) == set(per_class)          # every label keeps a train row
+        assert set(eval_counts) <= set(train_counts)        # so every eval label is in train
+        for label, n in per_class.items():                  # each label within one row of its share
+            assert abs(eval_counts[label] - n * fraction) < 1 + 1e-9
+        assert stratified_split(rows, fraction, seed=seed) == (train, ev)
+
+
+def test_which_small_classes_get_the_eval_rows_depends_on_the_seed():
+    rows = _labelled({f"c{i}": 2 for i in range(30)})
+    picks = {seed: frozenset(r["label"] for r in stratified_split(rows, 0.2, seed=seed)[1]) for seed in range(5)}
+    assert all(len(p) == 12 for p in picks.values()) and len(set(picks.values())) > 1
+
+
+def test_a_fraction_near_one_still_leaves_a_train_row_per_label():
+    rows = _labelled({"a": 10, "b": 3, "c": 2})
+    train, ev = stratified_split(rows, 0.95, seed=3)
+    assert Counter(r["label"] for r in train) == {"a": 1, "b": 1, "c": 1} and len(ev) == 12
+
+
 @pytest.mark.parametrize("per_class, match", [
     ({"billing": 5}, "at least 10"),
     ({"billing": 12}, "only one label"),
