@@ -175,3 +175,88 @@ def _raises(fn):
 def test_str_of_a_file_locator_is_the_text(tmp_path):
     p = os.path.join(str(tmp_path), "x.jsonl")
     assert str(parse_locator(f"jsonl:{p}")) == f"jsonl:{p}" and Path(parse_locator(f"jsonl:{p}").path) == Path(p)
+
+
+# --- what a local HF directory would make the datasets library read --------------------------------
+
+
+def _refused(text: str, root: Path) -> str:
+    with pytest.raises(SourceError) as err:
+        open_source(text, roots=[root])
+    assert err.value.reason_code == "ingest.locator_outside_roots"
+    return str(err.value)
+
+
+def test_a_link_to_a_file_outside_the_roots_in_an_hf_directory_refuses_it(tree):
+    root, outside = tree
+    (root / "ds" / "data").mkdir(parents=True)
+    (root / "ds" / "data" / "train.jsonl").symlink_to(outside / "secret.jsonl")
+    message = _refused(f"hf:{root}/ds:train", root)
+    assert "data/train.jsonl in " in message and "outside the allowed ingest roots" in message
+    assert str(root.resolve()) in message and '{"s": 1}' not in message
+    # the same directory is fine under roots that hold the target too
+    assert isinstance(open_source(f"hf:{root}/ds:train", roots=[root, outside]), HfSource)
+
+
+def test_a_linked_subdirectory_outside_the_roots_refuses_the_directory(tree):
+    root, outside = tree
+    (root / "ds" / "deep" / "er").mkdir(parents=True)
+    (root / "ds" / "deep" / "er" / "train.jsonl").write_text('{"text": "a", "label": "b"}\n')
+    (root / "ds" / "deep" / "er" / "more").symlink_to(outside, target_is_directory=True)
+    message = _refused(f"hf:{root}/ds:train", root)
+    assert "deep/er/more in " in message
+
+
+def test_links_inside_the_roots_are_followed_and_loops_end(tree):
+    root, _ = tree
+    (root / "real").mkdir()
+    (root / "real" / "train.jsonl").write_text("".join(f'{{"text": "t{i}", "label": "l{i % 2}"}}\n' for i in range(3)))
+    (root / "ds").mkdir()
+    (root / "ds" / "data").symlink_to(root / "real", target_is_directory=True)
+    (root / "real" / "loop").symlink_to(root / "ds", target_is_directory=True)  # ds/data/loop -> ds
+    assert isinstance(open_source(f"hf:{root}/ds:train", roots=[root]), HfSource)
+    (root / "real" / "escape.jsonl").symlink_to(root.parent / "outside" / "secret.jsonl")  # reached only through the link
+    assert "data/escape.jsonl in " in _refused(f"hf:{root}/ds:train", root)
+
+
+def test_a_dangling_link_to_outside_the_roots_is_refused_too(tree):
+    root, outside = tree
+    (root / "ds").mkdir()
+    (root / "ds" / "gone.jsonl").symlink_to(outside / "not-there.jsonl")
+    assert "gone.jsonl in " in _refused(f"hf:{root}/ds:train", root)
+
+
+def test_data_files_a_dataset_card_names_outside_the_roots_are_refused(tree):
+    pytest.importorskip("datasets")
+    root, _ = tree
+    ds = root / "ds"
+    ds.mkdir()
+    (ds / "own.jsonl").write_text('{"text": "a", "label": "b"}\n')
+    (ds / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                  "    path: ../../outside/secret.jsonl\n---\n")
+    assert "../../outside/secret.jsonl in " in _refused(f"hf:{ds}:train", root)
+    (ds / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                  "    path: own.jsonl\n---\n")
+    assert [r.fields for r in open_source(f"hf:{ds}:train", roots=[root]).load()] == [{"text": "a", "label": "b"}]
+
+
+def test_a_saved_dataset_naming_files_outside_the_roots_is_refused(tree):
+    datasets = pytest.importorskip("datasets")
+    import json
+
+    root, outside = tree
+    d = datasets.Dataset.from_dict({"text": ["a", "b"], "label": ["x", "y"]})
+    d.save_to_disk(str(outside / "saved"))
+    datasets.DatasetDict({"train": d}).save_to_disk(str(root / "good"))
+    assert len(list(open_source(f"hf:{root}/good:train", roots=[root]).load())) == 2
+    (root / "dd").mkdir()
+    (root / "dd" / "dataset_dict.json").write_text(json.dumps({"splits": ["../../outside/saved"]}))
+    assert "../../outside/saved in " in _refused(f"hf:{root}/dd:train", root)
+    (root / "single").mkdir()
+    for name in ("dataset_info.json", "state.json"):
+        (root / "single" / name).write_text((outside / "saved" / name).read_text())
+    state = json.loads((root / "single" / "state.json").read_text())
+    arrow = state["_data_files"][0]["filename"]
+    state["_data_files"] = [{"filename": f"../../outside/saved/{arrow}"}]
+    (root / "single" / "state.json").write_text(json.dumps(state))
+    assert f"../../outside/saved/{arrow} in " in _refused(f"hf:{root}/single:train", root)

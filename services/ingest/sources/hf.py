@@ -14,6 +14,9 @@ seconds (float); Decimal -> string; bytes -> base64 string; numpy scalars/arrays
 lists; anything else (e.g. decoded images or audio) -> str(value). `row_number` is the 1-based row
 index, `offset` the 0-based one; `raw` is the row as JSON.
 
+`local_read_paths` lists what a local directory's metadata makes the library read (a saved dataset's
+split directories and arrow files, a dataset card's data_files), for the locator's roots check.
+
 A dataset that cannot be found or read (not cached offline, no such split, unreadable data files)
 raises SourceError("ingest.dataset_unavailable"); a split with no rows, ingest.empty_source.
 """
@@ -78,6 +81,59 @@ def raw_json(fields: dict[str, Any]) -> str:
 
 def _is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_dict.json").is_file() or ((path / "state.json").is_file() and (path / "dataset_info.json").is_file())
+
+
+def local_read_paths(directory: Path, revision: str | None = None) -> Iterator[str]:
+    """The paths, beyond the directory's own entries, that the datasets library would read for a local
+    directory, as it would join them (absolute; may hold `..`, or be a URL). A generator, so a caller
+    can refuse a path before anything in it is read: a saved dataset's split directory is yielded
+    before its state.json and dataset_info.json, and those before the arrow files state.json names.
+    A directory of data files yields the data files of the config `load_dataset` would pick (the
+    README.md / .huggingface.yaml `configs` may name files anywhere); one the library cannot make
+    sense of yields nothing, as loading it fails the same way."""
+    if _is_saved_dataset(directory):
+        yield from _saved_paths(str(directory), top=True)
+        return
+    import datasets
+
+    try:
+        builder = datasets.load_dataset_builder(str(directory), revision=revision)
+    except Exception:  # noqa: BLE001 - load_dataset fails the same way and classifies it then
+        return
+    data_files = builder.config.data_files or {}
+    for files in data_files.values():
+        for f in files:
+            yield str(f)
+
+
+def _saved_paths(path: str, top: bool = False) -> Iterator[str]:
+    """Mirrors `datasets.load_from_disk`: a Dataset (state.json + dataset_info.json) or a DatasetDict
+    (dataset_dict.json naming split directories, each a Dataset)."""
+    import posixpath
+
+    state, info, ddict = (posixpath.join(path, n) for n in ("state.json", "dataset_info.json", "dataset_dict.json"))
+    if not top:
+        yield path
+        yield state
+        yield info
+    if os.path.isfile(state) and os.path.isfile(info):
+        try:
+            with open(state, encoding="utf-8") as f:
+                files = json.load(f).get("_data_files") or []
+        except (OSError, ValueError, AttributeError):
+            return
+        for entry in files:
+            if isinstance(entry, dict) and isinstance(entry.get("filename"), str):
+                yield str(Path(path, entry["filename"]))
+    elif top and os.path.isfile(ddict):
+        try:
+            with open(ddict, encoding="utf-8") as f:
+                splits = json.load(f).get("splits") or []
+        except (OSError, ValueError, AttributeError):
+            return
+        for split in splits:
+            if isinstance(split, str):
+                yield from _saved_paths(posixpath.join(path, split))
 
 
 class HfSource:

@@ -185,10 +185,76 @@ def _inside_roots(loc: Locator, raw_path: str, roots: Sequence[str | os.PathLike
 
 
 def _resolve_dir(loc: HfLocator, roots: Sequence[str | os.PathLike]) -> Path:
+    """A local HF directory, held to the roots like a file, and so is everything the datasets library
+    would read through it: every file and link under it (a link to a file or directory outside the
+    roots refuses the whole directory; a linked directory inside them is walked too), and the paths
+    its own metadata names (a saved dataset's split directories and arrow files, the data_files of a
+    README.md / .huggingface.yaml config). Nothing outside the roots is opened."""
     resolved = _inside_roots(loc, loc.dataset, roots)
     if not resolved.is_dir():
         raise LocatorError("ingest.dataset_unavailable", f"locator {str(loc)!r}: {loc.dataset} is not a directory")
+    resolved_roots = [Path(r).expanduser().resolve() for r in roots]
+    _check_tree(loc, resolved, resolved_roots)
+    from services.ingest.sources.hf import local_read_paths
+
+    for named in local_read_paths(resolved, loc.revision):  # lazily: each is checked before anything in it is read
+        if "://" in named or "::" in named:
+            raise _dir_outside(loc, named, None, resolved_roots, what="is a remote path, not a file inside the allowed ingest roots")
+        target = _resolve_quietly(loc, Path(named))
+        if not _within(target, resolved_roots):
+            shown = os.path.relpath(named, resolved) if os.path.isabs(named) else named
+            raise _dir_outside(loc, shown, target, resolved_roots)
     return resolved
+
+
+def _within(path: Path, resolved_roots: Sequence[Path]) -> bool:
+    return any(path == r or path.is_relative_to(r) for r in resolved_roots)
+
+
+def _resolve_quietly(loc: Locator, path: Path) -> Path:
+    try:
+        return path.resolve(strict=False)
+    except (OSError, RuntimeError) as exc:  # symlink loops
+        raise LocatorError("ingest.source_not_found", f"locator {str(loc)!r}: cannot resolve {path}: {exc}") from None
+
+
+def _dir_outside(loc: HfLocator, rel: str, target: Path | None, resolved_roots: Sequence[Path],
+                 what: str = "resolves outside the allowed ingest roots") -> LocatorError:
+    to = f" (to {target})" if target is not None else ""
+    return LocatorError("ingest.locator_outside_roots",
+                        f"locator {str(loc)!r}: {rel} in {loc.dataset} {what}{to}; the directory is refused "
+                        "(allowed ingest roots: " + ", ".join(str(r) for r in resolved_roots) + ")")
+
+
+def _check_tree(loc: HfLocator, top: Path, resolved_roots: Sequence[Path]) -> None:
+    """Walk `top` (resolved, inside the roots) without following links blindly: a link whose target
+    is outside the roots raises; a linked directory inside them is walked as well (each real directory
+    once, so link loops end). Only directory entries are listed; no file is opened."""
+    pending: list[tuple[Path, str]] = [(top, "")]
+    seen = {top}
+    while pending:
+        real, rel = pending.pop()
+        try:
+            with os.scandir(real) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            why = exc.strerror or exc
+            raise LocatorError("ingest.dataset_unavailable",
+                               f"locator {str(loc)!r}: cannot list {rel or '.'} in {loc.dataset}: {why}") from None
+        for entry in entries:
+            name = f"{rel}/{entry.name}" if rel else entry.name
+            if entry.is_symlink():
+                target = _resolve_quietly(loc, Path(entry.path))
+                if not _within(target, resolved_roots):
+                    raise _dir_outside(loc, name, target, resolved_roots)
+                if target.is_dir() and target not in seen:
+                    seen.add(target)
+                    pending.append((target, name))
+            elif entry.is_dir(follow_symlinks=False):
+                sub = Path(entry.path)
+                if sub not in seen:
+                    seen.add(sub)
+                    pending.append((sub, name))
 
 
 def _resolve_file(loc: FileLocator, roots: Sequence[str | os.PathLike]) -> Path:
@@ -202,7 +268,8 @@ def _resolve_file(loc: FileLocator, roots: Sequence[str | os.PathLike]) -> Path:
 
 def open_source(locator: Locator | str, *, roots: Sequence[str | os.PathLike] = (), env: Any = None, **limits: Any) -> Source:
     """Build the connector for a locator. File paths (relative ones against the working directory)
-    are resolved, symlinks followed, and refused unless inside one of `roots`. `limits` go to the
+    are resolved, symlinks followed, and refused unless inside one of `roots`; a local HF directory
+    also unless every link under it and every file its metadata names is (see _resolve_dir). `limits` go to the
     connector (e.g. max_row_bytes, encoding for csv, prefetch for pg); `env` to PgSource."""
     loc = parse_locator(locator) if isinstance(locator, str) else locator
     if isinstance(loc, FileLocator):
