@@ -310,3 +310,87 @@ def test_utf16_without_a_bom_holding_characters_with_a_nul_low_byte_is_text(tmp_
     path.write_bytes(("text,label\n" + "".join(f"{text} {i},a\n" for i in range(400))).encode("utf-16-le"))
     got = [r.fields["text"] for r in CsvSource(path).load()]
     assert len(got) == 400 and got[0] == f"{text} 0"
+
+
+# --- a runaway quote ----------------------------------------------------------------------------------
+
+
+def _line_offsets(data: bytes, sep: bytes = b"\n") -> list[int]:
+    offsets, at = [], 0
+    for line in data.split(sep):
+        offsets.append(at)
+        at += len(line) + len(sep)
+    return offsets
+
+
+def test_an_unterminated_quote_is_named_and_the_lines_it_swallowed_are_read_as_rows(tmp_path):
+    body = "".join(f"row {i},{'ab'[i % 2]}\n" for i in range(1, 11))
+    data = ("text,label\n" + body.replace("row 3,", '"row 3,', 1)).encode()
+    recs = list(CsvSource(write(tmp_path, data)).load())
+    assert len(recs) == 10 and codes(recs) == ["ok", "ok", "ingest.ragged_row"] + ["ok"] * 7  # read = accepted + rejected
+    bad = recs[2]
+    assert bad.error[1] == ("line 4: 1 field(s), the header has 2; an unterminated quote opened on line 4 swallowed "
+                            "lines 4..11; reading resumes at line 5")
+    assert bad.raw.startswith('"row 3,b\nrow 4,a\n') and bad.raw.endswith("row 10,a")  # the raw text as before
+    assert [r.row_number for r in recs] == list(range(2, 12))
+    offsets = _line_offsets(data)
+    assert [r.offset for r in recs] == [offsets[n - 1] for n in range(2, 12)]
+    assert [r.fields["text"] for r in recs[3:]] == [f"row {i}" for i in range(4, 11)]
+
+
+def test_a_runaway_quote_cut_at_the_size_limit_resumes_after_its_line(tmp_path):
+    rows = [f"row number {i} with some text,{'ab'[i % 2]}" for i in range(1, 3001)]
+    rows[2] = '"' + rows[2]
+    data = ("text,label\r\n" + "".join(r + "\r\n" for r in rows)).encode()
+    recs = list(CsvSource(write(tmp_path, data), max_row_bytes=4096).load())
+    assert len(recs) == 3000
+    assert codes(recs) == ["ok", "ok", "ingest.row_too_long"] + ["ok"] * 2997
+    msg = recs[2].error[1]
+    assert msg.startswith("line 4: the record is ") and "longer than the limit of 4096 bytes" in msg
+    assert "an unterminated quote opened on line 4 swallowed lines 4.." in msg and msg.endswith("reading resumes at line 5")
+    assert [r.row_number for r in recs] == list(range(2, 3002))
+    offsets = _line_offsets(data, b"\r\n")
+    assert all(r.offset == offsets[r.row_number - 1] for r in recs)
+    assert recs[3].fields == {"text": "row number 4 with some text", "label": "a"}
+
+
+def test_the_runaway_quote_may_open_on_a_later_line_of_the_record(tmp_path):
+    # line 3 opens a real multi-line field, line 4 closes it and opens a quote that never closes
+    data = b'text,label\nok,a\n"two\nlines","stray,b\nrow 5,a\nrow 6,b\n'
+    recs = list(CsvSource(write(tmp_path, data)).load())
+    assert codes(recs) == ["ok", "ingest.unparseable_row", "ok", "ok"]  # two fields, as the header: not ragged
+    assert recs[1].error[1] == ("line 3: the file ends inside a quoted field; an unterminated quote opened on line 4 "
+                                "swallowed lines 4..6; reading resumes at line 5")
+    assert [(r.row_number, r.offset) for r in recs] == [(2, 11), (3, 16), (5, data.index(b"row 5")), (6, data.index(b"row 6"))]
+
+
+def test_a_quote_that_closes_is_named_but_its_lines_are_not_read_again(tmp_path):
+    # two stray quotes: the rows between them are one ragged record; it cannot be told apart from a
+    # real multi-line field, so nothing is read twice
+    data = b'text,label\nok,a\n"stray,b\nrow 4,a\nrow 5 "quote\nrow 6,a\n'
+    recs = list(CsvSource(write(tmp_path, data)).load())
+    assert codes(recs) == ["ok", "ingest.ragged_row", "ok"] and [r.row_number for r in recs] == [2, 3, 6]
+    assert recs[1].error[1].endswith("a quoted field opened on line 3 runs to line 5 (if that quote is a stray one, "
+                                     "lines 4..5 are inside it)")
+    assert "resumes" not in recs[1].error[1]
+
+
+def test_escaped_quotes_inside_a_runaway_field_do_not_close_it(tmp_path):
+    data = b'text,label\n"stray,a\nsay ""hi"",b\nrow 4,a\n'
+    recs = list(CsvSource(write(tmp_path, data)).load())
+    assert codes(recs) == ["ingest.ragged_row", "ok", "ok"]
+    assert "opened on line 2 swallowed lines 2..4" in recs[0].error[1]
+    assert recs[1].fields == {"text": 'say ""hi""', "label": "b"} and recs[2].fields == {"text": "row 4", "label": "a"}
+
+
+@pytest.mark.parametrize("encoding, bom, sep", [
+    ("utf-16-le", codecs.BOM_UTF16_LE, "\n"), ("utf-8", b"", "\r"), ("cp1252", b"", "\n")])
+def test_recovery_offsets_in_other_encodings_and_line_ends(tmp_path, encoding, bom, sep):
+    lines = ["text,label", "café,a", '"crème,b', "thé,a", "über,b"]
+    data = bom + "".join(x + sep for x in lines).encode(encoding)
+    recs = list(CsvSource(write(tmp_path, data), encoding=None if bom or encoding == "utf-8" else encoding).load())
+    assert codes(recs) == ["ok", "ingest.ragged_row", "ok", "ok"]
+    assert [r.row_number for r in recs] == [2, 3, 4, 5]
+    assert [r.fields["text"] for r in recs if r.fields] == ["café", "thé", "über"]
+    expected = [len(bom) + len("".join(x + sep for x in lines[:n - 1]).encode(encoding)) for n in (2, 3, 4, 5)]
+    assert [r.offset for r in recs] == expected

@@ -6,6 +6,7 @@ from __future__ import annotations
 import codecs
 import csv
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -82,19 +83,68 @@ def _reference_csv_count(data: bytes, src: CsvSource) -> int:
         text = body.decode(lay.encoding, _MARK) if not lay.ascii_compatible else None
         pieces = (text.split("\n") if text is not None else [p.decode(lay.encoding, _MARK) for p in body.split(b"\n")])
         lines = [p + "\n" for p in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])
-    reader = csv.reader(iter(lines), lay.dialect)
-    count = 0
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            break
-        except csv.Error:
+    count, at, header = 0, 0, True
+    while at is not None:  # a record rejected with a quote still open: read again after the line it opened on
+        fed = [0]
+
+        def feed(start=at):
+            for line in lines[start:]:
+                fed[0] += 1
+                yield line
+
+        reader = csv.reader(feed(), lay.dialect)
+        start, at = at, None
+        while True:
+            first = start + fed[0]
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error:
+                count += 1
+                continue
+            if not row:
+                continue
+            record = lines[first:start + fed[0]]
+            if header:
+                header = False
+                continue
             count += 1
-            continue
-        if row:
-            count += 1
-    return count - 1  # the header
+            opened = _still_open_from(record, lay.dialect)
+            bad = any(_MARKED_CHAR.search(x) for x in record)
+            rejected = len(row) != len(lay.header) or opened is not None
+            if len(record) > 1 and opened is not None and opened < len(record) - 1 and rejected and not bad:
+                at = first + opened + 1
+                break
+    return count
+
+
+_MARKED_CHAR = re.compile("[\udc00-\udcff]")
+
+
+def _still_open_from(record: list[str], dialect) -> int | None:
+    """The index of the line of `record` on which a quoted field opened that is still open at its end
+    (None: none is), by the csv module's states, char by char (doubled quotes, no escape char)."""
+    state, opened = "start_field", None
+    for i, line in enumerate(record):
+        if state != "quoted":
+            state = "start_field"
+        for c in line:
+            if state == "quoted":
+                if c == dialect.quotechar:
+                    state = "quote_in_quoted"
+            elif state == "quote_in_quoted":
+                state = "quoted" if c == dialect.quotechar else "start_field" if c == dialect.delimiter else "field"
+            elif state == "start_field":
+                if c == dialect.quotechar:
+                    state, opened = "quoted", i
+                elif c == dialect.delimiter or (c == " " and dialect.skipinitialspace):
+                    pass
+                elif c not in "\r\n":
+                    state = "field"
+            elif c == dialect.delimiter:
+                state = "start_field"
+    return opened if state == "quoted" else None
 
 
 @SETTINGS

@@ -40,7 +40,16 @@ Bad records never raise; they come back with `error`:
     ingest.row_too_long    the record (or one field) is longer than `max_row_bytes`; over-long lines
                            are read in bounded chunks and replaced, for the csv parser, by a stand-in
                            that keeps the quote state, so memory stays bounded;
-    ingest.unparseable_row any other csv parser error.
+    ingest.unparseable_row any other csv parser error, or a record of several lines that the file
+                           ends inside a quoted field of.
+A quote that runs over line breaks: when a rejected record of several lines ends with its quoted field
+still open (the file ended, or the field passed the size limit) the detail says "an unterminated quote
+opened on line K swallowed lines K..M", and reading starts again, with a fresh parser, at line K+1, so
+the rows the quote swallowed are read as rows (the rejected record keeps its raw text; row numbers and
+offsets stay those of the file). When the quoted field did close (a real multi-line field, or a stray
+quote closed by another) the detail names the lines it spans and nothing is read twice: the two
+cannot be told apart. Not for UTF-16/32 read with a BOM-dependent codec, or undecodable bytes in a
+UTF-16/32 record (offsets there are not exact), where the detail alone is given.
 Whole-source failures raise SourceError: ingest.source_not_found, ingest.binary_source,
 ingest.empty_source (no header, or a header and no records), ingest.encoding_error (undecodable
 header, unknown `encoding=`), ingest.row_too_long (a header longer than the limit).
@@ -246,7 +255,8 @@ def _unique_header(names: list[str]) -> list[str]:
 class _Record:
     """What the line feeder knows about the record the csv parser is reading."""
 
-    __slots__ = ("lines", "start", "nbytes", "bad_at", "too_long", "raw", "raw_len")
+    __slots__ = ("lines", "start", "nbytes", "bad_at", "too_long", "raw", "raw_len", "open_line", "prev_open",
+                 "resume_at", "closed")
 
     def __init__(self) -> None:
         self.reset()
@@ -259,6 +269,15 @@ class _Record:
         self.too_long = False
         self.raw: list[str] = []
         self.raw_len = 0
+        # A record goes on to another line only while a quoted field is open. A continuation line
+        # with an odd run of quotes closes that field (an even run is escaped quotes); if the record
+        # still goes on, the odd run opened the next one. So: the line (index in the record) where
+        # the quoted field open at the end opened, the byte offset just after that line, the one
+        # before it, and whether the last line closed the field (False: still open when it ended).
+        self.open_line = 0
+        self.prev_open = 0
+        self.resume_at = 0
+        self.closed = False
 
 
 class CsvSource:
@@ -395,23 +414,33 @@ class CsvSource:
     # -- reading -------------------------------------------------------------------------------
 
     def load(self) -> Iterator[SourceRecord]:
+        """The records in file order. After a record rejected because a quote opened on line K never
+        closed (see _runaway), the file is read again from line K+1 with a fresh parser."""
         lay = self._detect()
         if csv.field_size_limit() < self.max_row_bytes:
             csv.field_size_limit(self.max_row_bytes)  # process-wide; only ever raised
-        f = self._open()
-        with f:
-            f.seek(lay.bom_bytes)
-            rec = _Record()
-            reader = csv.reader(self._lines(f, lay, rec), lay.dialect)
-            yield from self._records(reader, rec, lay)
+        at: tuple[int, int] | None = (lay.bom_bytes, 1)  # (byte offset, line number) to read from
+        seen_header = False
+        rows = [0]
+        while at is not None:
+            with self._open() as f:
+                f.seek(at[0])
+                rec = _Record()
+                reader = csv.reader(self._lines(f, lay, rec, at[0]), lay.dialect)
+                at = yield from self._records(reader, rec, lay, at[1], seen_header, rows)
+            seen_header = True
+        if rows[0] == 0:
+            raise SourceError("ingest.empty_source", f"{self.path} has a header row but no records")
 
-    def _lines(self, f, lay: _Layout, rec: _Record) -> Iterator[str]:
+    def _lines(self, f, lay: _Layout, rec: _Record, offset: int) -> Iterator[str]:
         """Feed the csv parser one decoded line at a time (never more than max_row_bytes of one line),
-        noting the record's start offset, size, undecodable bytes and raw text in `rec`."""
+        from byte `offset`, noting the record's start offset, size, undecodable bytes, raw text and
+        where its open quote opened in `rec`."""
         limit = self.max_row_bytes + 2
-        offset = lay.bom_bytes
         enc = lay.encoding
         q = lay.dialect.quotechar
+        eq = re.escape(q)
+        odd_run = re.compile(f"(?<!{eq})(?:{eq}{eq})*{eq}(?!{eq})").search
         if lay.ascii_compatible:
             if lay.universal_newlines:
                 # binary readline ends lines at LF only; latin-1 maps bytes to characters one to one,
@@ -453,6 +482,8 @@ class CsvSource:
                 return
             if rec.lines == 0:
                 rec.start = offset
+            cont = rec.lines > 0  # the parser asked for this line: a quoted field is open
+            odd = cont and q in line and odd_run(line) is not None
             rec.lines += 1
             offset += nbytes
             if bad and rec.bad_at is None:
@@ -472,6 +503,8 @@ class CsvSource:
                     offset += n
                     rec.nbytes += n
                     quotes += more.count(q)
+                    if cont and not odd and q in more and odd_run(more) is not None:
+                        odd = True
                     if not full:
                         break
                 over = True
@@ -479,17 +512,25 @@ class CsvSource:
             elif over:
                 line = q * (line.count(q) % 2) + "\n"
             rec.too_long = over
+            if not cont:
+                rec.open_line, rec.resume_at, rec.closed = 0, offset, False
+            elif odd:
+                rec.prev_open, rec.open_line, rec.resume_at, rec.closed = rec.open_line, rec.lines - 1, offset, True
+            else:
+                rec.closed = False
             yield line
 
-    def _records(self, reader, rec: _Record, lay: _Layout) -> Iterator[SourceRecord]:
+    def _records(self, reader, rec: _Record, lay: _Layout, line_number: int, seen_header: bool,
+                 rows: list[int]) -> Iterator[SourceRecord]:
+        """Yields the records; returns where to read on from, (byte offset, line number), after a
+        record rejected with a quote still open at its end (None at the end of the file).
+        `line_number` is the line the reader starts at, `rows[0]` counts the records."""
         header = lay.header
         width = len(header)
         enc = lay.encoding
         limit = self.max_row_bytes
         record = new_record
-        line_number = 1  # of the next record's first line
-        seen_header = False
-        rows = 0
+        resumable = lay.ascii_compatible or codecs.lookup(enc).name not in ("utf-16", "utf-32")
         while True:
             error = None
             try:
@@ -505,6 +546,7 @@ class CsvSource:
             lines, start, nbytes = rec.lines, rec.start, rec.nbytes
             raw = "".join(rec.raw)
             bad_at, too_long = rec.bad_at, rec.too_long
+            open_line, prev_open, resume_at, closed = rec.open_line, rec.prev_open, rec.resume_at, rec.closed
             rec.reset()
             number = line_number
             line_number += lines
@@ -516,7 +558,7 @@ class CsvSource:
                     raise SourceError("ingest.row_too_long",
                                       f"{self.path}: the header row is longer than the limit of {limit} bytes")
                 continue
-            rows += 1
+            rows[0] += 1
             if bad_at is not None:
                 raw = _MARKED.sub("\ufffd", raw)
             raw = raw.rstrip("\r\n")
@@ -526,9 +568,33 @@ class CsvSource:
                 error = ("ingest.encoding_error", f"line {number}: bytes at offset {bad_at} do not decode as {enc}")
             elif error is None and len(row) != width:
                 error = ("ingest.ragged_row", f"line {number}: {len(row)} field(s), the header has {width}")
+            elif error is None and lines > 1 and not closed:
+                error = ("ingest.unparseable_row", f"line {number}: the file ends inside a quoted field")
+            resume_line = None
+            if lines > 1 and error is not None and error[0] != "ingest.encoding_error":
+                error = (error[0], error[1] + self._runaway(number, lines, open_line, prev_open, closed))
+                if not closed and resumable and (lay.ascii_compatible or bad_at is None):
+                    resume_line = number + open_line + 1
+                    error = (error[0], f"{error[1]}; reading resumes at line {resume_line}")
             if error is not None:
                 yield record(number, start, raw, None, error)
             else:
                 yield record(number, start, raw, dict(zip(header, row)), None)
-        if rows == 0:
-            raise SourceError("ingest.empty_source", f"{self.path} has a header row but no records")
+            if resume_line is not None:
+                return resume_at, resume_line
+        return None
+
+    @staticmethod
+    def _runaway(number: int, lines: int, open_line: int, prev_open: int, closed: bool) -> str:
+        """What a rejected record spanning lines number..number+lines-1 says about its quoted field.
+        A field still open when the record ended (at the end of the file, or cut at the field size
+        limit) is an unterminated quote: each line after the one it opened on was read into it. One
+        that closed may be a legitimate multi-line field or a stray quote closed by another: named,
+        and the lines are not read again."""
+        last = number + lines - 1
+        if not closed:
+            opened = number + open_line
+            return f"; an unterminated quote opened on line {opened} swallowed lines {opened}..{last}"
+        opened = number + prev_open
+        return (f"; a quoted field opened on line {opened} runs to line {last} (if that quote is a stray one, "
+                f"lines {opened + 1}..{last} are inside it)")
