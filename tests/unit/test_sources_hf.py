@@ -39,9 +39,9 @@ def saved(tmp_path_factory):
 def test_saved_dataset_streams_json_able_rows(saved):
     recs = list(HfSource(str(saved / "single"), "train").load())
     assert [r.fields for r in recs] == [
-        {"text": "good", "label": 1, "when": "2024-01-02T03:04:05", "tags": ["a"]},
-        {"text": "bad", "label": 0, "when": "2024-01-02T03:04:05", "tags": []},
-        {"text": "fine", "label": 1, "when": "2024-01-02T03:04:05", "tags": ["b", "c"]}]
+        {"text": "good", "label": "positive", "when": "2024-01-02T03:04:05", "tags": ["a"]},  # names, not indices
+        {"text": "bad", "label": "negative", "when": "2024-01-02T03:04:05", "tags": []},
+        {"text": "fine", "label": "positive", "when": "2024-01-02T03:04:05", "tags": ["b", "c"]}]
     assert [(r.row_number, r.offset) for r in recs] == [(1, 0), (2, 1), (3, 2)]
     assert json.loads(recs[0].raw) == recs[0].fields and all(r.error is None for r in recs)
 
@@ -119,10 +119,18 @@ def test_an_unlabelled_row_of_a_class_label_column_is_rejected_not_a_class(tmp_p
     ds = datasets.Dataset.from_dict({"text": ["good", "who knows", "bad"], "label": [1, -1, 0]}, features=features)
     ds.save_to_disk(str(tmp_path / "ds"))
     src = HfSource(str(tmp_path / "ds"), "train", roots=[tmp_path])
-    assert [r.fields["label"] for r in src.load()] == [1, None, 0]
+    assert [r.fields["label"] for r in src.load()] == ["positive", None, "negative"]
     out = run_ingest(HfSource(str(tmp_path / "ds"), "train", roots=[tmp_path]),
                      FieldMapping(text=["text"], label="label"), ArtifactStore(tmp_path / "art"), commit=False,
                      sample_size=5)
     assert (out.counts.rows_read, out.counts.rows_accepted, out.counts.rows_rejected) == (3, 2, 1)
-    assert sorted(str(r["label"]) for r in out.sample_accepted) == ["0", "1"]
+    assert sorted(r["label"] for r in out.sample_accepted) == ["negative", "positive"]
     assert out.rejected_by_reason == {"ingest.missing_field": 1}
+
+
+def test_a_sequence_of_class_labels_gives_names(tmp_path):
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "topics": datasets.Sequence(datasets.ClassLabel(names=["billing", "login", "shipping"]))})
+    ds = datasets.Dataset.from_dict({"text": ["a", "b"], "topics": [[0, 2], []]}, features=features)
+    ds.save_to_disk(str(tmp_path / "ds"))
+    assert [r.fields["topics"] for r in HfSource(str(tmp_path / "ds"), "train").load()] == [["billing", "shipping"], []]

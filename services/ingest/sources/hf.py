@@ -6,10 +6,11 @@
                                               offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE=1) it
                                               reads the local cache; with a network it downloads
 
-Rows come back as dicts of JSON-able values: ClassLabel columns stay ints (describe() reports the
-label names under details["label_names"]), except -1, the datasets library's "no label" (unlabelled
-test splits), which becomes None so that the row is rejected as missing its label rather than
-trained on as a class "-1"; datetime/date/time -> ISO 8601 strings; timedelta ->
+Rows come back as dicts of JSON-able values: a ClassLabel column (or a sequence of them) gives its
+label names, not the indices the dataset stores (a label space of "0", "1", "2" would reach the model,
+the manifest and the OpenAI system prompt), and -1, the datasets library's "no label" (unlabelled test
+splits), becomes None so that the row is rejected as missing its label rather than trained on as a
+class (describe() still lists the names under details["label_names"]); datetime/date/time -> ISO 8601 strings; timedelta ->
 seconds (float); Decimal -> string; bytes -> base64 string; numpy scalars/arrays -> Python numbers/
 lists; anything else (e.g. decoded images or audio) -> str(value). `row_number` is the 1-based row
 index, `offset` the 0-based one; `raw` is the row as JSON.
@@ -62,6 +63,29 @@ def jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):  # numpy arrays and scalars
         return jsonable(value.tolist())
     return str(value)
+
+
+def _class_label_names(features, datasets) -> dict[str, list[str]]:
+    """Column -> label names, for ClassLabel columns and sequences of ClassLabel."""
+    out = {}
+    for name, feat in features.items():
+        inner = getattr(feat, "feature", None) if isinstance(feat, (datasets.Sequence, list)) else feat
+        if isinstance(feat, list) and feat:
+            inner = feat[0]
+        if isinstance(inner, datasets.ClassLabel):
+            out[name] = list(inner.names)
+    return out
+
+
+def _named(fields: dict, names: dict[str, list[str]]) -> dict:
+    """ClassLabel indices as their names; -1 ("no label") as None (see the module docstring)."""
+    for column, labels in names.items():
+        value = fields.get(column)
+        if isinstance(value, int) and not isinstance(value, bool):
+            fields[column] = labels[value] if 0 <= value < len(labels) else None
+        elif isinstance(value, list):
+            fields[column] = [labels[v] for v in value if isinstance(v, int) and 0 <= v < len(labels)]
+    return fields
 
 
 def jsonable_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -205,16 +229,12 @@ class HfSource:
         ds = self._open()
         record = new_record
         index = 0
-        labels = [name for name, feat in (getattr(ds, "features", None) or {}).items()
-                  if isinstance(feat, datasets.ClassLabel)]
+        names = _class_label_names(getattr(ds, "features", None) or {}, datasets)
         if isinstance(ds, datasets.Dataset):
             columns = list(ds.column_names)
             for batch in ds.iter(batch_size=self.batch_size):
                 for values in zip(*(batch[c] for c in columns)):
-                    fields = jsonable_row(dict(zip(columns, values)))
-                    for name in labels:
-                        if fields.get(name) == -1:
-                            fields[name] = None
+                    fields = _named(jsonable_row(dict(zip(columns, values))), names)
                     yield record(index + 1, index, raw_json(fields), fields, None)
                     index += 1
         else:
@@ -226,10 +246,7 @@ class HfSource:
                     break
                 except Exception as exc:  # noqa: BLE001 - a streaming read failing midway
                     raise self._classify(exc) from None
-                fields = jsonable_row(dict(row))
-                for name in labels:
-                    if fields.get(name) == -1:
-                        fields[name] = None
+                fields = _named(jsonable_row(dict(row)), names)
                 yield record(index + 1, index, raw_json(fields), fields, None)
                 index += 1
         if index == 0:
