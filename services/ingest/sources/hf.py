@@ -141,23 +141,22 @@ def _saved_paths(path: str, top: bool = False) -> Iterator[str]:
         yield state
         yield info
     if os.path.isfile(state) and os.path.isfile(info):
-        try:
-            with open(state, encoding="utf-8") as f:
-                files = json.load(f).get("_data_files") or []
-        except (OSError, ValueError, AttributeError):
-            return
-        for entry in files:
+        for entry in _json_list(state, "_data_files"):
             if isinstance(entry, dict) and isinstance(entry.get("filename"), str):
                 yield str(Path(path, entry["filename"]))
     elif top and os.path.isfile(ddict):
-        try:
-            with open(ddict, encoding="utf-8") as f:
-                splits = json.load(f).get("splits") or []
-        except (OSError, ValueError, AttributeError):
-            return
-        for split in splits:
+        for split in _json_list(ddict, "splits"):
             if isinstance(split, str):
                 yield from _saved_paths(posixpath.join(path, split))
+
+
+def _json_list(path: str, key: str) -> list:
+    """The list under `key` of a JSON object file; [] when unreadable (then loading fails on its own)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get(key) or []
+    except (OSError, ValueError, AttributeError):
+        return []
 
 
 class HfSource:
