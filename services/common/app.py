@@ -13,7 +13,7 @@ from nats.js.errors import NotFoundError
 from contracts import subjects
 from services.common.artifacts import ArtifactStore
 from services.common.bus import declare_streams
-from services.common.delivery import ConsumerSpec, Handler, handle_delivery
+from services.common.delivery import ConsumerSpec, Handler, Replay, handle_delivery
 from services.common.logging import configure_logging, get_logger
 from services.common.settings import ServiceSettings
 
@@ -56,7 +56,7 @@ class Service:
     async def _after_startup(self) -> None:
         log.info("service_started", nats_url=self.settings.nats_url)
 
-    def consume(self, spec: ConsumerSpec, handler: Handler) -> None:
+    def consume(self, spec: ConsumerSpec, handler: Handler, *, replay: Replay | None = None) -> None:
         self._durables.append(spec.durable)
 
         @self.broker.subscriber(
@@ -70,7 +70,7 @@ class Service:
             title=spec.durable,
         )
         async def on_message(msg: NatsMessage) -> None:
-            await handle_delivery(msg.raw_message, spec, handler, self.js, self.artifacts, self.settings)
+            await handle_delivery(msg.raw_message, spec, handler, self.js, self.artifacts, self.settings, replay)
 
     def on_startup(self, hook) -> None:
         """Run `await hook(self)` once connected and declared, before any consumer takes a message."""

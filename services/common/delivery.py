@@ -10,8 +10,9 @@ Outcomes of one delivery:
 - any other exception: nacked with backoff; on the last allowed delivery, dead-lettered with
   `bus.delivery_exhausted` and terminated, so a poison message cannot loop;
 - a delivery beyond the allowed number (each earlier one ended without a settlement: the worker
-  died, or publishing its outcome failed): dead-lettered with `bus.delivery_exhausted` without
-  running the handler again. The server redelivers without limit (services/common/app.py), so this
+  died, or publishing its outcome failed): the consumer's replay, if it has one, publishes an outcome
+  an earlier delivery recorded (the trainer's completed job) and the message is acked; otherwise
+  dead-lettered with `bus.delivery_exhausted` without running the handler again. The server redelivers without limit (services/common/app.py), so this
   delivery always comes; if dead-lettering fails too, the next one tries again.
 """
 
@@ -110,6 +111,9 @@ class StageContext:
 
 
 Handler = Callable[[StageContext], Awaitable[None]]
+# Publishes again what an earlier delivery already finished (a recorded outcome), if anything; truthy
+# when it did. Consulted before a delivery beyond the allowed number is dead-lettered.
+Replay = Callable[[StageContext], Awaitable[Any]]
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,7 @@ async def handle_delivery(
     js: JetStreamContext,
     artifacts: ArtifactStore,
     settings: ServiceSettings,
+    replay: Replay | None = None,
 ) -> str:
     """Apply the ack policy to one delivery; returns the outcome (for logs and tests)."""
     md = msg.metadata
@@ -147,6 +152,12 @@ async def handle_delivery(
 
     if md.num_delivered > settings.max_deliver:
         with message_context(env, consumer=spec.durable, delivery=md.num_delivered):
+            if replay is not None and await _replayed(replay, StageContext(env, payload, spec.service, js, artifacts,
+                                                                           settings, msg)):
+                # the last delivery finished the work and died before settling: its outcome stands
+                log.info("replayed_after_unsettled_deliveries", deliveries=md.num_delivered)
+                await msg.ack()
+                return "replayed"
             log.error("delivery_exhausted", deliveries=md.num_delivered, unsettled=True)
         await dead_letter(
             js, msg, consumer=spec.durable, producer=spec.service, reason_code="bus.delivery_exhausted",
@@ -192,6 +203,14 @@ async def handle_delivery(
             return "nacked"
         await msg.ack()
         return "acked"
+
+
+async def _replayed(replay: Replay, ctx: StageContext) -> bool:
+    try:
+        return bool(await replay(ctx))
+    except Exception as exc:  # noqa: BLE001 - a replay that fails cannot hold the message: dead-letter it
+        log.error("replay_failed", error=repr(exc), exc_info=exc)
+        return False
 
 
 async def dead_letter(

@@ -219,7 +219,8 @@ def build(settings: TrainerSettings | None = None) -> Service:
         await controls.follow(service.js)
 
     svc.on_startup(follow_controls)
-    svc.consume(PREPARED, make_on_prepared(settings, controls))
+    svc.consume(PREPARED, make_on_prepared(settings, controls),
+                replay=lambda ctx: replay_completion(ctx, cleanup=work_dir_for(settings, ctx.envelope.event_id)))
     return svc
 
 

@@ -265,3 +265,37 @@ async def events_of_type_on(js, subject_filter):
             return out
         out.append(decode(msg.data)[0])
         seq = msg.seq + 1
+
+
+@pytest.mark.parametrize("replayed", [True, False])
+async def test_a_delivery_beyond_the_limit_replays_a_recorded_outcome_before_dead_lettering(js, nats_server, tmp_path,
+                                                                                           replayed):
+    """The trainer's last allowed delivery recorded its completed job and died before settling: the
+    consumer's replay publishes that outcome and acks; with nothing to replay it is dead-lettered."""
+    from nats.js.api import AckPolicy
+
+    from services.common.app import consumer_config
+    from services.common.artifacts import ArtifactStore
+    from services.common.delivery import handle_delivery
+
+    settings = ServiceSettings(nats_url=nats_server.url, data_dir=tmp_path / "data", max_deliver=1, ack_wait_s=1)
+    config = consumer_config(settings)
+    config.durable_name, config.ack_policy, config.filter_subject = "replay", AckPolicy.EXPLICIT, SPEC.subject
+    await js.add_consumer(subjects.STREAM, config)
+    sub = await js.pull_subscribe_bind("replay", stream=subjects.STREAM)
+    await publish(js, start_command("run-replay"), SPEC.subject)
+    await sub.fetch(1, timeout=5)  # the one allowed delivery dies
+    (msg,) = await sub.fetch(1, timeout=5)
+    calls = []
+
+    async def replay(ctx):
+        calls.append(ctx.envelope.run_id)
+        return replayed
+
+    async def handler(ctx):
+        raise AssertionError("not run again")
+
+    outcome = await handle_delivery(msg, SPEC, handler, js, ArtifactStore(tmp_path / "a"), settings, replay)
+    assert calls == ["run-replay"]
+    assert outcome == ("replayed" if replayed else "dead_lettered")
+    assert len(await events_of_type(js, "bus.message_dead_lettered")) == (0 if replayed else 1)
