@@ -3,6 +3,7 @@ file that changed after it was applied."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from dataclasses import dataclass
@@ -51,15 +52,33 @@ async def migrate(dsn: str, schema_dir: Path = SCHEMA_DIR) -> MigrationReport:
                     )
                 skipped.append(f.name)
                 continue
-            async with conn.transaction():
-                await conn.execute(sql)
-                await conn.execute("INSERT INTO schema_migrations (filename, sha256) VALUES ($1, $2)", f.name, sha)
+            await _retrying_role_races(conn, sql, f.name, sha)
             applied.append(f.name)
-        await _set_app_password(conn)
+        await _retrying_role_races(conn, None, None, None)
         return MigrationReport(applied, skipped)
     finally:
         await conn.execute("SELECT pg_advisory_unlock_all()")
         await conn.close()
+
+
+async def _retrying_role_races(conn: asyncpg.Connection, sql: str | None, name: str | None, sha: str | None) -> None:
+    """Apply one file in its transaction (with sql None: set the app password), retried when it lost a
+    race on a role with a migrator of another database. Roles belong to the whole cluster, the advisory
+    lock above to one database: two databases migrated at once can both create or alter tuneline_app
+    ("role already exists", "tuple concurrently updated"); the retry finds the role done."""
+    for attempt in range(5):
+        try:
+            async with conn.transaction():
+                if sql is None:
+                    await _set_app_password(conn)
+                else:
+                    await conn.execute(sql)
+                    await conn.execute("INSERT INTO schema_migrations (filename, sha256) VALUES ($1, $2)", name, sha)
+            return
+        except (asyncpg.DuplicateObjectError, asyncpg.UniqueViolationError, asyncpg.InternalServerError) as exc:
+            if attempt == 4 or (isinstance(exc, asyncpg.InternalServerError) and "concurrently" not in str(exc)):
+                raise
+            await asyncio.sleep(0.05 * (attempt + 1))
 
 
 async def _set_app_password(conn: asyncpg.Connection) -> None:

@@ -475,3 +475,20 @@ def test_a_training_command_for_a_run_nobody_started_is_not_sent(database, monke
     monkeypatch.setenv("NATS_URL", "nats://127.0.0.1:1")  # nothing listens: sending would fail loudly
     rc = cmd_train_control(argparse.Namespace(action="cancel", run_id="run-nobody-started", reason=None))
     assert rc == 1 and "no run run-nobody-started is recorded: nothing sent" in capsys.readouterr().err
+
+
+async def test_databases_of_one_cluster_migrate_at_the_same_time(postgres):
+    """The app role belongs to the cluster: two migrators of different databases raced on it ("tuple
+    concurrently updated") and one failed."""
+    import asyncio
+
+    from services.audit.migrate import migrate
+
+    admin = await asyncpg.connect(postgres.url)
+    try:
+        for i in range(6):
+            await admin.execute(f'CREATE DATABASE "t_par_{i}"')
+    finally:
+        await admin.close()
+    reports = await asyncio.gather(*(migrate(postgres.url.replace("/tuneline?", f"/t_par_{i}?")) for i in range(6)))
+    assert all(r.applied and not r.skipped for r in reports)
