@@ -50,8 +50,6 @@ def tree_cpu_s(root: int) -> float | None:
     return total
 
 
-def postmaster_pid(pgdata: Path) -> int | None:
-    try:
-        return int((Path(pgdata) / "postmaster.pid").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
+def spent(before: dict, after: dict) -> dict:
+    """CPU seconds per key between two readings (None where either is unknown)."""
+    return {k: (None if before[k] is None or after[k] is None else round(after[k] - before[k], 3)) for k in before}

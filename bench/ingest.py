@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.cpu import spent
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 JIRA = ROOT.parent / "shared" / "datasets" / "apache_jira_bugs" / "bugs_train_val.jsonl"
@@ -81,10 +83,6 @@ def _cpu_s() -> dict[str, float]:
     return {"main_process": me.ru_utime + me.ru_stime, "workers": kids.ru_utime + kids.ru_stime}
 
 
-def _spent(before: dict, after: dict) -> dict[str, float]:
-    return {k: round(after[k] - before[k], 3) for k in before}
-
-
 def measure_throughput(repeats: int = 3) -> dict:
     best_base, best_pipe, last, processes = float("inf"), float("inf"), None, []
     cpu_base = cpu_pipe = None
@@ -94,13 +92,13 @@ def measure_throughput(repeats: int = 3) -> dict:
             n = baseline(JIRA, Path(tmp) / "baseline.jsonl")
             elapsed = time.perf_counter() - t0
             if elapsed < best_base:
-                best_base, cpu_base = elapsed, _spent(c0, _cpu_s())
+                best_base, cpu_base = elapsed, spent(c0, _cpu_s())
             work = Path(tmp) / f"run{i}"
             processes.append(_workers())
             c0 = _cpu_s()
             last = pipeline(JIRA, work)
             if last["total_s"] < best_pipe:
-                best_pipe, cpu_pipe = last["total_s"], _spent(c0, _cpu_s())
+                best_pipe, cpu_pipe = last["total_s"], spent(c0, _cpu_s())
     figure, base = last["rows_read"] / best_pipe, n / best_base
     m = last["manifest"]
     return {"name": "ingest_prepare_jira_rows_per_s", "figure": round(figure, 1), "unit": "rows/s",

@@ -25,7 +25,7 @@ from pathlib import Path
 import asyncpg
 import nats
 
-from bench.cpu import postmaster_pid, process_cpu_s, tree_cpu_s
+from bench.cpu import process_cpu_s, spent, tree_cpu_s
 from contracts import subjects
 from contracts.registry import encode
 from services.audit.app import AuditService
@@ -33,7 +33,7 @@ from services.audit.db import app_dsn
 from services.audit.migrate import migrate
 from services.audit.recorder import CONSUMER
 from services.audit.settings import AuditSettings
-from services.cli.stack import start_nats, start_postgres, stop_postgres
+from services.cli.stack import postmaster_pid, start_nats, start_postgres, stop_postgres
 from services.common.bus import declare_streams
 from tests.factories import failed_run, successful_run
 
@@ -81,9 +81,6 @@ class CpuMeter:
         return {"python": time.process_time(), "postgres": self.pids["postgres"] and tree_cpu_s(self.pids["postgres"]),
                 "nats": self.pids["nats"] and process_cpu_s(self.pids["nats"])}
 
-    @staticmethod
-    def spent(before: dict, after: dict) -> dict[str, float | None]:
-        return {k: (None if before[k] is None or after[k] is None else round(after[k] - before[k], 3)) for k in before}
 
 
 async def measure_recorder(nats_url: str, dsn: str, tmp: Path, n: int, meter: CpuMeter) -> tuple[float, dict]:
@@ -98,7 +95,7 @@ async def measure_recorder(nats_url: str, dsn: str, tmp: Path, n: int, meter: Cp
         while await conn.fetchval("SELECT position FROM projection_checkpoints WHERE projection='timeline'") != n:
             await asyncio.sleep(0.01)
         elapsed = time.perf_counter() - start
-        cpu = meter.spent(cpu_before, meter.read())
+        cpu = spent(cpu_before, meter.read())
     finally:
         await svc._shutdown()
         await svc.broker.stop()
@@ -119,7 +116,7 @@ async def measure_copy(dsn: str, events, meter: CpuMeter) -> tuple[float, dict]:
     start = time.perf_counter()
     await conn.copy_records_to_table("run_events", records=rows, columns=columns)
     elapsed = time.perf_counter() - start
-    cpu = meter.spent(cpu_before, meter.read())
+    cpu = spent(cpu_before, meter.read())
     await conn.close()
     return elapsed, cpu
 

@@ -52,28 +52,29 @@ async def migrate(dsn: str, schema_dir: Path = SCHEMA_DIR) -> MigrationReport:
                     )
                 skipped.append(f.name)
                 continue
-            await _retrying_role_races(conn, sql, f.name, sha)
+            await _retrying_role_races(conn, lambda: _apply_file(conn, sql, f.name, sha))
             applied.append(f.name)
-        await _retrying_role_races(conn, None, None, None)
+        await _retrying_role_races(conn, lambda: _set_app_password(conn))
         return MigrationReport(applied, skipped)
     finally:
         await conn.execute("SELECT pg_advisory_unlock_all()")
         await conn.close()
 
 
-async def _retrying_role_races(conn: asyncpg.Connection, sql: str | None, name: str | None, sha: str | None) -> None:
-    """Apply one file in its transaction (with sql None: set the app password), retried when it lost a
-    race on a role with a migrator of another database. Roles belong to the whole cluster, the advisory
-    lock above to one database: two databases migrated at once can both create or alter tuneline_app
-    ("role already exists", "tuple concurrently updated"); the retry finds the role done."""
+async def _apply_file(conn: asyncpg.Connection, sql: str, name: str, sha: str) -> None:
+    await conn.execute(sql)
+    await conn.execute("INSERT INTO schema_migrations (filename, sha256) VALUES ($1, $2)", name, sha)
+
+
+async def _retrying_role_races(conn: asyncpg.Connection, step) -> None:
+    """Run `step()` in a transaction, again when it lost a race on a role with a migrator of another
+    database. Roles belong to the whole cluster, the advisory lock above to one database: two databases
+    migrated at once can both create or alter tuneline_app ("role already exists", "tuple concurrently
+    updated"); the retry finds the role done."""
     for attempt in range(5):
         try:
             async with conn.transaction():
-                if sql is None:
-                    await _set_app_password(conn)
-                else:
-                    await conn.execute(sql)
-                    await conn.execute("INSERT INTO schema_migrations (filename, sha256) VALUES ($1, $2)", name, sha)
+                await step()
             return
         except (asyncpg.DuplicateObjectError, asyncpg.UniqueViolationError, asyncpg.InternalServerError) as exc:
             if attempt == 4 or (isinstance(exc, asyncpg.InternalServerError) and "concurrently" not in str(exc)):

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from contracts.commands import CommitIngest, DryRunIngest, IntrospectSource
 from contracts.common import FieldMapping, RunPlan
 from contracts.reason_codes import REASON_CODES
+from services.cli.errors import validation_lines
 
 MAP_HELP = ("field mapping, repeatable KEY=VALUE: shape=multi_field_triage, text=summary,description, "
             "label=priority, heads.component=components, tags=labels, provenance=source, label_space=a,b,c; "
@@ -44,10 +45,8 @@ def parse_map(items: list[str] | None) -> FieldMapping | None:
         data["shape"] = "multi_field_triage"
     try:
         return FieldMapping.model_validate(data)
-    except ValidationError as exc:  # loc and message only: the input may be anything, a secret included
-        raise SystemExit("\n".join(f"--map: {'.'.join(str(p) for p in e['loc']) or 'mapping'}: {e['msg']}"
-                                    for e in exc.errors(include_url=False, include_input=False, include_context=False))
-                         ) from None
+    except ValidationError as exc:
+        raise SystemExit("\n".join(validation_lines(exc, "--map", whole="mapping"))) from None
 
 
 async def _await_event(db_url: str, run_id: str, types: tuple[str, ...], timeout: float) -> dict | None:

@@ -16,9 +16,11 @@ from contracts.common import HostedSettings, RunPlan
 from contracts.envelope import Envelope
 from contracts.registry import message_type_of
 from services.cli import ingest_cmds, stack
+from services.cli.errors import validation_lines
 from services.cli.render import entry_line, timeline_text
 from services.common.ids import new_run_id
 from services.common.logging import configure_logging
+from services.common.redact import url_passwords
 
 TERMINAL = ("succeeded", "failed")
 
@@ -41,21 +43,6 @@ class StackUnreachable(Exception):
     """A server the command needs is not answering: main() prints the one-line message, exit status 1."""
 
 
-def redact(url: str) -> str:
-    """A URL without its password (NATS and PostgreSQL URLs may carry one)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    try:
-        parts = urlsplit(url)
-        if not parts.password:
-            return url
-        host = parts.netloc.rpartition("@")[2]
-        netloc = f"{parts.username}:***@{host}"
-        return urlunsplit(parts._replace(netloc=netloc))
-    except ValueError:
-        return "<unparsable URL>"
-
-
 async def _quiet(_exc: Exception) -> None:
     pass  # connection errors become one StackUnreachable line, not a logged traceback per attempt
 
@@ -67,7 +54,7 @@ async def _js(nats_url: str):
         nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=2, reconnect_time_wait=0.5,
                                 error_cb=_quiet)
     except Exception as exc:  # noqa: BLE001 - NoServersError, OSError, timeouts: all mean "not there"
-        raise StackUnreachable(f"nats-server at {redact(nats_url)} is not reachable ({type(exc).__name__}): "
+        raise StackUnreachable(f"nats-server at {url_passwords(nats_url)} is not reachable ({type(exc).__name__}): "
                                "run `tuneline up`") from None
     return nc, nc.jetstream()
 
@@ -82,7 +69,7 @@ async def _db(db_url: str):
         return await connect_as_app(db_url)
     except (OSError, asyncio.TimeoutError, asyncpg.CannotConnectNowError,
             asyncpg.ConnectionDoesNotExistError) as exc:
-        raise StackUnreachable(f"PostgreSQL at {redact(db_url)} is not reachable ({type(exc).__name__}): "
+        raise StackUnreachable(f"PostgreSQL at {url_passwords(db_url)} is not reachable ({type(exc).__name__}): "
                                "run `tuneline up`") from None
 
 
@@ -158,10 +145,10 @@ def _ensure_postgres(root: Path, recorded: dict | None) -> tuple[dict, bool]:
     pgdata = Path(recorded.get("pgdata") or root / "postgres" / "pgdata").resolve()
     was_alive = stack.postgres_alive(pgdata)
     if recorded.get("url") and was_alive:
-        print(f"postgresql    {redact(recorded['url'])} (running)")
+        print(f"postgresql    {url_passwords(recorded['url'])} (running)")
         return recorded, False
     pg = stack.start_postgres(root / "postgres")  # attaches when a postmaster is (still) there
-    print(f"postgresql    {redact(pg.url)}")
+    print(f"postgresql    {url_passwords(pg.url)}")
     return {"url": pg.url, "pgdata": str(pg.pgdata), "managed": True}, not was_alive
 
 
@@ -175,7 +162,7 @@ def cmd_up(args) -> int:
     alive: dict[str, list[int]] = stack.service_pids_for(root)
     for name, s in (old.get("services") or {}).items():
         if name in stack.SERVICES and stack.service_alive(s.get("pid"), name) and s["pid"] not in alive.get(name, []):
-            alive.setdefault(name, []).insert(0, s["pid"])
+            alive.setdefault(name, []).append(s["pid"])
     recorded_pid = {name: s.get("pid") for name, s in (old.get("services") or {}).items()}
     for name, pids in alive.items():
         pids.sort(key=lambda p: p != recorded_pid.get(name))  # the recorded one first
@@ -373,25 +360,6 @@ RUN_OPTIONS = {
 }
 
 
-def validation_lines(exc, options: dict = RUN_OPTIONS) -> list[str]:
-    """One line per problem in a pydantic ValidationError: the option and pydantic's message. Never the
-    input value (it may be a secret), so neither str(exc) nor errors()' `input`/`ctx`."""
-    lines = []
-    for err in exc.errors(include_url=False, include_input=False, include_context=False):
-        loc = tuple(err["loc"])
-        while loc and loc[0] == "plan":
-            loc = loc[1:]
-        if loc[:2] in options:
-            option, rest = options[loc[:2]], loc[2:]
-        elif loc and loc[0] in options:
-            option, rest = options[loc[0]], loc[1:]
-        else:
-            option, rest = ".".join(str(p) for p in loc) or "input", ()
-        where = option + (f" ({'.'.join(str(p) for p in rest)})" if rest else "")
-        lines.append(f"tuneline run: {where}: {err['msg']}")
-    return lines
-
-
 def build_start_run(args) -> StartRun:
     """The StartRun command for `tuneline run`'s options; raises pydantic's ValidationError on bad input."""
     from services.cli.ingest_cmds import parse_map
@@ -497,7 +465,7 @@ def cmd_run(args) -> int:
     try:
         cmd = build_start_run(args)
     except ValidationError as exc:
-        for line in validation_lines(exc):
+        for line in validation_lines(exc, "tuneline run", RUN_OPTIONS):
             print(line, file=sys.stderr)
         return 2  # a usage error, like argparse's
     run_id = asyncio.run(publish_command(cmd))

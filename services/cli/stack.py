@@ -75,9 +75,8 @@ def _wait_for_port(host: str, port: int, popen: subprocess.Popen, log: Path, tim
     while time.monotonic() < deadline:
         if popen.poll() is not None:
             raise RuntimeError(f"nats-server exited with {popen.returncode}: {log.read_text()[-2000:]}")
-        with socket.socket() as s:
-            if s.connect_ex((host, port)) == 0:
-                return
+        if port_open(host, port):
+            return
         time.sleep(0.05)
     raise TimeoutError(f"nats-server did not listen on {host}:{port} within {timeout}s")
 
@@ -222,7 +221,7 @@ def nats_pids_for_store(store: Path) -> list[int]:
     more than one, two writers corrupt the streams."""
     found = []
     for pid in _live_pids():
-        if pid == os.getpid() or not _is_nats_cmdline(_proc_cmdline(pid)) or not pid_alive(pid):
+        if not _is_nats_cmdline(_proc_cmdline(pid)) or not pid_alive(pid):
             continue
         if _same_path((_proc_environ(pid) or {}).get("TUNELINE_NATS_STORE_DIR"), store):
             found.append(pid)
@@ -261,16 +260,21 @@ def port_open(host: str, port: int | None, timeout: float = 1.0) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def postgres_alive(pgdata: Path) -> bool:
-    """Is a postmaster running on pgdata? (postmaster.pid names it; a stale file after a crash does not count.)"""
+def postmaster_pid(pgdata: Path) -> int | None:
+    """The pid postmaster.pid names (maybe stale after a crash), or None."""
     try:
-        pid = int((pgdata / "postmaster.pid").read_text().splitlines()[0])
+        return int((Path(pgdata) / "postmaster.pid").read_text().splitlines()[0])
     except (OSError, ValueError, IndexError):
-        return False
+        return None
+
+
+def postgres_alive(pgdata: Path) -> bool:
+    """Is a postmaster running on pgdata? (a stale postmaster.pid after a crash does not count.)"""
+    pid = postmaster_pid(pgdata)
     if not pid_alive(pid):
         return False
     cmdline = _proc_cmdline(pid)
-    return cmdline is None or any("postgres" in Path(a).name for a in cmdline[:1])
+    return cmdline is None or "postgres" in Path(cmdline[0]).name
 
 
 def start_service(name: str, data_dir: Path, env: dict[str, str]) -> int:

@@ -146,26 +146,20 @@ async def handle_delivery(
                 "bus.unexpected_subject", f"{spec.durable} does not handle {env.type!r} (arrived on {msg.subject})"
             )
     except ContractError as exc:
-        await dead_letter(js, msg, consumer=spec.durable, producer=spec.service, reason_code=exc.reason_code, error=str(exc))
-        await msg.term()
-        return "dead_lettered"
+        return await _dead_letter_and_end(js, msg, spec, exc.reason_code, str(exc))
 
+    ctx = StageContext(env, payload, spec.service, js, artifacts, settings, msg)
     if md.num_delivered > settings.max_deliver:
         with message_context(env, consumer=spec.durable, delivery=md.num_delivered):
-            if replay is not None and await _replayed(replay, StageContext(env, payload, spec.service, js, artifacts,
-                                                                           settings, msg)):
+            if replay is not None and await _replayed(replay, ctx):
                 # the last delivery finished the work and died before settling: its outcome stands
                 log.info("replayed_after_unsettled_deliveries", deliveries=md.num_delivered)
                 await msg.ack()
                 return "replayed"
             log.error("delivery_exhausted", deliveries=md.num_delivered, unsettled=True)
-        await dead_letter(
-            js, msg, consumer=spec.durable, producer=spec.service, reason_code="bus.delivery_exhausted",
-            error=f"delivered {md.num_delivered - 1} times without being settled (the worker died or could not "
-                  "publish its outcome each time); not handled again", envelope=env,
-        )
-        await msg.term()
-        return "dead_lettered"
+        return await _dead_letter_and_end(
+            js, msg, spec, "bus.delivery_exhausted", f"delivered {md.num_delivered - 1} times without being settled "
+            "(the worker died or could not publish its outcome each time); not handled again", env)
 
     plan = getattr(payload, "plan", None)
     if plan is not None and not plan.runs(spec.stage):
@@ -174,7 +168,6 @@ async def handle_delivery(
         await msg.ack()
         return "skipped"
 
-    ctx = StageContext(env, payload, spec.service, js, artifacts, settings, msg)
     with message_context(env, consumer=spec.durable, delivery=md.num_delivered):
         try:
             await handler(ctx)
@@ -190,12 +183,8 @@ async def handle_delivery(
         except Exception as exc:  # noqa: BLE001 - every other error is transient until proven poison
             if md.num_delivered >= settings.max_deliver:
                 log.error("delivery_exhausted", error=repr(exc), deliveries=md.num_delivered, exc_info=exc)
-                await dead_letter(
-                    js, msg, consumer=spec.durable, producer=spec.service, reason_code="bus.delivery_exhausted",
-                    error=f"{type(exc).__name__}: {exc}", envelope=env,
-                )
-                await msg.term()
-                return "dead_lettered"
+                return await _dead_letter_and_end(js, msg, spec, "bus.delivery_exhausted",
+                                                  f"{type(exc).__name__}: {exc}", env)
             backoff = settings.nack_backoff_s
             delay = backoff[min(md.num_delivered - 1, len(backoff) - 1)]
             log.warning("handler_error_nacked", error=repr(exc), deliveries=md.num_delivered, retry_in_s=delay)
@@ -203,6 +192,15 @@ async def handle_delivery(
             return "nacked"
         await msg.ack()
         return "acked"
+
+
+async def _dead_letter_and_end(js: JetStreamContext, msg: Msg, spec: ConsumerSpec, reason_code: str, error: str,
+                               envelope: Envelope | None = None) -> str:
+    """Dead-letter the message with a failure event, then end its deliveries."""
+    await dead_letter(js, msg, consumer=spec.durable, producer=spec.service, reason_code=reason_code, error=error,
+                      envelope=envelope)
+    await msg.term()
+    return "dead_lettered"
 
 
 async def _replayed(replay: Replay, ctx: StageContext) -> bool:

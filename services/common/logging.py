@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,9 +11,9 @@ from contextlib import contextmanager
 import structlog
 
 from contracts.envelope import Envelope
+from services.common.redact import url_passwords
 
 _SECRET_KEYS = ("api_key", "apikey", "token", "secret", "password", "authorization")
-_URL_PASSWORD = re.compile(r"(://[^/@:\s]*:)[^@\s]*@")
 
 
 def _redact_secrets(_logger, _name, event_dict):
@@ -23,8 +22,8 @@ def _redact_secrets(_logger, _name, event_dict):
     for key, value in list(event_dict.items()):
         if any(s in key.lower() for s in _SECRET_KEYS):
             event_dict[key] = "***"
-        elif isinstance(value, str) and "://" in value:
-            event_dict[key] = _URL_PASSWORD.sub(r"\1***@", value)
+        elif isinstance(value, str):
+            event_dict[key] = url_passwords(value)
     return event_dict
 
 

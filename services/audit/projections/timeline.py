@@ -483,7 +483,7 @@ async def rebuild(conn: asyncpg.Connection, batch_size: int = 5000, *, until: in
     applied = 0
     async with conn.transaction():
         live = await conn.fetchrow(
-            "SELECT position, error_position, error FROM projection_checkpoints WHERE projection = $1 FOR UPDATE", NAME)
+            "SELECT error_position, error FROM projection_checkpoints WHERE projection = $1 FOR UPDATE", NAME)
         for table in ("timeline_entries", "timeline_stages", "timeline_runs"):
             await conn.execute(f"DELETE FROM {table}")
         position = 0

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote_plus
 
+from services.common.redact import url_passwords
 from services.ingest.sources.base import Source, SourceError
 
 SCHEMES = ("jsonl", "csv", "hf", "pg")
@@ -95,7 +96,7 @@ class PgLocator(Locator):
 
 def redact(text: str) -> str:
     """Hide what looks like a password in a URL (`//user:pw@`) or a key=value DSN (`password=pw`)."""
-    text = re.sub(r"(//[^/@:\s]*:)[^@\s]*@", r"\1***@", text)  # a password may hold "/"
+    text = url_passwords(text)
     return re.sub(r"(?i)\b(password|passwd|pwd)=[^\s&;]*", r"\1=***", text)
 
 
