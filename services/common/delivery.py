@@ -23,7 +23,7 @@ import json
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -64,6 +64,7 @@ class StageContext:
     artifacts: ArtifactStore
     settings: ServiceSettings
     raw: Msg
+    _kept_alive: bool = field(default=False, init=False, repr=False)
 
     def envelope_for(
         self,
@@ -88,14 +89,22 @@ class StageContext:
         )
 
     async def emit(self, payload: BaseModel, *, step: str = "", target: str | None = None, **kw) -> Envelope:
-        env = self.envelope_for(payload, step=step, **kw)
+        return await self.publish(self.envelope_for(payload, step=step, **kw), target=target)
+
+    async def publish(self, env: Envelope, *, target: str | None = None) -> Envelope:
+        """Publish an envelope made for this trigger (by envelope_for, now or by an earlier delivery)."""
         await publish(self.js, env, subjects.subject_for(env.type, kind="event", target=target))
         log.info("event_emitted", emitted_type=env.type, emitted_event_id=str(env.event_id))
         return env
 
     @asynccontextmanager
     async def keep_alive(self):
-        """Heartbeat the trigger with in_progress() while long work runs, so it is not redelivered."""
+        """Heartbeat the trigger with in_progress() while long work runs, so it is not redelivered.
+        Nested uses share the outermost one's heartbeat."""
+        if self._kept_alive:
+            yield
+            return
+        self._kept_alive = True
         interval = max(1.0, self.settings.ack_wait_s / 3)
 
         async def beat():
@@ -108,6 +117,7 @@ class StageContext:
             yield
         finally:
             task.cancel()
+            self._kept_alive = False
 
 
 Handler = Callable[[StageContext], Awaitable[None]]

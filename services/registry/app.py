@@ -34,13 +34,13 @@ async def last_target_event(js, target_filter: str) -> tuple[int, dict | None]:
     return msg.seq, json.loads(msg.data)
 
 
-async def registered_by(js, target_filter: str, trigger_id: str, last_seq: int) -> dict | None:
-    """The target's registry event caused by `trigger_id`, if any, looking through all of them.
+async def registered_by(js, target_filter: str, trigger_id: str, first_seq: int, last_seq: int) -> dict | None:
+    """The target's registry event caused by `trigger_id` at stream positions first_seq..last_seq, if any.
 
     The last event alone is not enough: a redelivered export.completed (its ack lost, a retrained run)
     may come after another run registered, and past the stream's duplicate window; registering it
     again would make a version the audit log refuses as a duplicate of the first (same event id)."""
-    seq = 1
+    seq = first_seq
     while seq <= last_seq:
         try:
             msg = await js.get_msg(subjects.STREAM, seq, subject=target_filter, next=True)
@@ -60,10 +60,11 @@ async def on_exported(ctx: StageContext) -> None:
         raise StageError("registry.invalid_target", f"target {target!r} is not a valid subject token")
     target_filter = subjects.registry_target_filter(target)
     trigger = str(ctx.envelope.event_id)
+    scanned = 0  # the target's events up to here were looked through: a retry looks only at newer ones
     for attempt in range(1, MAX_ATTEMPTS + 1):
         seq, last = await last_target_event(ctx.js, target_filter)
-        done = last if last is not None and last.get("causation_id") == trigger else (
-            await registered_by(ctx.js, target_filter, trigger, seq) if last is not None else None)
+        done = await registered_by(ctx.js, target_filter, trigger, scanned + 1, seq)
+        scanned = seq
         if done is not None:
             log.info("already_registered", version=done["payload"]["version"])  # a redelivery after success
             return

@@ -42,7 +42,7 @@ from services.common.artifacts import ArtifactIntegrityError
 from services.common.delivery import ConsumerSpec, StageContext, StageError
 from services.common.jsonl import loads_jsonl
 from services.common.logging import get_logger
-from services.trainer.completion import complete, held, replay_completion
+from services.trainer.completion import complete, replay_completion
 from services.trainer.control import ControlRegistry
 from services.trainer.emitter import OrderedEmitter
 from services.trainer.local.engine import (
@@ -95,14 +95,23 @@ def checkpoint_step(work_dir: Path) -> int | None:
         return None
 
 
+def make_replay(settings: TrainerSettings):
+    """Publish the recorded outcome of a trigger whose job already completed (services.trainer.completion)."""
+    def replay(ctx: StageContext):
+        return replay_completion(ctx, cleanup=work_dir_for(settings, ctx.envelope.event_id))
+    return replay
+
+
 def make_on_prepared(settings: TrainerSettings, controls: ControlRegistry):
+    replay = make_replay(settings)
+
     async def on_prepared(ctx: StageContext) -> None:
-        async with held(ctx):  # heartbeats from the first to the last line (D5)
+        async with ctx.keep_alive():  # heartbeats from the first to the last line (D5)
             await _on_prepared(ctx)
 
     async def _on_prepared(ctx: StageContext) -> None:
         # A redelivery of a trigger whose job already completed: publish the same outcome, train nothing.
-        if await replay_completion(ctx, cleanup=work_dir_for(settings, ctx.envelope.event_id)):
+        if await replay(ctx):
             return
         p = ctx.payload
         plan = p.plan
@@ -186,7 +195,7 @@ async def train_locally(ctx: StageContext, settings: TrainerSettings, recipe: Re
                           on_resume=on_resume, on_warning=on_warning)
     with tempfile.TemporaryDirectory(prefix="tuneline-train-") as tmp:
         try:
-            async with held(ctx):
+            async with ctx.keep_alive():
                 result = await asyncio.to_thread(train, task, recipe, rows, eval_rows, work_dir, Path(tmp) / "adapter",
                                                  control=control, callbacks=callbacks,
                                                  progress_every_s=settings.progress_every_s)
@@ -195,7 +204,7 @@ async def train_locally(ctx: StageContext, settings: TrainerSettings, recipe: Re
             raise StageError(failure_reason(exc), f"{type(exc).__name__}: {exc}") from exc
         finally:
             await emitter.close()
-        async with held(ctx):
+        async with ctx.keep_alive():
             adapter = await asyncio.to_thread(ctx.artifacts.put_dir, result.adapter_dir)
     log.info("training_done", steps=result.steps, wall_s=round(result.wall_s, 2), best_step=result.best_step,
              best_metric=result.best_metric, resumed_from_step=result.resumed_from_step)
@@ -219,8 +228,7 @@ def build(settings: TrainerSettings | None = None) -> Service:
         await controls.follow(service.js)
 
     svc.on_startup(follow_controls)
-    svc.consume(PREPARED, make_on_prepared(settings, controls),
-                replay=lambda ctx: replay_completion(ctx, cleanup=work_dir_for(settings, ctx.envelope.event_id)))
+    svc.consume(PREPARED, make_on_prepared(settings, controls), replay=make_replay(settings))
     return svc
 
 

@@ -12,10 +12,6 @@ same adapter artifact) and returns.
 
 A record that does not read back whole (bad JSON, a digest mismatch, another trigger's id, a message
 that does not decode) is ignored with a warning, as if the job had not completed.
-
-`held(ctx)` is `ctx.keep_alive()` that may be nested: the trainer holds its trigger with in_progress()
-heartbeats for the whole handler (preflight, uploads, provider job creation, training, artifact
-uploads), and the inner sections that used to start their own heartbeat no longer start a second one.
 """
 
 from __future__ import annotations
@@ -23,20 +19,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import shutil
 import uuid
-from contextlib import asynccontextmanager
 from pathlib import Path
 
-from contracts import subjects
 from contracts.envelope import Envelope
 from contracts.events import TrainingCompleted
 from contracts.registry import decode, encode
-from services.common.bus import publish
 from services.common.delivery import StageContext
 from services.common.ids import derived_event_id
 from services.common.logging import get_logger
+from services.trainer.local.engine import atomic_write_bytes
 
 log = get_logger(__name__)
 
@@ -56,21 +49,7 @@ def write_completion_record(path: Path, trigger_id: uuid.UUID, env: Envelope) ->
     text = encode(env).decode()
     record = {"version": RECORD_VERSION, "trigger_event_id": str(trigger_id), "envelope": text,
               "sha256": _digest(text)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            json.dump(record, fh, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write_bytes(path, json.dumps(record, sort_keys=True).encode())
 
 
 def read_completion_record(path: Path, trigger_id: uuid.UUID, expected_event_id: uuid.UUID) -> Envelope | None:
@@ -101,17 +80,12 @@ def read_completion_record(path: Path, trigger_id: uuid.UUID, expected_event_id:
         return None
 
 
-async def _publish(ctx: StageContext, env: Envelope) -> None:
-    await publish(ctx.js, env, subjects.subject_for(env.type, kind="event"))
-    log.info("event_emitted", emitted_type=env.type, emitted_event_id=str(env.event_id))
-
-
 async def complete(ctx: StageContext, completed: TrainingCompleted, *, cleanup: Path | None = None) -> Envelope:
     """Record, then publish `training.completed`, then remove `cleanup` (the job's checkpoints)."""
     env = ctx.envelope_for(completed)
     path = completion_record_path(ctx.settings.data_dir, ctx.envelope.event_id)
     await asyncio.to_thread(write_completion_record, path, ctx.envelope.event_id, env)
-    await _publish(ctx, env)
+    await ctx.publish(env)
     if cleanup is not None:
         # The adapter is in the artifact store and the completion recorded: the checkpoints have done their job.
         await asyncio.to_thread(shutil.rmtree, cleanup, True)
@@ -128,25 +102,7 @@ async def replay_completion(ctx: StageContext, cleanup: Path | None = None) -> E
     if env is None:
         return None
     log.info("training_already_completed", record=str(path), emitted_event_id=str(env.event_id))
-    await _publish(ctx, env)
+    await ctx.publish(env)
     if cleanup is not None:  # a crash after the record but before the cleanup left them
         await asyncio.to_thread(shutil.rmtree, cleanup, True)
     return env
-
-
-_held: set[int] = set()
-
-
-@asynccontextmanager
-async def held(ctx: StageContext):
-    """ctx.keep_alive(), started once per delivery even when nested."""
-    key = id(ctx)
-    if key in _held:
-        yield
-        return
-    _held.add(key)
-    try:
-        async with ctx.keep_alive():
-            yield
-    finally:
-        _held.discard(key)

@@ -36,7 +36,7 @@ from contracts.events import (
 )
 from services.common.delivery import StageContext, StageError
 from services.common.logging import get_logger
-from services.trainer.completion import complete, held
+from services.trainer.completion import complete
 from services.trainer.emitter import OrderedEmitter
 from services.trainer.hosted.base import HostedJobSpec, HostedProgress, HostedTrainingError
 
@@ -64,7 +64,7 @@ def job_labels(ctx: StageContext) -> dict[str, str]:
 
 
 async def train_hosted(ctx: StageContext, hosted: HostedSettings, control, controls, *, backend=None) -> None:
-    async with held(ctx):
+    async with ctx.keep_alive():
         await _train_hosted(ctx, hosted, control, controls, backend=backend)
 
 
@@ -131,7 +131,7 @@ async def _train_hosted(ctx: StageContext, hosted: HostedSettings, control, cont
                              f":resumed-{job_id}-{transition}")
 
     try:
-        async with held(ctx):
+        async with ctx.keep_alive():
             outcome = await asyncio.to_thread(backend.follow, job_id, on_progress=on_progress,
                                               poll_interval=hosted.poll_interval_s, timeout=hosted.timeout_s,
                                               on_poll=on_poll)

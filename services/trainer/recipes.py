@@ -55,7 +55,7 @@ class Recipe(BaseModel):
     lora_dropout: float = Field(0.1, ge=0, lt=1)
     target_modules: tuple[str, ...] = ("query", "key", "value", "dense")
     # classification head: "cls" (transformers' *ForSequenceClassification) or "mean" (mean-pooled,
-    # normalised sentence embedding -> linear); see services/common/encoder_classifier.py
+    # sentence embedding -> dropout -> linear); see services/common/encoder_classifier.py
     pooling: Literal["cls", "mean"] = "cls"
     # optimisation
     learning_rate: float = Field(1e-3, gt=0, le=10)
