@@ -69,18 +69,7 @@ def scrubbed_sample(rows: list[dict]) -> list[dict]:
     committed rows themselves are scrubbed by prep, the sample is shown before that)."""
     from services.prep.pii import Scrubber
 
-    scrubber = Scrubber()
-
-    def scrub(v):
-        if isinstance(v, str):
-            return scrubber.scrub(v).text
-        if isinstance(v, dict):
-            return {k: scrub(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [scrub(x) for x in v]
-        return v
-
-    return [scrub(r) for r in rows]
+    return Scrubber().scrub_strings_in(rows)
 
 
 def introspect_source(source: Source, sample_size: int = SAMPLE_SIZE) -> Introspection:

@@ -17,6 +17,7 @@ from typing import Any
 
 from contracts.common import FieldMapping
 from contracts.events import ShapeHypothesis
+from services.ingest.mapping import SHAREGPT_ROLES
 
 AUTO_PICK = 0.80
 SAMPLE_SIZE = 20
@@ -32,7 +33,7 @@ BODY_NAMES = ("body", "description", "text", "content", "message", "utterance", 
 PROMPT_NAMES = ("prompt", "instruction", "input", "question", "query")  # in order of preference
 INSTRUCTION_NAMES = ("instruction",)
 CONTEXT_NAMES = ("input", "context")  # the optional input that follows an instruction (Alpaca, Dolly)
-SHAREGPT_FROM = frozenset(("human", "user", "gpt", "assistant", "bot", "system"))
+SHAREGPT_FROM = frozenset(SHAREGPT_ROLES)
 COMPLETION_NAMES = ("completion", "response", "output", "answer", "target_text")
 ID_LIKE = re.compile(r"(^id$|_id$|^key$|^uuid$|^created|^updated|_at$|^date|^timestamp|^url$|^split$)")
 

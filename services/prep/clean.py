@@ -158,8 +158,9 @@ def quality(text: str) -> float:
     else:  # ASCII letters by translate, the rest by the regex over the non-ASCII characters only
         ascii_part = text.encode("ascii", "ignore")
         letters = len(ascii_part) - len(ascii_part.translate(None, _LETTERS))
-        letters += len(_NON_LETTER_RE.sub("", "".join(_NON_ASCII_RUN.findall(text))))
-        words += len(_UNSPACED_RE.findall(text)) // 2  # scripts written without spaces: ~2 characters a word
+        beyond = "".join(_NON_ASCII_RUN.findall(text))
+        letters += len(_NON_LETTER_RE.sub("", beyond))
+        words += len(_UNSPACED_RE.findall(beyond)) // 2  # scripts written without spaces: ~2 characters a word
     alpha = letters / max(1, n - spaces)
     q = min(1.0, words / 8) * min(1.0, max(0.0, (alpha - 0.2) / 0.3))
     if "\n" in text:

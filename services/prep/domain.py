@@ -20,6 +20,7 @@ import hashlib
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import orjson
 
@@ -165,46 +166,33 @@ def _prepare(rows: list[dict], plan: RunPlan, store: ArtifactStore, eval_rows: l
     policy = policy_for(plan, base_policy or CleaningPolicy())
     rows_in, eval_in = len(rows), len(eval_rows or [])
     dropped: list[dict] = []
-    cleaning_stats: dict = {}
+    if classification:  # the cleaner, the eval overlap check and the split for this shape
+        clean_rows, overlap_check, split = clean, check_eval_overlap, stratified_split
+    else:
+        clean_rows = partial(clean_structured, shape=shape)
+        overlap_check = partial(check_eval_overlap_structured, shape=shape)
+        split = random_split
     try:
-        if classification:
-            scrubber = Scrubber()  # one scrubber: train and eval share placeholders
-            res = clean(rows, policy, scrubber=scrubber)
-            kept, cleaning_stats = res.kept, {k: v for k, v in res.stats.items() if k != "policy"}
-            cleaning_stats["timings_s"] = res.timings
-            dropped += [d | {"side": "source"} for d in res.dropped]
-            if eval_rows is not None:
-                eres = clean(eval_rows, policy, scrubber=scrubber)
-                dropped += [d | {"side": "eval"} for d in eres.dropped]
-                train, overlap = check_eval_overlap(kept, eres.kept, policy)
-                dropped += [d | {"side": "source"} for d in overlap]
-                eval_ = eres.kept
-                cleaning_stats["eval"] = {k: eres.stats[k] for k in ("rows_in", "kept", "dropped_by_reason")}
-            else:
-                train, eval_ = stratified_split(kept, plan.eval_fraction, plan.seed)
+        scrubber = Scrubber()  # one scrubber: train and eval share placeholders
+        res = clean_rows(rows, policy=policy, scrubber=scrubber)
+        kept, cleaning_stats = res.kept, {k: v for k, v in res.stats.items() if k != "policy"}
+        cleaning_stats["timings_s"] = res.timings
+        dropped += [d | {"side": "source"} for d in res.dropped]
+        if eval_rows is not None:
+            eres = clean_rows(eval_rows, policy=policy, scrubber=scrubber)
+            dropped += [d | {"side": "eval"} for d in eres.dropped]
+            train, overlap = overlap_check(kept, eres.kept, policy=policy)
+            dropped += [d | {"side": "source"} for d in overlap]
+            eval_ = eres.kept
+            cleaning_stats["eval"] = {k: eres.stats[k] for k in ("rows_in", "kept", "dropped_by_reason")}
         else:
-            scrubber = Scrubber()  # one scrubber: train and eval share placeholders
-            res = clean_structured(rows, shape, policy, scrubber=scrubber)
-            kept, cleaning_stats = res.kept, {k: v for k, v in res.stats.items() if k != "policy"}
-            cleaning_stats["timings_s"] = res.timings
-            dropped += [d | {"side": "source"} for d in res.dropped]
-            if eval_rows is not None:
-                eres = clean_structured(eval_rows, shape, policy, scrubber=scrubber)
-                dropped += [d | {"side": "eval"} for d in eres.dropped]
-                train, overlap = check_eval_overlap_structured(kept, eres.kept, shape, policy)
-                dropped += [d | {"side": "source"} for d in overlap]
-                eval_ = eres.kept
-                cleaning_stats["eval"] = {k: eres.stats[k] for k in ("rows_in", "kept", "dropped_by_reason")}
-            else:
-                train, eval_ = random_split(kept, plan.eval_fraction, plan.seed)
+            train, eval_ = split(kept, plan.eval_fraction, plan.seed)
     except CleaningBlocked as exc:
         raise PrepBlocked(exc.reason_code, exc.message) from exc
-    if not classification and eval_rows is not None and (not train or not eval_):
-        raise InsufficientData(f"after cleaning and the overlap check: {len(train)} train rows, {len(eval_)} eval rows")
-    if classification and eval_rows is not None:
-        missing = sorted({r["label"] for r in eval_} - {r["label"] for r in train})
+    if eval_rows is not None:
         if not train or not eval_:
             raise InsufficientData(f"after cleaning and the overlap check: {len(train)} train rows, {len(eval_)} eval rows")
+        missing = sorted({r["label"] for r in eval_} - {r["label"] for r in train}) if classification else []
         if missing:
             raise InsufficientData(f"eval labels with no train row after the overlap check: {', '.join(missing[:10])}")
     assert rows_in + eval_in == len(train) + len(eval_) + len(dropped), "prep accounting broken"

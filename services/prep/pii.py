@@ -54,7 +54,7 @@ import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 KINDS = ("email", "phone", "ipv4", "ipv6", "card", "secret")
 PLACEHOLDER_PREFIX = {"email": "EMAIL", "phone": "PHONE", "ipv4": "IP", "ipv6": "IP", "card": "CARD", "secret": "SECRET"}
@@ -337,9 +337,39 @@ class Scrubber:
         changed = self.scrub_changed(texts)
         return [changed.get(i) or ScrubResult(t) for i, t in enumerate(texts)]
 
+    def scrub_strings_in(self, value: Any) -> Any:
+        """A JSON-like value (dicts, lists, scalars) with every string in it scrubbed, in document order
+        (as scrub() one string after the other); keys and other values as they are."""
+        strings = list(string_leaves(value))
+        changed = self.scrub_changed(strings)
+        return with_string_leaves(value, iter(changed[i].text if i in changed else t for i, t in enumerate(strings)))
+
     def scrub_changed(self, texts: Sequence[str]) -> dict[int, ScrubResult]:
         """Like :meth:`scrub_many`, but only the results of the texts that held PII, by index."""
         return {i: self.apply(texts[i], spans) for i, spans in find_changed(texts).items()}
+
+
+def string_leaves(value: Any) -> Iterator[str]:
+    """The strings of a JSON-like value in document order (dict values, list items; not keys)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for x in value.values():
+            yield from string_leaves(x)
+    elif isinstance(value, list):
+        for x in value:
+            yield from string_leaves(x)
+
+
+def with_string_leaves(value: Any, strings: Iterator[str]) -> Any:
+    """`value` with its strings (string_leaves order) taken from `strings` in turn."""
+    if isinstance(value, str):
+        return next(strings)
+    if isinstance(value, dict):
+        return {k: with_string_leaves(x, strings) for k, x in value.items()}
+    if isinstance(value, list):
+        return [with_string_leaves(x, strings) for x in value]
+    return value
 
 
 def find_changed(texts: Sequence[str], encoded: Sequence[bytes] | None = None) -> dict[int, list[tuple[int, int, str, str]]]:

@@ -35,9 +35,9 @@ from typing import Any, Iterator
 
 import orjson
 
-from services.prep.clean import (CleaningPolicy, CleanResult, check_eval_overlap, check_pii_share, clean,
+from services.prep.clean import (CleaningPolicy, CleanResult, _drop, check_eval_overlap, check_pii_share, clean,
                                  normalise)
-from services.prep.pii import KINDS, Scrubber
+from services.prep.pii import KINDS, Scrubber, string_leaves, with_string_leaves
 
 STRUCTURED_SHAPES = ("chat_messages", "prompt_completion", "json_extraction", "preference_pairs")
 _FIELDS = {"prompt_completion": ("prompt", "completion"), "json_extraction": ("text",),
@@ -47,34 +47,13 @@ _META = ("row_number", "provenance", "quality")
 
 # ---------- a row's strings ----------
 
-def _leaves(v: Any) -> Iterator[str]:
-    if isinstance(v, str):
-        yield v
-    elif isinstance(v, dict):
-        for x in v.values():
-            yield from _leaves(x)
-    elif isinstance(v, list):
-        for x in v:
-            yield from _leaves(x)
-
-
-def _rebuild(v: Any, it: Iterator[str]) -> Any:
-    if isinstance(v, str):
-        return next(it)
-    if isinstance(v, dict):
-        return {k: _rebuild(x, it) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_rebuild(x, it) for x in v]
-    return v
-
-
 def row_strings(row: dict, shape: str) -> list[str]:
     """Every string of the row's training content, in a fixed order (roles and keys excluded)."""
     if shape == "chat_messages":
         return [m["content"] for m in row["messages"]]
     out = [row[f] for f in _FIELDS[shape]]
     if shape == "json_extraction":
-        out += list(_leaves(row["target"]))
+        out += list(string_leaves(row["target"]))
     return out
 
 
@@ -88,7 +67,7 @@ def with_strings(row: dict, shape: str, strings: list[str]) -> dict:
         for f in _FIELDS[shape]:
             new[f] = next(it)
         if shape == "json_extraction":
-            new["target"] = _rebuild(row["target"], it)
+            new["target"] = with_string_leaves(row["target"], it)
     return new
 
 
@@ -139,8 +118,7 @@ def exact_dedup_structured(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     for r in rows:
         key = _content_key(r)
         if key in seen:
-            dropped.append({"row_number": r["row_number"], "reason_code": "cleaning.exact_duplicate",
-                            "detail": "same content as an earlier row", "duplicate_of": seen[key]})
+            dropped.append(_drop(r, "cleaning.exact_duplicate", "same content as an earlier row", seen[key]))
         else:
             seen[key] = r["row_number"]
             kept.append(r)
@@ -160,9 +138,8 @@ def clean_structured(rows: list[dict], shape: str, policy: CleaningPolicy | None
     timings: dict[str, float] = {}
     dropped: list[dict] = []
 
-    def drop(row: dict, code: str, detail: str, duplicate_of: int | None = None) -> None:
-        dropped.append({"row_number": row["row_number"], "reason_code": code, "detail": detail,
-                        "duplicate_of": duplicate_of})
+    def drop(row: dict, code: str, detail: str) -> None:
+        dropped.append(_drop(row, code, detail))
 
     # 1. normalise every string; drop rows with a required string left empty
     t = time.perf_counter()
@@ -174,6 +151,7 @@ def clean_structured(rows: list[dict], shape: str, policy: CleaningPolicy | None
             drop(r, "cleaning.empty_after_cleaning", why)
         else:
             live.append(r2)
+    n_live = len(live)  # rows with content, the base of the PII share
     timings["normalise"] = time.perf_counter() - t
 
     # 2. PII over all the strings at once, numbered in row order then string order
@@ -227,7 +205,6 @@ def clean_structured(rows: list[dict], shape: str, policy: CleaningPolicy | None
     timings.update({f"clean.{k}": v for k, v in res.timings.items()})
 
     assert len(rows) == len(kept) + len(dropped), (len(rows), len(kept), len(dropped))
-    n_live = len(rows) - sum(1 for x in dropped if x["reason_code"] == "cleaning.empty_after_cleaning")
     stats = {k: v for k, v in res.stats.items() if k != "policy"}
     stats.update({
         "rows_in": len(rows),

@@ -84,7 +84,6 @@ def test_many_small_classes_keep_the_eval_share_near_the_fraction(per_class, fra
         assert len(train) + len(ev) == len(rows)
         assert {r["row_number"] for r in train}.isdisjoint(r["row_number"] for r in ev)
         assert len(ev) == max(1, round(len(rows) * fraction))  # the integer nearest the fraction
-        assert abs(len(ev) / len(rows) - fraction) <= 0.02 or abs(len(ev) - len(rows) * fraction) <= 0.5
         train_counts, eval_counts = Counter(r["label"] for r in train), Counter(r["label"] for r in ev)
         assert set(train_counts) == set(per_class)          # every label keeps a train row
         assert set(eval_counts) <= set(train_counts)        # so every eval label is in train

@@ -120,8 +120,9 @@ def _common_share(text: str, letters: frozenset[str]) -> float:
     return sum(c in letters for c in beyond) / total if total else 1.0
 
 
-def _latin_page(sample: bytes, guess: str) -> str:
-    """The Latin code page to read `sample` with, given the detector's guess (see _LATIN_GUESSES)."""
+def _latin_page(sample: bytes, guess: str) -> tuple[str, float | None]:
+    """The Latin code page to read `sample` with, given the detector's guess (see _LATIN_GUESSES), and
+    its score (None when no candidate decodes the bytes: then the guess)."""
     candidates = ["cp1252", guess] + [p for p in ("cp1250", "cp1257", "cp1254") if p != guess]
     scores = {}
     for page in dict.fromkeys(candidates):
@@ -130,7 +131,10 @@ def _latin_page(sample: bytes, guess: str) -> str:
         except UnicodeDecodeError:
             continue  # bytes this page has no character for: not it
         scores[page] = _common_share(text, _COMMON_LETTERS.get(_FAMILY.get(page, page), frozenset()))
-    return max(scores, key=lambda page: (scores[page], page == "cp1252", page == guess)) if scores else guess
+    if not scores:
+        return guess, None
+    page = max(scores, key=lambda page: (scores[page], page == "cp1252", page == guess))
+    return page, scores[page]
 
 
 # ... and Mac and DOS ones, with accented letters at 0x80-0x9F
@@ -380,14 +384,16 @@ class CsvSource:
         if best is None:
             # It gives up on some long single-language samples (64 KiB of Turkish cp1254); text in a Latin
             # page still shows by its letters, where random bytes would not.
-            page = _latin_page(sample, "cp1252")
-            if _common_share(sample.decode(page, "replace"), _COMMON_LETTERS[page]) >= 0.9:
+            page, score = _latin_page(sample, "cp1252")
+            if score is None:
+                score = _common_share(sample.decode(page, "replace"), _COMMON_LETTERS[page])
+            if score >= 0.9:
                 return page, "none"
             raise SourceError("ingest.binary_source",
                               f"{self.path} is not text in any encoding charset-normalizer knows (not UTF-8, no BOM): not CSV")
         proposed = codecs.lookup(best.encoding).name
         if proposed in _LATIN_GUESSES:
-            return _latin_page(sample, proposed), proposed
+            return _latin_page(sample, proposed)[0], proposed
         if (proposed in _MAC_DOS_LATIN and not _CP1252_LETTERS_80_9F.search(sample)
                 and from_bytes(sample, cp_isolation=["cp1252"]).best() is not None):
             return "cp1252", proposed

@@ -69,9 +69,12 @@ def _class_label_names(features, datasets) -> dict[str, list[str]]:
     """Column -> label names, for ClassLabel columns and sequences of ClassLabel."""
     out = {}
     for name, feat in features.items():
-        inner = getattr(feat, "feature", None) if isinstance(feat, (datasets.Sequence, list)) else feat
-        if isinstance(feat, list) and feat:
-            inner = feat[0]
+        if isinstance(feat, datasets.Sequence):
+            inner = feat.feature
+        elif isinstance(feat, list):
+            inner = feat[0] if feat else None
+        else:
+            inner = feat
         if isinstance(inner, datasets.ClassLabel):
             out[name] = list(inner.names)
     return out

@@ -171,13 +171,9 @@ def parse_locator(text: str) -> Locator:
 def _inside_roots(loc: Locator, raw_path: str, roots: Sequence[str | os.PathLike]) -> Path:
     if not roots:
         raise LocatorError("ingest.locator_outside_roots", f"locator {str(loc)!r}: no ingest roots are configured, so no file may be read")
-    path = Path(raw_path).expanduser()
-    try:
-        resolved = path.resolve(strict=False)  # follows symlinks, normalises ..
-    except (OSError, RuntimeError) as exc:  # symlink loops
-        raise LocatorError("ingest.source_not_found", f"locator {str(loc)!r}: cannot resolve {raw_path}: {exc}") from None
-    resolved_roots = [Path(r).expanduser().resolve() for r in roots]
-    if not any(resolved == r or resolved.is_relative_to(r) for r in resolved_roots):
+    resolved = _resolve_quietly(loc, Path(raw_path).expanduser())  # follows symlinks, normalises ..
+    resolved_roots = _resolved_roots(roots)
+    if not _within(resolved, resolved_roots):
         shown = f"{raw_path} (resolves to {resolved})" if str(resolved) != raw_path else raw_path
         raise LocatorError("ingest.locator_outside_roots",
                            f"locator {str(loc)!r}: {shown} is outside the allowed ingest roots: "
@@ -194,7 +190,7 @@ def _resolve_dir(loc: HfLocator, roots: Sequence[str | os.PathLike]) -> Path:
     resolved = _inside_roots(loc, loc.dataset, roots)
     if not resolved.is_dir():
         raise LocatorError("ingest.dataset_unavailable", f"locator {str(loc)!r}: {loc.dataset} is not a directory")
-    resolved_roots = [Path(r).expanduser().resolve() for r in roots]
+    resolved_roots = _resolved_roots(roots)
     _check_tree(loc, resolved, resolved_roots)
     from services.ingest.sources.hf import local_read_paths
 
@@ -206,6 +202,10 @@ def _resolve_dir(loc: HfLocator, roots: Sequence[str | os.PathLike]) -> Path:
             shown = os.path.relpath(named, resolved) if os.path.isabs(named) else named
             raise _dir_outside(loc, shown, target, resolved_roots)
     return resolved
+
+
+def _resolved_roots(roots: Sequence[str | os.PathLike]) -> list[Path]:
+    return [Path(r).expanduser().resolve() for r in roots]
 
 
 def _within(path: Path, resolved_roots: Sequence[Path]) -> bool:
