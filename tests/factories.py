@@ -80,3 +80,10 @@ def failed_run(run_id: str) -> list[Envelope]:
                     run_id=run_id, causation=start, severity=Severity.ERROR, reason_code="ingest.source_not_found",
                     producer="ingest")
     return [start, fail]
+
+
+class HeartbeatOnlyMsg:
+    """A trigger message for calling a handler directly: handlers only send it in_progress()."""
+
+    async def in_progress(self) -> None:
+        pass

@@ -102,6 +102,18 @@ _ANNOTATIONS = frozenset(("title", "description", "default", "examples", "deprec
 _SCALARS = frozenset(("string", "integer", "number", "boolean", "null"))
 
 
+def _has_python_validator(core_schema) -> bool:
+    """Whether a pydantic core schema runs Python code anywhere (a field or model validator, an
+    Annotated AfterValidator...), which its JSON Schema does not show."""
+    if isinstance(core_schema, dict):
+        if str(core_schema.get("type", "")).startswith("function-"):
+            return True
+        return any(_has_python_validator(v) for v in core_schema.values())
+    if isinstance(core_schema, list):
+        return any(_has_python_validator(v) for v in core_schema)
+    return False
+
+
 def _kind_is_all(schema: dict) -> bool:
     """Whether checking the JSON kind of a value checks everything this field schema asks of it: a
     scalar type (or a union of them) with no constraint (length, pattern, range, enum, format...)."""
@@ -166,10 +178,8 @@ def payload_specs() -> dict[str, _PayloadSpec]:
             kinds = _json_kinds(sub, defs)
             fields[field_name] = (None if kinds is None or not kinds <= _KIND_TYPES.keys()
                                   else frozenset(t for k in kinds for t in _KIND_TYPES[k]))
-        decorators = mt.model.__pydantic_decorators__
         complete = (all(_kind_is_all(sub) for sub in schema.get("properties", {}).values())
-                    and not (decorators.field_validators or decorators.model_validators or decorators.validators
-                             or decorators.root_validators))
+                    and not _has_python_validator(mt.model.__pydantic_core_schema__))
         specs[name] = _PayloadSpec(mt.version, frozenset(schema.get("required", ())), fields,
                                    schema.get("additionalProperties", True) is not False,
                                    None if complete else mt.model.model_validate)
@@ -229,21 +239,22 @@ def _fast_row(seq: int, subject: str, data: bytes) -> tuple | None:
         occurred_at = datetime.fromisoformat(at)
     except ValueError:
         return None
-    if not spec.required <= payload.keys():
-        return None
-    fields = spec.fields
-    for name, value in payload.items():
-        if name in fields:
-            allowed = fields[name]
-            if allowed is not None and type(value) not in allowed:
-                return None
-        elif not spec.extra:
-            return None
-    if spec.validate is not None:
+    if spec.validate is not None:  # the model checks all of it
         try:
             spec.validate(payload)
         except ValidationError:
             return None
+    else:
+        if not spec.required <= payload.keys():
+            return None
+        fields = spec.fields
+        for name, value in payload.items():
+            if name in fields:
+                allowed = fields[name]
+                if allowed is not None and type(value) not in allowed:
+                    return None
+            elif not spec.extra:
+                return None
     return (seq, event_id, etype, version, run_id, correlation, causation, occurred_at, producer, severity, reason,
             subject, _dumps_bytes(payload).decode())
 

@@ -150,3 +150,21 @@ async def test_a_run_start_with_an_invalid_plan_is_dead_lettered_not_recorded(js
     batch, out, rows, skipped = await _record(js, database, "plan", full_decode=False)
     assert out.appended == 2 and out.dead_lettered == 1
     assert skipped == [(1, "bus.invalid_payload")]
+
+
+def test_a_validator_the_json_schema_does_not_show_makes_the_fast_path_validate_with_the_model():
+    from typing import Annotated
+
+    from pydantic import AfterValidator, BaseModel
+
+    from services.audit.recorder import _has_python_validator
+
+    class Flat(BaseModel):
+        step: int
+
+    class Checked(BaseModel):
+        locator: Annotated[str, AfterValidator(lambda v: v)]
+
+    assert Checked.model_json_schema()["properties"]["locator"] == {"title": "Locator", "type": "string"}
+    assert _has_python_validator(Checked.__pydantic_core_schema__)
+    assert not _has_python_validator(Flat.__pydantic_core_schema__)

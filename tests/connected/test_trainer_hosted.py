@@ -33,7 +33,7 @@ from services.trainer.hosted.openai_backend import METADATA_KEY
 from services.trainer.local.engine import Control
 from services.trainer.settings import TrainerSettings
 from tests.conftest import wait_for
-from tests.factories import envelope, ref
+from tests.factories import HeartbeatOnlyMsg, envelope, ref
 from tests.unit.test_hosted_openai import KEY, FakeProvider, backend_for
 
 pytestmark = pytest.mark.connected
@@ -222,14 +222,6 @@ async def test_each_pause_and_resume_of_a_hosted_job_is_its_own_event(js, nats_s
     assert fake.count("POST", r"/fine_tuning/jobs/.*/resume") == 2
 
 
-class _Raw:
-    def __init__(self) -> None:
-        self.beats = 0
-
-    async def in_progress(self) -> None:
-        self.beats += 1
-
-
 class ScriptedBackend:
     """A provider whose job sees the run's pause/resume commands arrive one per poll."""
 
@@ -281,7 +273,7 @@ async def test_a_redelivery_names_pause_and_resume_transitions_the_same_way(js, 
             control = Control()
             backend = ScriptedBackend(control, script)
             _, payload = decode(encode(env))
-            ctx = StageContext(env, payload, "trainer", js, store, settings, _Raw())
+            ctx = StageContext(env, payload, "trainer", js, store, settings, HeartbeatOnlyMsg())
             before = len(seen)
             await hosted_runner.train_hosted(ctx, payload.plan.hosted, control, None, backend=backend)
             await nc.flush()
@@ -307,13 +299,12 @@ async def test_a_redelivery_after_hosted_completion_does_not_touch_the_provider(
     nc, seen = await _published(nats_server)
     try:
         _, payload = decode(encode(env))
-        raw = _Raw()
-        await handler(StageContext(env, payload, "trainer", js, store, settings, raw))
+        await handler(StageContext(env, payload, "trainer", js, store, settings, HeartbeatOnlyMsg()))
         await nc.flush()
         await asyncio.sleep(0.2)
         first, requests = list(seen), len(fake.requests)
         _, payload = decode(encode(env))
-        await handler(StageContext(env, payload, "trainer", js, store, settings, _Raw()))  # the redelivery
+        await handler(StageContext(env, payload, "trainer", js, store, settings, HeartbeatOnlyMsg()))  # the redelivery
         await nc.flush()
         await asyncio.sleep(0.2)
         again = seen[len(first):]

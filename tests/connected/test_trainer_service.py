@@ -32,7 +32,7 @@ from contracts.registry import decode  # noqa: E402
 from services.common.artifacts import ArtifactStore  # noqa: E402
 from services.common.bus import publish  # noqa: E402
 from tests.conftest import wait_for  # noqa: E402
-from tests.factories import envelope, ref  # noqa: E402
+from tests.factories import HeartbeatOnlyMsg, envelope, ref  # noqa: E402
 from tests.tiny_models import LABEL_SPACE, build_tiny_bert, sentiment_rows  # noqa: E402
 
 pytestmark = pytest.mark.connected
@@ -235,16 +235,6 @@ async def test_chat_sft_run_trains_on_a_causal_lm(js, nats_server, tmp_path):
     assert passed.train_plan.task == "chat_sft"
 
 
-class _Raw:
-    """The trigger message as the handler sees it: only heartbeats are used."""
-
-    def __init__(self) -> None:
-        self.beats = 0
-
-    async def in_progress(self) -> None:
-        self.beats += 1
-
-
 async def test_redelivery_after_completion_republishes_the_completion_without_training(js, nats_server, tiny_bert,
                                                                                         tmp_path):
     """The handler finished (training.completed published) but the ack never reached the server: the
@@ -277,7 +267,7 @@ async def test_redelivery_after_completion_republishes_the_completion_without_tr
 
     async def deliver() -> None:
         _, payload = decode(encode(env))
-        await handler(StageContext(env, payload, "trainer", js, store, settings, _Raw()))
+        await handler(StageContext(env, payload, "trainer", js, store, settings, HeartbeatOnlyMsg()))
 
     try:
         await deliver()

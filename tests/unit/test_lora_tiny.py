@@ -39,19 +39,19 @@ def trained(request, tiny_bert, tmp_path_factory):
                  root / "adapter")
 
 
-def test_adapter_files_and_label_order(trained):
+def test_adapter_files_and_label_order(trained, request):
     names = {p.name for p in trained.adapter_dir.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "labels.json"} <= names
     meta = json.loads((trained.adapter_dir / "labels.json").read_text())
     assert meta["label_space"] == LABEL_SPACE and meta["task"] == "sequence_classification" and meta["max_length"] == 16
-    assert meta["pooling"] in ("cls", "mean")
+    assert meta["pooling"] == request.node.callspec.params["trained"]  # the head it was trained with
 
 
-def test_the_evaluator_rebuilds_the_head_the_adapter_was_trained_with(trained, tiny_bert):
+def test_the_evaluator_rebuilds_the_head_the_adapter_was_trained_with(trained, tiny_bert, request):
     """labels.json's pooling keeps trainer and evaluator in step; asked for the other head, the
     evaluator refuses (PEFT alone would only warn about the adapter keys it cannot place)."""
     texts, _ = sentiment_rows()
-    pooling = json.loads((trained.adapter_dir / "labels.json").read_text())["pooling"]
+    pooling = request.node.callspec.params["trained"]  # the head the fixture trained, not what labels.json says
     own = predict_labels(tiny_bert, trained.adapter_dir, texts, LABEL_SPACE, max_length=16)
     assert own == predict_labels(tiny_bert, trained.adapter_dir, texts, LABEL_SPACE, max_length=16, pooling=pooling)
     other = "cls" if pooling == "mean" else "mean"
