@@ -339,36 +339,60 @@ class Scrubber:
 
     def scrub_strings_in(self, value: Any) -> Any:
         """A JSON-like value (dicts, lists, scalars) with every string in it scrubbed, in document order
-        (as scrub() one string after the other); keys and other values as they are."""
-        strings = list(string_leaves(value))
+        (as scrub() one string after the other), dict keys and integers included (see
+        :func:`string_leaves`); other values as they are."""
+        strings = list(string_leaves(value, keys_and_integers=True))
         changed = self.scrub_changed(strings)
-        return with_string_leaves(value, iter(changed[i].text if i in changed else t for i, t in enumerate(strings)))
+        return with_string_leaves(value, iter(changed[i].text if i in changed else t for i, t in enumerate(strings)),
+                                  keys_and_integers=True)
 
     def scrub_changed(self, texts: Sequence[str]) -> dict[int, ScrubResult]:
         """Like :meth:`scrub_many`, but only the results of the texts that held PII, by index."""
         return {i: self.apply(texts[i], spans) for i, spans in find_changed(texts).items()}
 
 
-def string_leaves(value: Any) -> Iterator[str]:
-    """The strings of a JSON-like value in document order (dict values, list items; not keys)."""
+def _scrubbable_int(value: Any) -> bool:
+    """An integer (not a bool) short enough to be a card or phone number's digits (and for str())."""
+    return type(value) is int and -10**25 < value < 10**25
+
+
+def string_leaves(value: Any, *, keys_and_integers: bool = False) -> Iterator[str]:
+    """The strings of a JSON-like value in document order (dict values, list items).
+
+    ``keys_and_integers``: also each dict key (before its value) and each integer as its decimal
+    text, which is what PII scrubbing needs: a card number stored as an integer, or an email address
+    used as a key (``{"alice@example.com": "admin"}``), is as personal as one in a string."""
     if isinstance(value, str):
         yield value
     elif isinstance(value, dict):
-        for x in value.values():
-            yield from string_leaves(x)
+        for k, x in value.items():
+            if keys_and_integers:
+                yield str(k)
+            yield from string_leaves(x, keys_and_integers=keys_and_integers)
     elif isinstance(value, list):
         for x in value:
-            yield from string_leaves(x)
+            yield from string_leaves(x, keys_and_integers=keys_and_integers)
+    elif keys_and_integers and _scrubbable_int(value):
+        yield str(value)
 
 
-def with_string_leaves(value: Any, strings: Iterator[str]) -> Any:
-    """`value` with its strings (string_leaves order) taken from `strings` in turn."""
+def with_string_leaves(value: Any, strings: Iterator[str], *, keys_and_integers: bool = False) -> Any:
+    """`value` with its strings (string_leaves order, with the same ``keys_and_integers``) taken from
+    `strings` in turn. An integer whose text comes back changed (a scrubbed card number) becomes that
+    text, a placeholder string; one that comes back as it was stays an integer."""
     if isinstance(value, str):
         return next(strings)
     if isinstance(value, dict):
-        return {k: with_string_leaves(x, strings) for k, x in value.items()}
+        out = {}
+        for k, x in value.items():
+            key = next(strings) if keys_and_integers else k
+            out[key] = with_string_leaves(x, strings, keys_and_integers=keys_and_integers)
+        return out
     if isinstance(value, list):
-        return [with_string_leaves(x, strings) for x in value]
+        return [with_string_leaves(x, strings, keys_and_integers=keys_and_integers) for x in value]
+    if keys_and_integers and _scrubbable_int(value):
+        text = next(strings)
+        return value if text == str(value) else text
     return value
 
 

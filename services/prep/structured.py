@@ -4,10 +4,11 @@ training content holds.
 
 1. normalise (:func:`~services.prep.clean.normalise`) every string value: message contents,
    prompt/completion, chosen/rejected, the extraction input text and the string values of its target
-   JSON (at any depth). Roles, JSON keys and non-string values stay as they are. A row with a required
+   JSON (at any depth). Roles, JSON keys and non-string values stay as they are here. A row with a required
    string left empty (any message content, prompt, completion, chosen, rejected, the extraction text)
    is dropped (``cleaning.empty_after_cleaning``): OpenAI rejects empty message contents.
-2. PII: one :class:`~services.prep.pii.Scrubber` (pass the same one for train and an explicit eval set:
+2. PII (in the strings above and the target JSON's keys and integers: a card number held as a
+   number is scrubbed to its placeholder string): one :class:`~services.prep.pii.Scrubber` (pass the same one for train and an explicit eval set:
    placeholders agree), placeholders numbered in row order, then in the row's string order. The share
    of rows with PII above ``pii_block_threshold`` raises ``cleaning.pii_block``, as for classification.
 3. exact duplicates of the whole cleaned content (canonical JSON, roles and keys included):
@@ -47,18 +48,21 @@ _META = ("row_number", "provenance", "quality")
 
 # ---------- a row's strings ----------
 
-def row_strings(row: dict, shape: str) -> list[str]:
-    """Every string of the row's training content, in a fixed order (roles and keys excluded)."""
+def row_strings(row: dict, shape: str, *, pii: bool = False) -> list[str]:
+    """Every string of the row's training content, in a fixed order (roles and keys excluded).
+
+    ``pii``: the strings to scrub, which for json_extraction also takes in the target's keys and
+    integers (a card number stored as a number; :func:`~services.prep.pii.string_leaves`)."""
     if shape == "chat_messages":
         return [m["content"] for m in row["messages"]]
     out = [row[f] for f in _FIELDS[shape]]
     if shape == "json_extraction":
-        out += list(string_leaves(row["target"]))
+        out += list(string_leaves(row["target"], keys_and_integers=pii))
     return out
 
 
-def with_strings(row: dict, shape: str, strings: list[str]) -> dict:
-    """``row`` with its content strings (in :func:`row_strings` order) replaced by ``strings``."""
+def with_strings(row: dict, shape: str, strings: list[str], *, pii: bool = False) -> dict:
+    """``row`` with its content strings (in :func:`row_strings` order, same ``pii``) replaced by ``strings``."""
     it = iter(strings)
     new = dict(row)
     if shape == "chat_messages":
@@ -67,7 +71,7 @@ def with_strings(row: dict, shape: str, strings: list[str]) -> dict:
         for f in _FIELDS[shape]:
             new[f] = next(it)
         if shape == "json_extraction":
-            new["target"] = with_string_leaves(row["target"], it)
+            new["target"] = with_string_leaves(row["target"], it, keys_and_integers=pii)
     return new
 
 
@@ -159,7 +163,7 @@ def clean_structured(rows: list[dict], shape: str, policy: CleaningPolicy | None
     pii_counts: Counter = Counter()
     rows_with_pii = 0
     if policy.pii_scrub and live:
-        strings = [row_strings(r, shape) for r in live]
+        strings = [row_strings(r, shape, pii=True) for r in live]
         flat = [s for ss in strings for s in ss]
         changed = scrubber.scrub_changed(flat)
         if changed:
@@ -172,7 +176,7 @@ def clean_structured(rows: list[dict], shape: str, policy: CleaningPolicy | None
                     for h in hits:
                         if h:
                             pii_counts.update(h.counts)
-                    live[k] = with_strings(live[k], shape, [h.text if h else s for h, s in zip(hits, ss)])
+                    live[k] = with_strings(live[k], shape, [h.text if h else s for h, s in zip(hits, ss)], pii=True)
         check_pii_share(rows_with_pii, len(live), pii_counts, policy.pii_block_threshold)
     timings["pii"] = time.perf_counter() - t
 

@@ -246,6 +246,18 @@ def test_the_dry_run_sample_that_goes_into_an_event_holds_no_pii_or_secret():
     assert out[0]["messages"] == [{"role": "user", "content": "call <PHONE_1>"}] and out[0]["row_number"] == 1
 
 
+def test_the_dry_run_sample_scrubs_keys_and_card_numbers_held_as_integers():
+    """A JSON target used an email address as a key and a card number as a number: both went into
+    the ingest.dry_run_completed event as they were."""
+    from services.ingest.domain import scrubbed_sample
+
+    rows = [{"row_number": 7, "label": "bug", "target": {"bob@example.com": {"card": 4111111111111111, "qty": 3},
+                                                          "flag": True, "ratio": 0.5}}]
+    out = scrubbed_sample(rows)
+    assert out[0]["target"] == {"<EMAIL_1>": {"card": "<CARD_1>", "qty": 3}, "flag": True, "ratio": 0.5}
+    assert out[0]["row_number"] == 7 and out[0]["label"] == "bug"
+
+
 def test_a_source_failing_as_a_whole_in_any_ingest_command_is_a_stage_failure_not_a_retried_crash():
     """introspect called describe() outside the conversion: an empty or unreachable source was retried
     until bus.delivery_exhausted (51 s) instead of failing at once with its reason code."""

@@ -174,6 +174,21 @@ def test_json_extraction_scrubs_target_strings_and_keeps_keys_and_other_values(s
     assert m["counts"]["train"] + m["counts"]["eval"] + m["counts"]["dropped"] == m["counts"]["rows_in"] == 30
 
 
+def test_json_extraction_scrubs_target_keys_and_card_numbers_held_as_integers(store):
+    """Only the target's string values were scrubbed: a card number stored as a number and an email
+    address used as a key went into train.jsonl as they were."""
+    rows = [{"row_number": i, "provenance": "human",
+             "text": f"Order {i}: {words(i, 'o', 5)} paid by card.",
+             "target": {"payer": {f"user{i}@example.com": "owner"} if i == 1 else {}, "card": 4111111111111111 if i == 1
+                        else None, "items": i % 4 + 1}} for i in range(1, 31)]
+    out = prepare(rows, plan("json_extraction"), store)
+    kept = {r["row_number"]: r for r in read_jsonl(store, out.train) + read_jsonl(store, out.eval)}
+    assert "@example.com" not in json.dumps(kept) and "4111111111111111" not in json.dumps(kept)
+    assert kept[1]["target"] == {"payer": {"<EMAIL_1>": "owner"}, "card": "<CARD_1>", "items": 2}
+    assert kept[2]["target"] == {"payer": {}, "card": None, "items": 3}  # other integers stay integers
+    assert out.manifest["cleaning"]["pii_by_kind"]["email"] == 1 and out.manifest["cleaning"]["pii_by_kind"]["card"] == 1
+
+
 def test_preference_pairs_are_cleaned_and_say_why_there_is_no_openai_file(store):
     rows = [{"row_number": i, "prompt": question(i), "chosen": answer(i), "rejected": f"no idea {i} " + words(i, "r"),
              "provenance": "human"} for i in range(1, 31)]
