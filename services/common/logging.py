@@ -72,8 +72,10 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     # every request at INFO.
     for noisy in ("faststream", "nats", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # An exception nothing caught (a service that cannot start) is logged as JSON too, not as a traceback.
+    # An exception nothing caught (a service that cannot start) is logged as JSON too, not as a traceback;
+    # so is a library's Python warning (platformdirs warns on every `tuneline down` where XDG_RUNTIME_DIR is unset).
     sys.excepthook = _log_uncaught
+    logging.captureWarnings(True)
     structlog.configure(
         processors=[*shared, structlog.processors.JSONRenderer()],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),

@@ -34,14 +34,16 @@ def test_the_cli_logs_its_own_events_as_json_on_stderr():
     assert any(json.loads(line)["event"] == "probe_event" for line in lines)
 
 
-def test_library_logs_uncaught_errors_and_url_passwords_come_out_as_redacted_json():
+def test_library_logs_warnings_uncaught_errors_and_url_passwords_come_out_as_redacted_json():
     out = _run("import logging\n"
                "from services.common.logging import configure_logging, get_logger\n"
                "configure_logging('registry')\n"
                "get_logger('t').info('service_started', nats_url='nats://user:S3cretPw@127.0.0.1:4222')\n"
                "logging.getLogger('openai').warning('HTTP Request: GET https://x/v1/fine_tuning/jobs')\n"
+               "import warnings\nwarnings.warn('XDG_RUNTIME_DIR is not set', RuntimeWarning)\n"
                "raise RuntimeError('cannot start')\n")
     lines = [json.loads(line) for line in out.stderr.splitlines() if line.strip()]  # every line is JSON
     assert "S3cretPw" not in out.stderr and lines[0]["nats_url"] == "nats://user:***@127.0.0.1:4222"
     assert lines[1]["logger"] == "openai" and lines[1]["service"] == "registry"
-    assert lines[2]["event"] == "uncaught_exception" and "cannot start" in lines[2]["exception"]
+    assert lines[2]["logger"] == "py.warnings" and "XDG_RUNTIME_DIR" in lines[2]["event"]  # a library's warning
+    assert lines[3]["event"] == "uncaught_exception" and "cannot start" in lines[3]["exception"]
