@@ -30,7 +30,10 @@ def parse_map(items: list[str] | None) -> FieldMapping | None:
     for item in items:
         item = item.strip()
         if item.startswith("{"):
-            data.update(json.loads(item))
+            try:
+                data.update(json.loads(item))
+            except ValueError as exc:
+                raise SystemExit(f"--map: not a JSON object ({exc}); expected KEY=VALUE or one JSON object") from None
             continue
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -47,6 +50,22 @@ def parse_map(items: list[str] | None) -> FieldMapping | None:
         return FieldMapping.model_validate(data)
     except ValidationError as exc:
         raise SystemExit("\n".join(validation_lines(exc, "--map", whole="mapping"))) from None
+
+
+# command fields -> the option that sets them, for validation messages (see services.cli.errors)
+OPTIONS = {"locator": "LOCATOR", "sample_size": "--sample-size", "mapping": "--map", "force": "--force",
+           "target": "--target", "force_mapping": "--force", "eval_locator": "--eval-locator", "until": "--until"}
+
+
+def _build(what: str, make):
+    """The command `make()` builds; options it refuses are one line each on stderr, exit status 2
+    (like `tuneline run`), never a traceback or the value given (a DSN put where DSN_ENV goes)."""
+    try:
+        return make()
+    except ValidationError as exc:
+        for line in validation_lines(exc, f"tuneline ingest {what}", OPTIONS):
+            print(line, file=sys.stderr)
+        raise SystemExit(2) from None  # a usage error, like argparse's
 
 
 async def _await_event(db_url: str, run_id: str, types: tuple[str, ...], timeout: float) -> dict | None:
@@ -88,7 +107,8 @@ def _ask(main, command, kind_prefix: str, answer: str, args) -> tuple[int, dict 
 
 
 def cmd_introspect(main, args) -> int:
-    cmd = IntrospectSource(locator=main.absolute_locator(args.locator), sample_size=args.sample_size)
+    cmd = _build("introspect", lambda: IntrospectSource(locator=main.absolute_locator(args.locator),
+                                                         sample_size=args.sample_size))
     code, p = _ask(main, cmd, "introspect", "ingest.introspected", args)
     if p is None:
         return code
@@ -121,8 +141,9 @@ def _read_rejected(uri: str, per_code: int = 3) -> dict[str, list[dict]]:
 
 
 def cmd_dry_run(main, args) -> int:
-    cmd = DryRunIngest(locator=main.absolute_locator(args.locator), mapping=parse_map(args.map), force=args.force,
-                       sample_size=args.sample_size)
+    mapping = parse_map(args.map)
+    cmd = _build("dry-run", lambda: DryRunIngest(locator=main.absolute_locator(args.locator), mapping=mapping,
+                                                 force=args.force, sample_size=args.sample_size))
     code, p = _ask(main, cmd, "dryrun", "ingest.dry_run_completed", args)
     if p is None:
         return code
@@ -143,9 +164,10 @@ def cmd_dry_run(main, args) -> int:
 
 
 def cmd_commit(main, args) -> int:
-    plan = RunPlan(locator=main.absolute_locator(args.locator), target=args.target, mapping=parse_map(args.map),
-                   force_mapping=args.force, until=args.until,
-                   eval_locator=main.absolute_locator(args.eval_locator) if args.eval_locator else None)
+    mapping = parse_map(args.map)
+    plan = _build("commit", lambda: RunPlan(
+        locator=main.absolute_locator(args.locator), target=args.target, mapping=mapping, force_mapping=args.force,
+        until=args.until, eval_locator=main.absolute_locator(args.eval_locator) if args.eval_locator else None))
     run_id = asyncio.run(main.publish_command(CommitIngest(plan=plan), prefix="ingest"))
     print(f"started {run_id} (ingest commit, until {args.until})", flush=True)
     return main.follow_and_print(run_id, args.timeout)

@@ -328,6 +328,13 @@ def absolute_locator(locator: str) -> str:
     scheme, sep, rest = locator.partition(":")
     if sep and scheme in ("jsonl", "csv") and rest and not os.path.isabs(rest):
         return f"{scheme}:{os.path.abspath(rest)}"
+    if sep and scheme == "hf":
+        # a local dataset directory as the ingest locator parser tells one from a hub id: ./x, ../x,
+        # . or .., or a directory that exists here (absolute and ~ paths mean the same there)
+        ident, colon, tail = rest.partition(":")
+        if colon and ident and not ident.startswith(("/", "~")) and (
+                ident.startswith(("./", "../")) or ident in (".", "..") or os.path.isdir(ident)):
+            return f"hf:{os.path.abspath(ident)}:{tail}"
     return locator
 
 
@@ -636,7 +643,13 @@ def entry() -> None:
     every service's, warnings and up unless TUNELINE_LOG_LEVEL says otherwise: its output is what it
     prints. (main() leaves logging as it finds it, for callers in-process.)"""
     configure_logging("cli", os.environ.get("TUNELINE_LOG_LEVEL", "WARNING"))
-    main()
+    try:
+        main()
+    except BrokenPipeError:
+        # whoever read the output stopped (`tuneline events --run RUN | head`): not an error to report;
+        # stdout goes to /dev/null so that the interpreter's last flush does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,6 +24,7 @@ from services.ingest.domain import (
     resolve_mapping,
     run_ingest,
     scrubbed_sample,
+    storable,
 )
 from services.ingest.settings import IngestSettings
 from services.ingest.sources.base import SourceError
@@ -132,8 +133,9 @@ async def on_dry_run(ctx: StageContext) -> None:
 
 
 def _describe(desc) -> dict:
-    """The source description as event data (it never holds a secret: see the sources)."""
-    return {k: v for k, v in asdict(desc).items() if v not in (None, [], {})}
+    """The source description as event data (it never holds a secret: see the sources; column names
+    are the source's own, so storable)."""
+    return storable({k: v for k, v in asdict(desc).items() if v not in (None, [], {})})
 
 
 def build(settings: IngestSettings | None = None) -> Service:

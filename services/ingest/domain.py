@@ -66,10 +66,21 @@ class Introspection:
 def scrubbed_sample(rows: list[dict]) -> list[dict]:
     """A dry run's sample of accepted rows as it may travel in an event, which the audit log keeps
     for good: every string with its PII and secrets replaced by placeholders (prep's scrubber; the
-    committed rows themselves are scrubbed by prep, the sample is shown before that)."""
+    committed rows themselves are scrubbed by prep, the sample is shown before that), and storable."""
     from services.prep.pii import Scrubber
 
-    return Scrubber().scrub_strings_in(rows)
+    return storable(Scrubber().scrub_strings_in(rows))
+
+
+def storable(value):
+    """A JSON-like value from the source (a sample, column names) with NUL characters left out of its
+    strings and keys, as prep's normalisation leaves them out of texts: it goes into an event, and
+    PostgreSQL cannot store a NUL; the recorder would dead-letter the event (a dry run would get no
+    answer, a committed run would show as failed in its timeline while prep went on)."""
+    from services.prep.pii import string_leaves, with_string_leaves
+
+    leaves = (s.replace("\x00", "") for s in string_leaves(value, keys_and_integers=True))
+    return with_string_leaves(value, leaves, keys_and_integers=True)
 
 
 def introspect_source(source: Source, sample_size: int = SAMPLE_SIZE) -> Introspection:
@@ -80,6 +91,8 @@ def introspect_source(source: Source, sample_size: int = SAMPLE_SIZE) -> Introsp
         raise IngestError(exc.reason_code, str(exc)) from exc
     if not sample:
         raise IngestError("ingest.empty_source", "no parseable row in the source to introspect")
+    # a field whose name holds a NUL is never proposed: a mapping travels in events (see storable)
+    sample = [{k: v for k, v in row.items() if "\x00" not in k} for row in sample]
     fields = list(dict.fromkeys(k for row in sample for k in row))
     return Introspection(fields, sample, introspect(sample))
 
@@ -99,7 +112,8 @@ def resolve_mapping(source: Source, *, mapping: FieldMapping | None = None, text
         detail = f"best proposal {top.shape} at {top.confidence:.2f} ({top.rationale})" if top else "no proposal"
         raise IngestError("ingest.mapping_low_confidence",
                           f"no mapping given and introspection is not sure enough to pick one: {detail}; "
-                          f"give a mapping (e.g. --text-field/--label-field) or --force to accept the proposal")
+                          f"give a mapping (--map text=FIELD --map label=FIELD, or --text-field/--label-field on "
+                          f"`tuneline run`) or --force to accept the proposal")
     return best.mapping, best.confidence, found
 
 

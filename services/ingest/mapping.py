@@ -98,8 +98,15 @@ def check_fields_present(mapping: FieldMapping, columns: Iterable[str]) -> None:
         return
     absent = [f for f in mapping.source_fields() if f not in cols]
     if absent:
+        shown = ", ".join(sorted(cols)[:30]).replace("\x00", "")  # the message goes into an event
         raise MappingError(f"the mapping names field(s) the source does not have: {', '.join(absent)} "
-                           f"(columns: {', '.join(sorted(cols)[:30])})")
+                           f"(columns: {shown})")
+
+
+def _absent(v: Any) -> bool:
+    """No value: None, or a float NaN (how pandas and numpy mark a missing value; json.dumps writes
+    it as NaN, and str() would make it the text "nan")."""
+    return v is None or (type(v) is float and v != v)
 
 
 class _Reject(Exception):
@@ -108,7 +115,7 @@ class _Reject(Exception):
 
 
 def _string(obj: dict, name: str, *, required: bool = True) -> str | None:
-    if name not in obj or obj[name] is None:
+    if name not in obj or _absent(obj[name]):
         if required:
             raise _Reject("ingest.missing_field", f"missing field {name!r}")
         return None
@@ -121,7 +128,7 @@ def _string(obj: dict, name: str, *, required: bool = True) -> str | None:
 
 
 def _label_value(obj: dict, name: str, label_space: frozenset[str] | None) -> str:
-    if name not in obj or obj[name] is None:
+    if name not in obj or _absent(obj[name]):
         raise _Reject("ingest.missing_field", f"missing label field {name!r}")
     v = obj[name]
     if isinstance(v, list):  # a list-valued field used as a single label needs exactly one value
@@ -135,6 +142,8 @@ def _label_value(obj: dict, name: str, label_space: frozenset[str] | None) -> st
     label = str(v).strip()
     if not label:
         raise _Reject("ingest.invalid_label", f"label field {name!r} is empty")
+    if "\x00" in label:  # a label travels in events, and PostgreSQL cannot store a NUL character
+        raise _Reject("ingest.invalid_label", f"label field {name!r} holds a NUL character")
     if label_space is not None and label not in label_space:
         raise _Reject("ingest.label_outside_space", f"label {label[:80]!r} is not in the label space")
     return label
@@ -142,10 +151,10 @@ def _label_value(obj: dict, name: str, label_space: frozenset[str] | None) -> st
 
 def _head_value(v: Any) -> str | list[str] | None:
     """A triage head: a scalar, a list of values, or nothing (heads may be empty, e.g. no component)."""
-    if v is None or v == "" or v == []:
+    if _absent(v) or v == "" or v == []:
         return None
     if isinstance(v, list):
-        vals = [str(x).strip() for x in v if x is not None and str(x).strip()]
+        vals = [str(x).strip() for x in v if not _absent(x) and str(x).strip()]
         return vals[0] if len(vals) == 1 else (vals or None)
     if isinstance(v, (str, int, float)) and not isinstance(v, bool):
         return str(v).strip() or None
@@ -153,7 +162,7 @@ def _head_value(v: Any) -> str | list[str] | None:
 
 
 def _tags(v: Any) -> list[str]:
-    if v is None:
+    if _absent(v):
         return []
     if isinstance(v, str):
         return [t.strip() for t in v.split(",") if t.strip()]
@@ -233,7 +242,7 @@ class RowMapper:
             present = False
             for n in fields:
                 v = obj.get(n)
-                if v is None:
+                if _absent(v):
                     continue
                 present = True
                 if type(v) is not str:
@@ -255,7 +264,7 @@ class RowMapper:
         if not self.mapping.provenance:
             return self.default_provenance
         v = obj.get(self.mapping.provenance)
-        if v is None or v == "":
+        if _absent(v) or v == "":
             return self.default_provenance
         v = str(v).strip().lower()
         if v not in PROVENANCES:
@@ -266,7 +275,7 @@ class RowMapper:
         m = self.mapping
         if self.classification:
             label = obj.get(m.label)
-            if type(label) is str and self.label_space is None and (label := label.strip()):
+            if type(label) is str and self.label_space is None and (label := label.strip()) and "\x00" not in label:
                 row = {"row_number": row_number, "text": self._text(obj), "label": label}
             else:
                 row = {"row_number": row_number, "text": self._text(obj), "label": _label_value(obj, m.label, self.label_space)}
@@ -281,9 +290,9 @@ class RowMapper:
                 row["heads"] = heads
             if m.tags:
                 v = obj.get(m.tags)
-                row["tags"] = [] if v is None or (type(v) is list and not v) else _tags(v)
+                row["tags"] = [] if _absent(v) or (type(v) is list and not v) else _tags(v)
         elif m.shape == "chat_messages":
-            if obj.get(m.messages) is None:
+            if _absent(obj.get(m.messages)):
                 raise _Reject("ingest.missing_field", f"missing field {m.messages!r}")
             row = {"row_number": row_number, "messages": _messages(obj[m.messages])}
         elif m.shape == "prompt_completion":
@@ -302,7 +311,7 @@ class RowMapper:
                 except ValueError:
                     raise _Reject("ingest.invalid_value", f"field {m.target!r} is not JSON") from None
             if not isinstance(target, dict):
-                raise _Reject("ingest.invalid_value" if target is not None else "ingest.missing_field",
+                raise _Reject("ingest.invalid_value" if not _absent(target) else "ingest.missing_field",
                               f"field {m.target!r} must hold a JSON object")
             row = {"row_number": row_number, "text": self._text(obj), "target": target}
         else:  # preference_pairs

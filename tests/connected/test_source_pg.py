@@ -181,6 +181,7 @@ def test_a_missing_env_var_is_named():
         with pytest.raises(SourceError) as err:
             call()
         assert err.value.reason_code == "ingest.dsn_env_missing" and "TL_NOT_SET_ANYWHERE" in str(err.value)
+        assert "ingest service's environment" in str(err.value)  # not the shell that runs the CLI
 
 
 async def test_calling_load_on_the_event_loop_thread_is_a_clear_error():

@@ -73,6 +73,38 @@ def test_a_one_element_list_is_a_single_label():
     assert apply(SINGLE, {"text": "x", "label": ["a"]})["label"] == "a"
 
 
+def test_a_nan_value_is_a_missing_one_not_the_text_nan():
+    # pandas marks missing values with NaN, and json.dumps of such a row writes NaN, which parses back
+    # as a float: a missing body must not become "title\n\nnan", a missing text or label not "nan"
+    nan = float("nan")
+    two = FieldMapping(text=["title", "body"], label="label")
+    assert apply(two, {"title": "crash on save", "body": nan, "label": "bug"})["text"] == "crash on save"
+    assert code(two, {"title": nan, "body": nan, "label": "bug"}) == "ingest.missing_field"
+    assert code(SINGLE, {"text": nan, "label": "a"}) == "ingest.missing_field"
+    assert code(SINGLE, {"text": "x", "label": nan}) == "ingest.missing_field"
+    m = FieldMapping(shape="multi_field_triage", text=["summary"], label="priority",
+                     heads={"component": "components"}, tags="labels", provenance="origin")
+    out = apply(m, {"summary": "s", "priority": "Major", "components": nan, "labels": nan, "origin": nan})
+    assert out["heads"] == {"component": None} and out["tags"] == [] and out["provenance"] == "human"
+
+
+def test_a_label_holding_a_nul_character_is_rejected():
+    # labels travel in events (the label space, prep's messages) and PostgreSQL cannot store a NUL:
+    # the recorder dead-lettered prep's answer and the run's timeline showed audit.unstorable_value
+    assert code(SINGLE, {"text": "x", "label": "bi\x00lling"}) == "ingest.invalid_label"
+    assert code(FieldMapping(text=["text"], label="label", label_space=["a"]), {"text": "x", "label": "a\x00"}) \
+        == "ingest.invalid_label"
+
+
+def test_the_dry_run_sample_holds_no_nul_character():
+    from services.ingest.domain import scrubbed_sample
+
+    sample = scrubbed_sample([{"row_number": 1, "text": "hello\x00world mail me at a.b@example.com", "label": "a",
+                               "heads": {"x\x00": ["v\x00"]}}])
+    assert "\\u0000" not in json.dumps(sample)
+    assert sample[0]["text"] == "helloworld mail me at <EMAIL_1>" and sample[0]["heads"] == {"x": ["v"]}
+
+
 def test_labels_outside_the_declared_space_are_rejected():
     m = FieldMapping(text=["text"], label="label", label_space=["bug", "feature"])
     assert apply(m, {"text": "x", "label": "bug"})["label"] == "bug"
@@ -208,6 +240,7 @@ def test_no_mapping_uses_a_confident_proposal_and_refuses_a_weak_one_without_for
     with pytest.raises(IngestError) as e:
         resolve_mapping(JsonlSource(weak))
     assert e.value.reason_code == "ingest.mapping_low_confidence" and "--force" in str(e.value)
+    assert "--map text=FIELD" in str(e.value)  # what `ingest dry-run` and `commit` take (they have no --text-field)
 
 
 def test_text_and_label_fields_make_a_mapping_without_introspection(tmp_path):
@@ -273,3 +306,23 @@ def test_a_source_failing_as_a_whole_in_any_ingest_command_is_a_stage_failure_no
     with pytest.raises(StageError) as err:
         asyncio.run(_in_thread(describe))
     assert err.value.reason_code == "ingest.empty_source"
+
+
+def test_a_field_name_holding_a_nul_never_reaches_an_event(tmp_path):
+    # {"x\u0000y": 1} in every row, not even mapped: the committed and introspected events listed it
+    # among the source's columns and the recorder dead-lettered them (the run showed as failed)
+    from services.ingest.app import _describe
+    from services.ingest.domain import introspect_source
+
+    src = write_lines(tmp_path / "k.jsonl", [json.dumps({"text": f"ticket text number {i}", "label": "ab"[i % 2],
+                                                         "x\u0000y": i}).encode() for i in range(30)])
+    source = JsonlSource(src)
+    assert "x\x00y" in source.describe().columns  # the source itself is left as it is
+    described = json.dumps(_describe(source.describe()))
+    assert "\\u0000" not in described and '"xy"' in described
+    found = introspect_source(source)
+    assert found.fields == ["text", "label"]
+    assert "\\u0000" not in json.dumps([h.model_dump(mode="json") for h in found.hypotheses])
+    with pytest.raises(MappingError) as e:
+        check_fields_present(FieldMapping(text=["body"], label="label"), source.describe().columns)
+    assert "\x00" not in str(e.value) and "xy" in str(e.value)

@@ -192,6 +192,21 @@ def test_header_names_are_made_unique(tmp_path):
     assert list(CsvSource(p).load())[0].fields == {"text": "1", "column_2": "2", "text_2": "3"}
 
 
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16"])
+def test_a_header_longer_than_the_detection_sample_is_read_whole(tmp_path, encoding):
+    # 4,000 feature columns: a 112 KB header, cut at 64 KiB it lost 1,659 columns and every record was ragged
+    header = ["text", "label"] + [f"feature_column_number_{i:05d}" for i in range(4000)]
+    rows = [",".join(header)] + [",".join([f"row {r}", "ab"[r % 2]] + ["0"] * 4000) for r in range(30)]
+    p = write(tmp_path, ("\n".join(rows) + "\n").encode(encoding))
+    d = CsvSource(p).describe()
+    assert d.columns == header
+    recs = list(CsvSource(p).load())
+    assert codes(recs) == ["ok"] * 30 and recs[0].fields["feature_column_number_03999"] == "0"
+    with pytest.raises(SourceError) as err:  # longer than the row limit: refused as before
+        list(CsvSource(p, max_row_bytes=100_000).load())
+    assert err.value.reason_code == "ingest.row_too_long"
+
+
 def test_over_long_records_and_fields(tmp_path):
     long_field = "y" * 5000
     data = (f'text,label\nok,a\n"{long_field}",b\nafter,c\n"multi\n{long_field}\nline",d\nend,e\n').encode()

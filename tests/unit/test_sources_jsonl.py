@@ -105,6 +105,24 @@ def test_binary_file_is_refused(tmp_path):
         assert err.value.reason_code == "ingest.binary_source" and "binary" in str(err.value) and "d.jsonl" in str(err.value)
 
 
+@pytest.mark.parametrize(("encoding", "name"), [("utf-16", "UTF-16"), ("utf-16-le", "UTF-16"), ("utf-16-be", "UTF-16"),
+                                              ("utf-32", "UTF-32")])
+def test_utf16_or_utf32_text_is_named_as_such_not_called_binary(tmp_path, encoding, name):
+    # a Windows "Unicode" export: text, in an encoding JSON Lines does not allow
+    p = write(tmp_path, '{"text": "très bien", "label": "a"}\n'.encode(encoding) * 3)
+    for call in (lambda: list(JsonlSource(p).load()), lambda: JsonlSource(p).describe()):
+        with pytest.raises(SourceError) as err:
+            call()
+        assert err.value.reason_code == "ingest.encoding_error"
+        assert f"is {name} text, not UTF-8" in str(err.value) and "binary" not in str(err.value)
+
+
+def test_a_json_error_gives_its_position_within_the_line(tmp_path):
+    p = write(tmp_path, b'{"ok": 1}\n{"text": "cut", "label": \n')
+    detail = list(JsonlSource(p).load())[1].error[1]
+    assert detail.startswith("line 2: not valid JSON:") and "line 1 column 26" in detail, detail
+
+
 @pytest.mark.parametrize("data", [b"", b"\n\n  \n\t\n", b"\xef\xbb\xbf"])
 def test_empty_file_is_refused(tmp_path, data):
     p = write(tmp_path, data)

@@ -51,6 +51,9 @@ def test_jsonl_random_bytes_never_raise_anything_but_source_error_and_count_ever
         except SourceError as exc:
             if exc.reason_code == "ingest.binary_source":
                 assert b"\x00" in data[:8192]
+            elif exc.reason_code == "ingest.encoding_error":  # UTF-16/32: a BOM, or NULs in UTF-16's pattern
+                assert data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) or b"\x00" in data[:8192]
+                assert "not UTF-8" in str(exc)
             else:
                 assert exc.reason_code == "ingest.empty_source" and _expected_jsonl_rows(data) == 0
             return

@@ -307,6 +307,17 @@ class CsvSource:
         with self._open() as f:
             sample = f.read(SAMPLE_BYTES)
             size = os.fstat(f.fileno()).st_size
+            if b"\n" not in sample and len(sample) < size:
+                # a header longer than the sample (thousands of columns): read on to its end, up to the
+                # row limit (load() refuses a longer one), and a sample of rows after it; cut short,
+                # the header would have lost columns and every record would be a ragged row
+                more = bytearray(sample)
+                while b"\n" not in more[-SAMPLE_BYTES - 1:] and len(more) <= self.max_row_bytes:
+                    chunk = f.read(SAMPLE_BYTES)
+                    if not chunk:
+                        break
+                    more += chunk
+                sample = bytes(more + f.read(SAMPLE_BYTES))
         complete = size <= len(sample)
         if not sample.strip():
             raise SourceError("ingest.empty_source", f"{self.path} is empty: a CSV source needs a header row and records")

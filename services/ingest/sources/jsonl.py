@@ -11,8 +11,10 @@ Bad rows never raise; they come back as records with `error`:
     ingest.unparseable_row  not valid JSON, or a JSON value that is not an object;
     ingest.row_too_long     the line is longer than `max_row_bytes` (read in bounded chunks, never
                             held whole; the record keeps the first MAX_RAW_KEPT characters).
-Whole-source failures raise SourceError: ingest.source_not_found, ingest.binary_source (NUL bytes in
-the first 8 KiB), ingest.empty_source (no rows at all; raised by load() once it has seen the end).
+Whole-source failures raise SourceError: ingest.source_not_found, ingest.encoding_error (UTF-16 or
+UTF-32 text, by its byte-order mark or, for UTF-16 without one, its NUL pattern: JSON Lines is UTF-8),
+ingest.binary_source (other NUL bytes in the first 8 KiB), ingest.empty_source (no rows at all; raised
+by load() once it has seen the end).
 
 Parsing uses orjson. json.loads is used only for lines orjson refuses (or would change): integers
 beyond 64 bits (orjson turns them into floats silently, so lines with a run of 20+ digits go to
@@ -21,6 +23,7 @@ json.loads), NaN/Infinity, nesting deeper than orjson's limit, lone surrogate es
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from collections.abc import Iterator
@@ -65,7 +68,7 @@ def _slow_parse(line: bytes, row_number: int) -> tuple[object, tuple[str, str] |
         return None, ("ingest.encoding_error",
                       f"line {row_number}: not valid UTF-8 ({exc.reason} at byte {exc.start} of the line)")
     try:
-        value = json.loads(text)
+        value = json.loads(text.rstrip("\r\n"))  # positions in the message are then within this line
     except RecursionError:
         return None, ("ingest.unparseable_row", f"line {row_number}: not valid JSON: nested too deeply")
     except ValueError as exc:
@@ -80,7 +83,21 @@ def _slow_parse(line: bytes, row_number: int) -> tuple[object, tuple[str, str] |
     return value, None
 
 
+_WIDE_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),  # UTF-32 LE's starts with UTF-16 LE's
+              (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
+
+
 def check_binary(head: bytes, path: Path | str) -> None:
+    """Refuse a file that is not UTF-8 text as a whole: UTF-16/32 text (a Windows "Unicode" export)
+    is named as such, other NUL bytes make a binary file."""
+    from services.ingest.sources.csv import _utf16_without_bom
+
+    wide = next((name for bom, name in _WIDE_BOMS if head.startswith(bom)), None)
+    if wide is None and b"\x00" in head[:BINARY_SNIFF_BYTES] and _utf16_without_bom(head[:BINARY_SNIFF_BYTES]):
+        wide = "UTF-16"
+    if wide is not None:
+        raise SourceError("ingest.encoding_error",
+                          f"{path} is {wide} text, not UTF-8: JSON Lines must be UTF-8 (save it again as UTF-8)")
     if b"\x00" in head[:BINARY_SNIFF_BYTES]:
         raise SourceError("ingest.binary_source",
                           f"{path} is a binary file (NUL bytes in its first {BINARY_SNIFF_BYTES} bytes), not JSON Lines")

@@ -87,7 +87,9 @@ class PgSource:
         dsn = self.env.get(self.dsn_env)
         if not dsn:
             raise SourceError("ingest.dsn_env_missing",
-                              f"the environment variable {self.dsn_env} is not set (or empty); it must hold the PostgreSQL DSN")
+                              f"the environment variable {self.dsn_env} is not set (or empty) in the ingest service's "
+                              "environment; it must hold the PostgreSQL DSN (for the embedded stack, export it "
+                              "before `tuneline up`: services keep the environment they started with)")
         return dsn
 
     async def _connect(self, dsn: str):
