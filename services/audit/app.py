@@ -33,6 +33,10 @@ class AuditService(Service):
         self._projector: asyncio.Task | None = None
         self._recording: asyncio.Task | None = None
         self._stopping = False
+        # The recorder's ack floor (every position up to it committed and acked) and the messages
+        # committed above it, not yet acked (see _ack_contiguous).
+        self._acked = 0
+        self._unacked: dict[int, object] = {}
         self.app.on_shutdown(self._shutdown)
 
     async def _record_forever(self) -> None:
@@ -44,13 +48,15 @@ class AuditService(Service):
         position recorded 30 s after later ones). See services/audit/pull.py for why not fetch(), and why
         the recorder pulls over a connection of its own.
         """
-        # Ack-all: a batch commits as one transaction, so one ack of its last message settles it.
+        # Ack-all: a batch commits as one transaction, so one ack settles it (and every position below;
+        # never past one not committed yet: _ack_contiguous).
         config = consumer_config(self.settings)
         config.durable_name = CONSUMER
         config.filter_subject = f"{subjects.ROOT}.>"
         config.ack_policy = AckPolicy.ALL
         config.max_ack_pending = self.settings.recorder_batch * 4
-        await self.js.add_consumer(subjects.STREAM, config)
+        info = await self.js.add_consumer(subjects.STREAM, config)
+        self._acked = info.ack_floor.stream_seq if info.ack_floor else 0
         puller = RawBatchPuller(self.settings.nats_url, subjects.STREAM, CONSUMER, batch=self.settings.recorder_batch,
                                 wait_s=self.settings.recorder_fetch_timeout_s)
         await puller.start()
@@ -98,9 +104,31 @@ class AuditService(Service):
                 delay = min(delay * 2, 10.0)
                 for m in batch.msgs:
                     await m.in_progress()
-        await batch.msgs[-1].ack()
+        await self._ack_contiguous(batch)
         log.debug("recorded", **outcome.__dict__)
         self._wake.set()
+
+    async def _ack_contiguous(self, batch) -> None:
+        """Ack (ack-all) up to the highest position below which every position is committed, not past
+        a hole: an ack settles every earlier message, and one missing from what this process committed
+        may be in the hands of a recorder that died (or in a batch still unsettled), to be redelivered
+        when its ack_wait ends. Acking past it would settle it unrecorded: a gap for good. Committed
+        messages above a hole wait for it (or come again and commit as already recorded)."""
+        for m, position in zip(batch.msgs, batch.positions):
+            if position > self._acked:
+                self._unacked[position] = m  # a redelivery replaces the earlier delivery
+        top = self._acked
+        while top + 1 in self._unacked:
+            top += 1
+        if top == self._acked:
+            if self._unacked:
+                log.info("recorder_ack_waits_for_hole", acked=self._acked, first_missing=self._acked + 1,
+                         committed_above=len(self._unacked))
+            return
+        await self._unacked[top].ack()
+        for position in range(self._acked + 1, top + 1):
+            del self._unacked[position]
+        self._acked = top
 
     async def prepare_broker(self) -> None:
         await self.connect()

@@ -92,8 +92,12 @@ class RawBatchPuller:
             await self.nc.close()
 
     def _deliver(self, subject: bytes, reply: bytes, data: bytes) -> None:
+        # Never raise: this runs in nats-py's read loop, which ends for good on an exception, and the
+        # recorder would pull nothing more. A subject is any bytes a publisher sent (not UTF-8 at all):
+        # replaced characters keep it storable, and the message is recorded or dead-lettered as usual.
         nc = self.nc
-        self._queue.append(Msg(nc, subject.decode(), reply.decode(), data) if reply else _STATUS)
+        self._queue.append(Msg(nc, subject.decode(errors="replace"), reply.decode(errors="replace"), data)
+                           if reply else _STATUS)
         self._arrived.set()
 
     async def _request(self, n: int, **body) -> None:

@@ -46,7 +46,7 @@ from contracts.envelope import Envelope
 from contracts.reason_codes import is_registered
 from contracts.registry import ContractError, decode, registered_types
 from services.audit.exactjson import may_hold_long_integer
-from services.common.delivery import UNATTRIBUTED_RUN, attribution, dead_letter
+from services.common.delivery import dead_letter
 from services.common.logging import get_logger
 
 log = get_logger(__name__)
@@ -84,6 +84,9 @@ _ENVELOPE_KEYS = frozenset(("event_id", "type", "schema_version", "run_id", "cor
 _SEVERITIES = frozenset(("info", "warning", "error", "critical"))
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?(Z|[+-][0-9]{2}:[0-9]{2})")
+# How deep decode() (pydantic's JSON parser) reads nested arrays and objects; it refuses deeper JSON.
+# JSON that opens no more brackets than this cannot nest deeper.
+_MAX_NESTING = 200
 _KIND_TYPES = {"string": (str,), "number": (int, float), "integer": (int,), "boolean": (bool,), "array": (list,),
                "object": (dict,), "null": (type(None),)}
 
@@ -190,8 +193,9 @@ def _fast_row(seq: int, subject: str, data: bytes) -> tuple | None:
     """The run_events row of a plainly well-formed message, or None: then decode() decides.
 
     What it checks:
-      JSON - orjson parses it (no NaN or Infinity) and it holds no integer beyond 64 bits (which
-        orjson would round to a float).
+      JSON - orjson parses it (no NaN or Infinity), it holds no integer beyond 64 bits (which
+        orjson would round to a float) and it opens at most _MAX_NESTING arrays and objects (it
+        cannot nest deeper than decode() reads).
       envelope - a JSON object with exactly the envelope's keys (extra="forbid"; the defaulted
         ones must be present too, as every publisher writes them); event_id a hyphenated UUID
         string; type registered (which implies its name pattern); schema_version an integer equal
@@ -213,6 +217,8 @@ def _fast_row(seq: int, subject: str, data: bytes) -> tuple | None:
     """
     if may_hold_long_integer(data):
         return None  # orjson would read an integer beyond 64 bits as a rounded float; decode() keeps it exact
+    if data.count(b"[") + data.count(b"{") > _MAX_NESTING:
+        return None  # it may nest deeper than decode() reads (orjson reads 1024 levels, writes 254): decode() judges
     try:
         env = _loads(data)
     except ValueError:
@@ -335,7 +341,7 @@ class Recorder:
             dead = await self._commit_rows(conn, batch, out)
         for m, reason_code, error, env in dead:
             await dead_letter(self.js, m, consumer=CONSUMER, producer=PRODUCER, reason_code=reason_code, error=error,
-                              envelope=_storable_attribution(m.data, env))
+                              envelope=env)
             out.dead_lettered += 1
         return out
 
@@ -417,26 +423,6 @@ def _judge_refused(m: Msg, exc: Exception) -> tuple[str, str, Envelope | None]:
     detail = getattr(exc, "detail", None)
     return (UNSTORABLE_REASON, f"PostgreSQL cannot store a value of this {env.type}: {exc}"
             + (f" ({detail})" if detail else ""), env)
-
-
-def _storable_text(text: str) -> str:
-    """The text with what a PostgreSQL text column refuses (NUL, lone surrogates) taken out."""
-    return text.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
-
-
-def _storable_attribution(data: bytes, env: Envelope | None) -> Envelope | None:
-    """The envelope dead_letter() attributes its failure event to: `env` as given, unless the run id
-    or correlation id it would take (from `env`, else from the message's JSON) holds characters
-    PostgreSQL cannot store. Then the failure event would be refused in turn, dead-lettered, and
-    announced by another failure event attributed the same way: a loop. Cleaned ids end it at once."""
-    run_id, correlation_id, causation_id = attribution(data, env)
-    clean_run, clean_correlation = _storable_text(run_id), _storable_text(correlation_id)
-    if (clean_run, clean_correlation) == (run_id, correlation_id):
-        return env
-    clean_run = clean_run or UNATTRIBUTED_RUN
-    # Only the attribution is read from it (run_id, correlation_id, event_id as the causation id).
-    return Envelope.model_construct(run_id=clean_run, correlation_id=clean_correlation or clean_run,
-                                    event_id=causation_id)
 
 
 # Errors that a row's values cause, as opposed to the connection or the server: PostgreSQL refusing

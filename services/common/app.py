@@ -30,6 +30,26 @@ def consumer_config(settings: ServiceSettings) -> ConsumerConfig:
     return ConsumerConfig(max_deliver=-1, ack_wait=settings.ack_wait_s)
 
 
+def _tolerate_any_subject(nc) -> None:
+    """Hand nats-py a message whose subject is not UTF-8 with the bad bytes replaced, instead of letting it
+    raise while decoding: that happens in the connection's read loop, which ends for good on it, and the
+    service (its consumers, its publishes' acks, the trainer's control subscription) hears nothing more.
+    A subject is whatever bytes a publisher sent; such a message is then dead-lettered or ignored like
+    any other it does not handle. (The recorder's own connection does the same: services/audit/pull.py.)"""
+    process = nc._process_msg
+
+    async def process_msg(sid, subject, reply, data, headers):  # noqa: ANN001 - nats-py's signature
+        try:
+            subject.decode()
+            reply.decode()
+        except UnicodeDecodeError:
+            subject, reply = (bytes(subject).decode(errors="replace").encode(),
+                              bytes(reply).decode(errors="replace").encode())
+        await process(sid, subject, reply, data, headers)
+
+    nc._process_msg = process_msg
+
+
 class Service:
     """A service process: one broker, its consumers, its artifact store, its JetStream context."""
 
@@ -79,6 +99,7 @@ class Service:
     async def prepare_broker(self) -> None:
         """Connect and declare streams before subscribers start (they need the stream to exist)."""
         await self.broker.connect()
+        _tolerate_any_subject(self.broker._connection)
         await declare_streams(self.js)
         await self._align_consumers()
         for hook in self._startup_hooks:

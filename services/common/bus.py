@@ -62,6 +62,19 @@ class PublishError(RuntimeError):
     pass
 
 
+def headers_size(headers: dict[str, str]) -> int:
+    """Bytes of the header block nats-py sends with `headers` ("NATS/1.0", a line per header, a blank line)."""
+    return len(b"NATS/1.0\r\n\r\n") + sum(len(k.encode()) + len(v.encode()) + len(b": \r\n")
+                                            for k, v in headers.items())
+
+
+def fits(js: JetStreamContext, data: bytes, headers: dict[str, str]) -> bool:
+    """Whether the server takes a message of `data` with `headers`. nats-py checks the payload alone
+    against max_payload; a message its headers take over the limit reaches the server, which closes
+    the connection for it (and the service's subscriptions and publishes with it)."""
+    return len(data) + headers_size(headers) <= js._nc.max_payload  # the context's connection
+
+
 class ExpectedSequenceMismatch(PublishError):
     """Another writer appended to the subject first (nats error 10071)."""
 
@@ -85,8 +98,12 @@ async def publish(
         headers["Nats-Expected-Last-Subject-Sequence"] = str(expected_last_subject_seq)
         if expected_subject_filter:
             headers["Nats-Expected-Last-Subject-Sequence-Subject"] = expected_subject_filter
+    data = encode(envelope)
+    if not fits(js, data, headers):
+        raise PublishError(f"{envelope.type} of {len(data)} bytes (with its headers) is over the server's "
+                           f"max_payload of {js._nc.max_payload} bytes: not published to {subject}")
     try:
-        ack = await js.publish(subject, encode(envelope), timeout=timeout, headers=headers)
+        ack = await js.publish(subject, data, timeout=timeout, headers=headers)
     except BadRequestError as exc:
         if exc.err_code == 10071:
             raise ExpectedSequenceMismatch(str(exc)) from exc

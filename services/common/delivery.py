@@ -35,7 +35,7 @@ from contracts.envelope import Envelope, Severity
 from contracts.events import MessageDeadLettered
 from contracts.registry import ContractError, decode, message_type_of
 from services.common.artifacts import ArtifactStore
-from services.common.bus import publish
+from services.common.bus import fits, publish
 from services.common.ids import dead_letter_event_id, derived_event_id
 from services.common.logging import get_logger, message_context
 from services.common.settings import ServiceSettings
@@ -43,6 +43,10 @@ from services.common.settings import ServiceSettings
 log = get_logger(__name__)
 
 UNATTRIBUTED_RUN = "unattributed"
+# A stage failure's message goes into its `<stage>.failed` event beside the trigger's plan: one that quotes
+# a huge input (a multi-megabyte locator) took the event over the server's max_payload, so the failure was
+# never published, the trigger came back until bus.delivery_exhausted, and the reason was lost.
+MAX_FAILURE_MESSAGE = 4000
 
 
 class StageError(Exception):
@@ -182,11 +186,10 @@ async def handle_delivery(
         try:
             await handler(ctx)
         except StageError as exc:
-            log.warning("stage_failed", reason_code=exc.reason_code, error=str(exc))
+            log.warning("stage_failed", reason_code=exc.reason_code, error=str(exc)[:MAX_FAILURE_MESSAGE])
             if spec.failure_type is not None:
-                failure = spec.failure_type(
-                    stage=spec.stage, message=str(exc), trigger_type=env.type, plan=getattr(payload, "plan", None)
-                )
+                failure = spec.failure_type(stage=spec.stage, message=str(exc)[:MAX_FAILURE_MESSAGE],
+                                            trigger_type=env.type, plan=getattr(payload, "plan", None))
                 await ctx.emit(failure, severity=Severity.ERROR, reason_code=exc.reason_code)
             await msg.ack()
             return "failed"
@@ -246,14 +249,21 @@ async def dead_letter(
         "Tuneline-Reason-Code": reason_code,
         "Tuneline-Error": error[:1000],
     }
-    await js.publish(dlq_subj, msg.data, headers=headers, timeout=10.0)
+    body = msg.data
+    if not fits(js, body, headers):
+        # The server took the message with its own headers, not with these: keep the headers, point at
+        # the original (RUN_EVENTS refuses deletes and purges) rather than lose the connection over it.
+        headers["Tuneline-Body-Omitted"] = (f"{len(body)} bytes, over max_payload with these headers; the original "
+                                            f"is {subjects.STREAM} sequence {seq}")
+        body = b""
+    await js.publish(dlq_subj, body, headers=headers, timeout=10.0)
     run_id, correlation_id, causation = attribution(msg.data, envelope)
     failure = MessageDeadLettered(
         consumer=consumer,
         subject=msg.subject,
         stream_sequence=seq,
         deliveries=msg.metadata.num_delivered,
-        error=error[:2000],
+        error=storable_text(error[:2000]),
         dlq_subject=dlq_subj,
     )
     mt = message_type_of(failure)
@@ -278,12 +288,17 @@ async def dead_letter(
 def attribution(data: bytes, envelope: Envelope | None) -> tuple[str, str, uuid.UUID | None]:
     """(run_id, correlation_id, causation id) for a failure event about this message, so that it shows
     in the timeline of the run it came from: the envelope's when it decoded, else what its JSON
-    holds, else the unattributed run (best effort; the recorder uses it too)."""
+    holds, else the unattributed run (best effort; the recorder uses it too).
+
+    Never raises, and the ids it returns are storable: this runs for messages that failed to decode,
+    whatever they hold (JSON nested past the parser's recursion limit, an integer too long for Python,
+    a lone surrogate escape or a NUL in the run id). An error here would leave the message unsettled,
+    to be redelivered and fail the same way forever (and the recorder retries its batch forever)."""
     if envelope is not None:
-        return envelope.run_id, envelope.correlation_id, envelope.event_id
+        return _storable_ids(envelope.run_id, envelope.correlation_id) + (envelope.event_id,)
     try:
         raw = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, too deep, a number Python will not read
         return UNATTRIBUTED_RUN, UNATTRIBUTED_RUN, None
     if not isinstance(raw, dict):
         return UNATTRIBUTED_RUN, UNATTRIBUTED_RUN, None
@@ -294,4 +309,17 @@ def attribution(data: bytes, envelope: Envelope | None) -> tuple[str, str, uuid.
         causation = uuid.UUID(str(raw.get("event_id")))
     except ValueError:
         pass
-    return run_id[:128], corr[:128], causation
+    return _storable_ids(run_id[:128], corr[:128]) + (causation,)
+
+
+def storable_text(text: str) -> str:
+    """The text with what an envelope (lone surrogates) or a PostgreSQL text column (NUL) refuses taken out."""
+    return text.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+
+
+def _storable_ids(run_id: str, correlation_id: str) -> tuple[str, str]:
+    """Ids a failure event can carry and the recorder can store: else the failure event about a message
+    would be refused in turn, dead-lettered, and announced by another failure event attributed the same
+    way (a loop)."""
+    run_id = storable_text(run_id) or UNATTRIBUTED_RUN
+    return run_id, storable_text(correlation_id) or run_id

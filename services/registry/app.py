@@ -3,12 +3,11 @@ own subject, appended with an expected last sequence so concurrent writers canno
 
 from __future__ import annotations
 
-import json
-
 from nats.js.errors import NotFoundError
 
 from contracts import subjects
 from contracts.events import RegistryFailed, VersionRegistered
+from contracts.registry import ContractError, decode
 from services.common.app import Service
 from services.common.bus import ExpectedSequenceMismatch, publish
 from services.common.delivery import ConsumerSpec, StageContext, StageError
@@ -25,32 +24,53 @@ EXPORTED = ConsumerSpec(service="registry", durable="registry-export-completed",
 MAX_ATTEMPTS = 5
 
 
-async def last_target_event(js, target_filter: str) -> tuple[int, dict | None]:
-    """The target aggregate's last event and its stream sequence (0 when the target is new)."""
+async def last_target_sequence(js, target_filter: str) -> int:
+    """The stream sequence of the target's last message (0 when the target is new): what the next
+    registration expects, whatever that message is (the server compares sequences, not contents)."""
     try:
         msg = await js.get_last_msg(subjects.STREAM, target_filter)
     except NotFoundError:
-        return 0, None
-    return msg.seq, json.loads(msg.data)
+        return 0
+    return msg.seq
 
 
-async def registered_by(js, target_filter: str, trigger_id: str, first_seq: int, last_seq: int) -> dict | None:
-    """The target's registry event caused by `trigger_id` at stream positions first_seq..last_seq, if any.
+def registry_event(data: bytes, target: str) -> dict | None:
+    """The message as a registration of `target`, or None. Anyone on the bus may publish on the target's
+    subjects (malformed JSON, another type): the recorder dead-letters such a message, and the aggregate
+    is not built from it either. One such message, read as the last registration, failed every later
+    registration of the target until bus.delivery_exhausted."""
+    try:
+        env, payload = decode(data)
+    except ContractError:
+        return None
+    if env.type != "registry.version_registered" or payload.target != target:
+        return None
+    return env.model_dump(mode="json")
 
-    The last event alone is not enough: a redelivered export.completed (its ack lost, a retrained run)
-    may come after another run registered, and past the stream's duplicate window; registering it
+
+async def scan_target(js, target_filter: str, target: str, trigger_id: str, first_seq: int,
+                      last_seq: int) -> tuple[dict | None, dict | None]:
+    """The target's registrations at stream positions first_seq..last_seq: (the one caused by
+    `trigger_id`, if any; the last one, if any).
+
+    The last registration alone is not enough: a redelivered export.completed (its ack lost, a retrained
+    run) may come after another run registered, and past the stream's duplicate window; registering it
     again would make a version the audit log refuses as a duplicate of the first (same event id)."""
-    seq = first_seq
+    seq, last = first_seq, None
     while seq <= last_seq:
         try:
             msg = await js.get_msg(subjects.STREAM, seq, subject=target_filter, next=True)
         except NotFoundError:
-            return None
-        event = json.loads(msg.data)
-        if event.get("causation_id") == trigger_id:
-            return event
+            break
+        if msg.seq > last_seq:
+            break
+        event = registry_event(msg.data, target)
+        if event is not None:
+            if event.get("causation_id") == trigger_id:
+                return event, event
+            last = event
         seq = msg.seq + 1
-    return None
+    return None, last
 
 
 async def on_exported(ctx: StageContext) -> None:
@@ -60,11 +80,11 @@ async def on_exported(ctx: StageContext) -> None:
         raise StageError("registry.invalid_target", f"target {target!r} is not a valid subject token")
     target_filter = subjects.registry_target_filter(target)
     trigger = str(ctx.envelope.event_id)
-    scanned = 0  # the target's events up to here were looked through: a retry looks only at newer ones
+    scanned, last = 0, None  # the target's events up to `scanned` were looked through: a retry looks only at newer ones
     for attempt in range(1, MAX_ATTEMPTS + 1):
-        seq, last = await last_target_event(ctx.js, target_filter)
-        done = await registered_by(ctx.js, target_filter, trigger, scanned + 1, seq)
-        scanned = seq
+        seq = await last_target_sequence(ctx.js, target_filter)
+        done, newer = await scan_target(ctx.js, target_filter, target, trigger, scanned + 1, seq)
+        scanned, last = seq, newer or last
         if done is not None:
             log.info("already_registered", version=done["payload"]["version"])  # a redelivery after success
             return

@@ -306,6 +306,43 @@ async def test_a_batch_that_fails_to_commit_is_retried_in_place_and_nothing_afte
     assert positions == list(range(1, len(envs) + 1))
 
 
+async def test_messages_a_dead_recorder_held_are_recorded_before_anything_after_them_is_acked(
+        js, nats_server, database, tmp_path):
+    """Ack-all settles every earlier message. A recorder killed with a batch in hand leaves it
+    unacked until ack_wait sends it again; its successor, acking the newer messages it pulled first,
+    settled that batch too, so it was never redelivered nor recorded: a gap for good, and the
+    timeline stopped at it."""
+    from nats.js.api import AckPolicy
+
+    from services.audit.recorder import CONSUMER
+    from services.common.app import consumer_config
+
+    settings = AuditSettings(nats_url=nats_server.url, database_url=database, data_dir=tmp_path / "d",
+                             projector_poll_s=0.1, ack_wait_s=2)
+    config = consumer_config(settings)
+    config.durable_name, config.filter_subject = CONSUMER, f"{subjects.ROOT}.>"
+    config.ack_policy, config.max_ack_pending = AckPolicy.ALL, settings.recorder_batch * 4
+    await js.add_consumer(subjects.STREAM, config)
+    envs = successful_run("run-held") + failed_run("run-after-kill")
+    await publish_all(js, envs[:3])
+    dead = await js.pull_subscribe_bind(durable=CONSUMER, stream=subjects.STREAM)
+    assert len(await dead.fetch(3, timeout=5)) == 3  # pulled by a recorder that dies before acking
+    await publish_all(js, envs[3:])
+    svc = AuditService(settings)
+    await svc.prepare_broker()
+    await svc.broker.start()
+    conn = await connect_as_app(database)
+    try:
+        await wait_for(lambda: _checkpoint_at(conn, len(envs)), timeout=30)
+        positions = [r[0] for r in await conn.fetch("SELECT global_position FROM run_events ORDER BY 1")]
+        gaps = await find_gaps(conn)
+    finally:
+        await conn.close()
+        await stop_audit(svc)
+    assert positions == list(range(1, len(envs) + 1))
+    assert gaps == []
+
+
 async def test_projector_reconnects_after_its_database_connection_is_killed(js, nats_server, database, tmp_path):
     svc = await start_audit(nats_server, database, tmp_path)
     owner = await asyncpg.connect(database)

@@ -63,6 +63,21 @@ async def test_publishing_the_same_event_twice_stores_it_once(js):
     assert (await js.stream_info(subjects.STREAM)).state.messages == 1
 
 
+async def test_an_event_its_headers_take_over_max_payload_is_refused_and_the_connection_stays(js):
+    """nats-py checks the payload alone against max_payload: the message went out, and the server closed
+    the connection for it (every subscription and publish of the service with it)."""
+    from services.common.bus import PublishError
+
+    env = envelope(IngestFailed(stage="ingest", message="", trigger_type="run.start"), run_id="run-big")
+    room = js._nc.max_payload - len(encode(env))
+    big = env.model_copy(update={"payload": {**env.payload, "message": "m" * (room - 20)}})
+    assert len(encode(big)) == js._nc.max_payload - 20  # nats-py sends it; its Nats-Msg-Id header is longer than 20
+    with pytest.raises(PublishError, match="max_payload"):
+        await publish(js, big, subjects.subject_for(big.type, kind="event"))
+    await publish(js, start_command(), subjects.subject_for("run.start", kind="command"))  # still connected
+    assert (await js.stream_info(subjects.STREAM)).state.messages == 1
+
+
 async def test_handler_crash_is_redelivered_and_its_event_published_once(js, nats_server, tmp_path):
     calls = []
 
@@ -123,6 +138,12 @@ async def test_poison_message_reaches_the_dlq_after_max_deliver_with_a_failure_e
         (json.dumps({"type": "run.start", "run_id": "run-x"}).encode(), "bus.malformed_message"),
         (None, "bus.unknown_event_type"),
         ("bad-payload", "bus.invalid_payload"),
+        # What json.loads cannot read while attributing the failure event (nested past its recursion limit,
+        # an integer past Python's digit limit) or a run id no envelope can carry (a lone surrogate): the
+        # dead letter raised, the message stayed unsettled and came back, failing the same way, forever.
+        (b'{"run_id": "run-deep", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", "bus.malformed_message"),
+        (b'{"run_id": "run-long", "x": ' + b"1" * 5000 + b"}", "bus.malformed_message"),
+        (b'{"run_id": "run-\\ud800", "type": "run.start"}', "bus.malformed_message"),
     ],
 )
 async def test_bad_input_is_dead_lettered_with_a_reason_and_never_reaches_the_handler(js, nats_server, tmp_path, body, reason):
@@ -152,6 +173,63 @@ async def test_bad_input_is_dead_lettered_with_a_reason_and_never_reaches_the_ha
     assert dlq[0].data == body  # the dead letter keeps the original bytes for re-driving
 
 
+async def test_a_message_too_large_to_copy_with_the_dead_letter_headers_is_dead_lettered_and_the_service_goes_on(
+        js, nats_server, tmp_path):
+    """The server took it (just under max_payload), but not its copy with the dead letter's headers: it
+    closed the service's connection for it, and the service neither dead-lettered nor handled anything
+    after it again (its pull loop spun on the closed connection, holding the event loop: this test hung)."""
+    calls = []
+
+    async def handler(ctx):
+        calls.append(ctx.envelope.run_id)
+
+    svc = await started_service(nats_server, tmp_path, handler)
+    try:
+        limit = js._nc.max_payload
+        body = b'{"run_id": "run-huge", "x": "' + b"a" * (limit - 64) + b'"}'
+        await js.publish(SPEC.subject, body, headers={"Nats-Msg-Id": "huge"})
+        await publish(js, start_command("run-after-huge"), SPEC.subject)
+        (dead,) = await wait_for(lambda: events_of_type(js, "bus.message_dead_lettered"))
+        (dlq,) = await wait_for(lambda: stream_messages(js, subjects.DLQ_STREAM))
+        await wait_for(lambda: calls)
+        await wait_for(lambda: _settled(js, SPEC.durable))
+    finally:
+        await svc.broker.stop()
+    assert dead.reason_code == "bus.malformed_message" and dead.run_id == "run-huge"
+    assert dlq.data in (b"", None) and f"{subjects.STREAM} sequence 1" in dlq.headers["Tuneline-Body-Omitted"]
+    assert calls == ["run-after-huge"]
+
+
+async def test_a_subject_that_is_not_utf8_does_not_deafen_the_service(js, nats_server, tmp_path):
+    """nats-py decodes a subject in its read loop, which ended on one that is not UTF-8: the service (here
+    a subscription like the trainer's to training commands, and its consumer) heard nothing more."""
+    import socket
+
+    calls, heard = [], []
+
+    async def handler(ctx):
+        calls.append(ctx.envelope.run_id)
+
+    async def on_control(msg):
+        heard.append(msg.subject)
+
+    svc = await started_service(nats_server, tmp_path, handler)
+    try:
+        await svc.js.subscribe(f"{subjects.COMMANDS}.training.>", cb=on_control, ordered_consumer=True)
+        host, port = nats_server.url.rsplit("/", 1)[1].split(":")
+        with socket.create_connection((host, int(port))) as raw:  # nats-py itself refuses to publish one
+            raw.recv(4096)
+            raw.sendall(b'CONNECT {"verbose":false}\r\nPUB tuneline.cmd.training.\xff 2\r\n{}\r\nPING\r\n')
+            assert b"PONG" in raw.recv(4096)
+        await js.publish(f"{subjects.COMMANDS}.training.cancel", b"{}", headers={"Nats-Msg-Id": "cancel"})
+        await publish(js, start_command("run-after-bad-subject"), SPEC.subject)
+        await wait_for(lambda: len(heard) == 2 and calls, timeout=10)
+    finally:
+        await svc.broker.stop()
+    assert heard == ["tuneline.cmd.training.\ufffd", "tuneline.cmd.training.cancel"]
+    assert calls == ["run-after-bad-subject"]
+
+
 async def test_stage_error_is_answered_with_a_failure_event_and_acked(js, nats_server, tmp_path):
     async def handler(ctx):
         raise StageError("ingest.source_not_found", "jsonl:/nope.jsonl: no such file")
@@ -167,6 +245,24 @@ async def test_stage_error_is_answered_with_a_failure_event_and_acked(js, nats_s
     assert failed[0].reason_code == "ingest.source_not_found"
     assert failed[0].payload["message"] == "jsonl:/nope.jsonl: no such file"
     assert failed[0].causation_id == cmd.event_id and failed[0].run_id == "run-missing"
+    assert (await js.stream_info(subjects.DLQ_STREAM)).state.messages == 0
+
+
+async def test_a_stage_error_quoting_a_huge_input_is_still_answered_with_its_failure_event(js, nats_server, tmp_path):
+    """A run.start with a multi-megabyte locator: ingest's message quoted it, the failure event went over
+    max_payload and was never published; the run ended in bus.delivery_exhausted, its reason lost."""
+    async def handler(ctx):
+        raise StageError("ingest.locator_outside_roots", f"locator {'x' * (js._nc.max_payload + 1)!r}: outside the roots")
+
+    svc = await started_service(nats_server, tmp_path, handler)
+    try:
+        await publish(js, start_command("run-long-message"), SPEC.subject)
+        (failed,) = await wait_for(lambda: events_of_type(js, "ingest.failed"))
+        await wait_for(lambda: _settled(js, SPEC.durable))
+    finally:
+        await svc.broker.stop()
+    assert failed.reason_code == "ingest.locator_outside_roots" and failed.run_id == "run-long-message"
+    assert failed.payload["message"].startswith("locator 'xxx") and len(failed.payload["message"]) <= 4000
     assert (await js.stream_info(subjects.DLQ_STREAM)).state.messages == 0
 
 
@@ -251,6 +347,37 @@ async def test_a_redelivered_export_is_not_registered_again_after_another_run_re
     await asyncio.sleep(1.0)
     await register(exports[0])  # the first export again: nothing new
     registered = await events_of_type_on(js, "tuneline.evt.registry.>")
+    assert [(e.payload["source_run_id"], e.payload["version"]) for e in registered] == [("run-1", 1), ("run-2", 2)]
+
+
+async def test_a_foreign_message_on_a_targets_subject_does_not_stop_its_registrations(js, nats_server, tmp_path):
+    """The target's last message was read as its last registration (and every message as a registration
+    while looking for a redelivery's): one malformed message there failed every later registration of the
+    target until bus.delivery_exhausted, for good."""
+    from contracts.events import ExportCompleted
+    from services.common.artifacts import ArtifactStore
+    from services.common.delivery import StageContext
+    from services.registry.app import on_exported
+
+    settings = ServiceSettings(nats_url=nats_server.url, data_dir=tmp_path / "data")
+    metrics = {"accuracy": 0.9, "macro_f1": 0.9, "n": 10}
+    exports = [envelope(ExportCompleted(plan=plan(), export=ref(f"e{i}"), files={"adapter_model.safetensors": "0" * 64},
+                                        format="peft-lora-safetensors",
+                                        base_model="m", candidate=metrics, base=metrics), run_id=f"run-{i}", producer="export")
+               for i in (1, 2)]
+    target_subject = subjects.subject_for("registry.version_registered", kind="event", target=plan().target)
+
+    async def register(env):
+        _, payload = decode(encode(env))
+        await on_exported(StageContext(env, payload, "registry", js, ArtifactStore(tmp_path / "a"), settings, None))
+
+    await js.publish(target_subject, b'{"garbage": true}', headers={"Nats-Msg-Id": "garbage-1"})
+    await register(exports[0])
+    await js.publish(target_subject, encode(start_command("run-x")), headers={"Nats-Msg-Id": "foreign-1"})
+    await register(exports[1])
+    await register(exports[0])  # a redelivery: still registered once
+    registered = [decode(m.data)[0] for m in await stream_messages(js, subjects.STREAM, target_subject)
+                  if m.headers.get("Nats-Msg-Id") not in ("garbage-1", "foreign-1")]
     assert [(e.payload["source_run_id"], e.payload["version"]) for e in registered] == [("run-1", 1), ("run-2", 2)]
 
 

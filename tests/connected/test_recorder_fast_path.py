@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 
 from contracts import subjects
-from contracts.registry import encode
+from contracts.registry import ContractError, decode, encode
 from services.audit.recorder import Recorder, _fast_row
 from services.common.bus import publish
 from tests.factories import failed_run, successful_run
@@ -113,6 +113,39 @@ async def test_a_payload_the_fast_path_declines_is_judged_by_decode_and_dead_let
     batch, out, rows, skipped = await _record(js, database, "inv", full_decode=False)
     assert batch.fast == 4 and out.appended == 4 and out.dead_lettered == 1
     assert skipped == [(5, "bus.invalid_payload")]
+
+
+def _nested(env, depth: int) -> bytes:
+    """The run.start with a recipe override nested `depth` lists deep (a dict[str, Any] takes any JSON)."""
+    marker = '"__nested__"'
+    text = _body(env, payload__plan={**env.payload["plan"], "recipe_overrides": {"x": "__nested__"}}).decode()
+    return text.replace(marker, "[" * depth + "]" * depth).encode()
+
+
+def test_fast_path_declines_json_nested_deeper_than_decode_reads():
+    """pydantic's parser (decode()) reads about 200 levels, orjson 1024 and writes 254: the fast path
+    recorded a message decode() refuses (and that every service dead-letters), and raised on a deeper
+    one, which stopped the recorder (and the audit service) on every start."""
+    start = successful_run("run-x")[0]
+    assert _fast_row(1, "s", _nested(start, 150)) is not None
+    for depth in (250, 600):
+        with pytest.raises(ContractError):
+            decode(_nested(start, depth))
+        assert _fast_row(1, "s", _nested(start, depth)) is None
+
+
+async def test_json_nested_too_deep_is_dead_lettered_and_recording_goes_on(js, nats_server, database):
+    """Also nested beyond json.loads' recursion limit, which the dead letter's attribution raised on: the
+    batch was retried forever and nothing after it was recorded."""
+    good = successful_run("run-deep", progress_steps=1)
+    await publish(js, good[0], subject_of(good[0]))
+    for i, depth in enumerate((600, 5000)):
+        await js.publish(subject_of(good[0]), _nested(good[0], depth), headers={"Nats-Msg-Id": f"deep-{i}"})
+    for env in good[1:3]:
+        await publish(js, env, subject_of(env))
+    batch, out, rows, skipped = await _record(js, database, "deep", full_decode=False)
+    assert out.appended == 3 and out.dead_lettered == 2
+    assert skipped == [(2, "bus.malformed_message"), (3, "bus.malformed_message")]
 
 
 def test_fast_path_declines_an_integer_beyond_64_bits():

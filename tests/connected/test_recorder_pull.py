@@ -70,3 +70,23 @@ async def test_acking_the_last_message_of_a_batch_settles_the_batch(js, nats_ser
         await wait_for(settled)  # the server applies an ack asynchronously
     finally:
         await puller.stop()
+
+
+async def test_a_subject_that_is_not_utf8_is_handed_out_and_the_puller_goes_on(js, nats_server):
+    """Subjects are bytes: decoding one that is not UTF-8 raised in nats-py's read loop, which ended, and
+    the recorder pulled nothing more (lag growing for good)."""
+    import socket
+
+    host, port = nats_server.url.rsplit("/", 1)[1].split(":")
+    with socket.create_connection((host, int(port))) as raw:  # nats-py itself refuses to publish one
+        raw.recv(4096)
+        raw.sendall(b'CONNECT {"verbose":false}\r\nPUB ' + SUBJECT.encode() + b".\xff\xfe 2\r\n{}\r\nPING\r\n")
+        assert b"PONG" in raw.recv(4096)
+    await js.publish(SUBJECT, b"after", headers={"Nats-Msg-Id": "after"})
+    puller = await _puller(js, nats_server, batch=10, wait_s=1.0)
+    try:
+        got = await puller.next_batch()
+        got += await puller.next_batch() if len(got) < 2 else []
+    finally:
+        await puller.stop()
+    assert [(m.subject, m.data) for m in got] == [(SUBJECT + ".\ufffd\ufffd", b"{}"), (SUBJECT, b"after")]

@@ -75,3 +75,12 @@ def test_preflight_belongs_to_the_trainer_and_blocked_fails_the_run():
     b = fold(as_rows([blocked, later]))
     assert b.runs["r"].status == "failed" and b.runs["r"].reason_code == "preflight.blocked"
     assert b.stages[("r", "trainer")].status == "failed"
+
+
+def test_a_memory_estimate_too_large_for_a_float_does_not_stop_the_projection():
+    """Valid by the contract (bounded only below): dividing it by 2**30 raised OverflowError, and the
+    timeline stopped at it for every run."""
+    mem = MemoryEstimate(device="cpu", weights=1, gradients=0, optimizer=0, activations=1, total=10**400,
+                         available=8 * 2**30, fits=False)
+    b = fold(as_rows([envelope(PreflightPassed(plan=PLAN, train_plan=TRAIN_PLAN, checks=[], memory=mem), run_id="r")]))
+    assert b.entries[0][-1].startswith(f"preflight passed (strict): seqcls-lora-minilm on cpu, 50 steps, needs ~{10**400 // 2**30}")

@@ -73,6 +73,15 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+def _gib(n: int, decimals: int) -> str:
+    """Bytes as GiB. The contract bounds these integers only below: one too large for a float (valid, if
+    absurd) raised OverflowError here, and the projection stopped on it for every run."""
+    try:
+        return f"{n / 2**30:.{decimals}f}"
+    except OverflowError:
+        return str(n // 2**30)
+
+
 # The optional parts of a progress line, in order: (payload field, how it reads).
 _PROGRESS_PARTS = (
     ("loss", lambda v: f"loss {_fmt(v)}"),
@@ -164,7 +173,7 @@ def summarize(event_type: str, payload: dict, reason_code: str | None) -> str:
             tp = p["train_plan"]
             warn = [w["reason_code"] for w in p.get("warnings", [])]
             mem = p.get("memory") or {}
-            fit = (f", needs ~{mem['total'] / 2**30:.2f} GiB of {mem['available'] / 2**30:.1f} available"
+            fit = (f", needs ~{_gib(mem['total'], 2)} GiB of {_gib(mem['available'], 1)} available"
                    if mem.get("available") else "")
             return (f"preflight passed ({p.get('mode', 'strict')}): {tp['recipe']} on {tp['device']}, {tp['steps']} "
                     f"steps{fit}" + (f"; warnings: {', '.join(warn)}" if warn else ""))
