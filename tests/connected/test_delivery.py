@@ -319,9 +319,9 @@ async def test_a_consumer_made_with_a_server_delivery_limit_loses_it_when_the_se
         await svc.broker.stop()
 
 
-async def test_a_redelivered_export_is_not_registered_again_after_another_run_registered(js, nats_server, tmp_path):
-    """Only the target's last event was checked: a redelivery arriving after another run's version (and
-    past the duplicate window) registered a second version of the same export."""
+def _registry_of_two_exports(js, nats_server, tmp_path):
+    """The registry's handler as a function of an export.completed envelope, and two exports (runs 1 and 2)
+    of one target."""
     from contracts.events import ExportCompleted
     from services.common.artifacts import ArtifactStore
     from services.common.delivery import StageContext
@@ -337,6 +337,14 @@ async def test_a_redelivered_export_is_not_registered_again_after_another_run_re
     async def register(env):
         _, payload = decode(encode(env))
         await on_exported(StageContext(env, payload, "registry", js, ArtifactStore(tmp_path / "a"), settings, None))
+
+    return register, exports
+
+
+async def test_a_redelivered_export_is_not_registered_again_after_another_run_registered(js, nats_server, tmp_path):
+    """Only the target's last event was checked: a redelivery arriving after another run's version (and
+    past the duplicate window) registered a second version of the same export."""
+    register, exports = _registry_of_two_exports(js, nats_server, tmp_path)
 
     import asyncio
 
@@ -354,22 +362,8 @@ async def test_a_foreign_message_on_a_targets_subject_does_not_stop_its_registra
     """The target's last message was read as its last registration (and every message as a registration
     while looking for a redelivery's): one malformed message there failed every later registration of the
     target until bus.delivery_exhausted, for good."""
-    from contracts.events import ExportCompleted
-    from services.common.artifacts import ArtifactStore
-    from services.common.delivery import StageContext
-    from services.registry.app import on_exported
-
-    settings = ServiceSettings(nats_url=nats_server.url, data_dir=tmp_path / "data")
-    metrics = {"accuracy": 0.9, "macro_f1": 0.9, "n": 10}
-    exports = [envelope(ExportCompleted(plan=plan(), export=ref(f"e{i}"), files={"adapter_model.safetensors": "0" * 64},
-                                        format="peft-lora-safetensors",
-                                        base_model="m", candidate=metrics, base=metrics), run_id=f"run-{i}", producer="export")
-               for i in (1, 2)]
+    register, exports = _registry_of_two_exports(js, nats_server, tmp_path)
     target_subject = subjects.subject_for("registry.version_registered", kind="event", target=plan().target)
-
-    async def register(env):
-        _, payload = decode(encode(env))
-        await on_exported(StageContext(env, payload, "registry", js, ArtifactStore(tmp_path / "a"), settings, None))
 
     await js.publish(target_subject, b'{"garbage": true}', headers={"Nats-Msg-Id": "garbage-1"})
     await register(exports[0])

@@ -13,23 +13,14 @@ from pathlib import Path
 import pytest
 
 from services.cli import main
+from tests.unit.cli_support import run_cli
+
+pytestmark = pytest.mark.usefixtures("cli_data_dir")
+
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_cli(argv, capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main.main(argv)
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
-
-
-@pytest.fixture(autouse=True)
-def data_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("TUNELINE_DATA_DIR", str(tmp_path))
-    monkeypatch.delenv("NATS_URL", raising=False)
-    monkeypatch.delenv("DATABASE_URL", raising=False)
-    return tmp_path
 
 
 @pytest.mark.parametrize("command", [["introspect"], ["dry-run"], ["commit", "--target", "t"]])

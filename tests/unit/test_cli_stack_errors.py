@@ -8,21 +8,9 @@ import json
 import pytest
 
 from services.cli import main, stack
+from tests.unit.cli_support import run_cli
 
-
-def run_cli(argv, capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main.main(argv)
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
-
-
-@pytest.fixture(autouse=True)
-def data_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("TUNELINE_DATA_DIR", str(tmp_path))
-    monkeypatch.delenv("NATS_URL", raising=False)
-    monkeypatch.delenv("DATABASE_URL", raising=False)
-    return tmp_path
+pytestmark = pytest.mark.usefixtures("cli_data_dir")
 
 
 def test_a_bad_target_is_one_line_naming_the_option_and_exit_2(capsys):
@@ -40,9 +28,9 @@ def test_every_bad_option_gets_its_line(capsys):
                                         "tuneline run: --max-steps: Input should be greater than or equal to 1"]
 
 
-def test_an_unreachable_nats_server_is_one_line_not_a_traceback(data_dir, capsys):
+def test_an_unreachable_nats_server_is_one_line_not_a_traceback(cli_data_dir, capsys):
     url = f"nats://127.0.0.1:{stack.free_port()}"  # nothing listens there
-    stack.write_state(data_dir, {"nats": {"url": url, "managed": True},
+    stack.write_state(cli_data_dir, {"nats": {"url": url, "managed": True},
                                  "postgres": {"url": "postgresql://u:pw@/tuneline?host=/nonexistent"}})
     for argv in (["status"], ["status", "--json"], ["run", "--locator", "jsonl:x", "--target", "t", "--no-wait"]):
         code, out, err = run_cli(argv, capsys)
