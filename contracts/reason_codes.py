@@ -40,6 +40,7 @@ _CODES = [
     ReasonCode("ingest.row_too_long", "ingest", "A raw row is longer than the row size limit; kept as a rejected row, truncated."),
     ReasonCode("ingest.text_too_long", "ingest", "The mapped text is longer than the text length limit."),
     ReasonCode("ingest.ragged_row", "ingest", "A CSV row has a different number of fields than the header."),
+    ReasonCode("ingest.header_missing", "ingest", "The CSV's first row holds personal data or a secret (an email, a phone number, an address, a card, a key) where column names go: the file has no header row."),
     ReasonCode("ingest.invalid_value", "ingest", "A mapped field has the wrong type or shape (e.g. messages that are not a list of {role, content})."),
     ReasonCode("ingest.label_outside_space", "ingest", "The row's label is not in the declared label space."),
     ReasonCode("ingest.dsn_env_missing", "ingest", "The environment variable named by a pg: locator is not set."),

@@ -409,3 +409,22 @@ def test_recovery_offsets_in_other_encodings_and_line_ends(tmp_path, encoding, b
     assert [r.fields["text"] for r in recs if r.fields] == ["café", "thé", "über"]
     expected = [len(bom) + len("".join(x + sep for x in lines[:n - 1]).encode(encoding)) for n in (2, 3, 4, 5)]
     assert [r.offset for r in recs] == expected
+
+
+def test_a_file_without_a_header_row_is_refused_without_its_values(tmp_path):
+    """Its first record became the column names (an email and a phone number put into every ingest event
+    as column names, and proposed as the text field) and was never counted as a row."""
+    p = tmp_path / "noheader.csv"
+    p.write_text("ann@example.com,+1 415 555 0100,printer jams on page 2\n"
+                 "bob@example.org,+1 415 555 0199,login fails after reset\n")
+    with pytest.raises(SourceError) as err:
+        CsvSource(p).describe()
+    assert err.value.reason_code == "ingest.header_missing"
+    assert "email" in str(err.value) and "phone" in str(err.value)
+    assert "example.com" not in str(err.value) and "555" not in str(err.value)
+
+
+def test_a_header_naming_personal_fields_is_a_header(tmp_path):
+    p = tmp_path / "ok.csv"
+    p.write_text("email,phone number,ip address,api_key,text\nann@example.com,+1 415 555 0100,10.0.0.1,x,hello\n")
+    assert CsvSource(p).describe().columns == ["email", "phone number", "ip address", "api_key", "text"]

@@ -52,7 +52,10 @@ cannot be told apart. Not for UTF-16/32 read with a BOM-dependent codec, or unde
 UTF-16/32 record (offsets there are not exact), where the detail alone is given.
 Whole-source failures raise SourceError: ingest.source_not_found, ingest.binary_source,
 ingest.empty_source (no header, or a header and no records), ingest.encoding_error (undecodable
-header, unknown `encoding=`), ingest.row_too_long (a header longer than the limit).
+header, unknown `encoding=`), ingest.row_too_long (a header longer than the limit),
+ingest.header_missing (the first row holds what prep's PII scrubber finds, an email or a phone number
+say: a data row where column names go, which would travel in events as column names; the message names
+the kinds, not the values).
 """
 
 from __future__ import annotations
@@ -242,6 +245,20 @@ def _sniff(text: str) -> tuple[type[csv.Dialect], str]:
     return _dialect(delimiter, quotechar, bool(sniffed.skipinitialspace)), "sniffed"
 
 
+def _refuse_data_as_header(path, header: list[str]) -> None:
+    """A file without a header row: its first record would become the column names, which go into events
+    (the source description, introspection's proposal, the mapping) that the audit log keeps for good,
+    and the record itself would not be counted as a row. Told by what a header never holds: an email
+    address, a phone number, an IP address, a card number or a secret (prep's PII scrubber)."""
+    from services.prep.pii import Scrubber
+
+    kinds = sorted({kind for hit in Scrubber().scrub_changed(header).values() for kind in hit.counts})
+    if kinds:
+        raise SourceError("ingest.header_missing",
+                          f"{path}: its first row holds {', '.join(kinds)} value(s) where column names go, so it is a "
+                          f"data row: a CSV source needs a header row naming its columns (add one); values not shown")
+
+
 def _unique_header(names: list[str]) -> list[str]:
     out: list[str] = []
     seen: set[str] = set()
@@ -381,6 +398,7 @@ class CsvSource:
             raise SourceError("ingest.empty_source", f"{self.path} has no header row")
         if _MARKED.search("".join(header)):
             raise SourceError("ingest.encoding_error", f"{self.path}: the header row does not decode as {encoding}")
+        _refuse_data_as_header(self.path, header)
         self._layout = _Layout(encoding, source, bom_len, _ascii_compatible(encoding),
                                first_end is not None and first_end.group() == "\r", dialect, _unique_header(header),
                                size, records, len(body), detection)
