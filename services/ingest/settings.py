@@ -17,9 +17,11 @@ class IngestSettings(ServiceSettings):
     # list). Empty: the service's working directory and its data directory.
     roots: list[Path] = Field(default_factory=list)
     max_row_bytes: int = 1 << 20
+    # How long one statement of a pg: source may run (services/ingest/sources/pg.py STATEMENT_TIMEOUT_S).
+    pg_statement_timeout_s: float = Field(900.0, gt=0)
 
     def allowed_roots(self) -> list[Path]:
         return [p.resolve() for p in self.roots] or [Path.cwd().resolve(), self.data_dir.resolve()]
 
     def limits(self) -> dict:
-        return {"max_row_bytes": self.max_row_bytes}
+        return {"max_row_bytes": self.max_row_bytes, "statement_timeout_s": self.pg_statement_timeout_s}

@@ -135,6 +135,28 @@ async def test_a_bad_query_fails_with_the_server_message_and_no_secret(items):
         no_secret(*error_texts(err.value))
 
 
+async def test_a_query_that_runs_past_the_statement_timeout_is_cancelled_with_a_reason(items):
+    """A query that never finished held the ingest command's queue for good (heartbeats kept it alive)."""
+    import time
+
+    src = PgSource("DSN", "SELECT id, pg_sleep(30) FROM items LIMIT 1", env={"DSN": items}, statement_timeout_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(SourceError) as err:
+        await asyncio.to_thread(lambda: list(src.load()))
+    assert err.value.reason_code == "ingest.query_failed" and "57014" in str(err.value)
+    assert "statement timeout" in str(err.value)
+    assert time.monotonic() - started < 20  # cancelled by the server, not run to its end
+    no_secret(*error_texts(err.value))
+
+
+def test_the_ingest_settings_pass_the_statement_timeout_to_a_pg_source():
+    from services.ingest.settings import IngestSettings
+
+    src = open_source("pg:DSN?query=SELECT 1", env={"DSN": "x"},
+                      **IngestSettings(pg_statement_timeout_s=2.5).limits())
+    assert src.statement_timeout_ms == 2500
+
+
 async def test_an_empty_result_is_an_empty_source(items):
     src = PgSource("DSN", "SELECT * FROM items WHERE false", env={"DSN": items})
     with pytest.raises(SourceError) as err:

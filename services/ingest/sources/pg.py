@@ -36,6 +36,11 @@ from services.ingest.sources.hf import jsonable, raw_json
 
 DEFAULT_PREFETCH = 1000
 CONNECT_TIMEOUT_S = 10.0
+# How long one statement (the cursor's query, one fetch of `prefetch` rows, describe()'s prepare) may run.
+# Ingest answers one command of a kind at a time, and heartbeats keep a running one alive: a query that
+# never finishes would hold every later command of that kind. Past it the server cancels the statement
+# (ingest.query_failed, SQLSTATE 57014).
+STATEMENT_TIMEOUT_S = 900.0
 
 
 def _secrets_of(dsn: str) -> list[str]:
@@ -69,7 +74,8 @@ class PgSource:
     format = "pg"
 
     def __init__(self, dsn_env: str, query: str, *, env: Mapping[str, str] | None = None,
-                 prefetch: int = DEFAULT_PREFETCH, connect_timeout: float = CONNECT_TIMEOUT_S, **_ignored):
+                 prefetch: int = DEFAULT_PREFETCH, connect_timeout: float = CONNECT_TIMEOUT_S,
+                 statement_timeout_s: float = STATEMENT_TIMEOUT_S, **_ignored):
         if prefetch < 1:
             raise ValueError("prefetch must be positive")
         self.dsn_env = dsn_env
@@ -77,6 +83,9 @@ class PgSource:
         self.env = os.environ if env is None else env
         self.prefetch = prefetch
         self.connect_timeout = connect_timeout
+        if statement_timeout_s <= 0:
+            raise ValueError("statement_timeout_s must be positive")
+        self.statement_timeout_ms = max(1, int(statement_timeout_s * 1000))
 
     def __repr__(self) -> str:
         return f"PgSource(dsn_env={self.dsn_env!r}, query={self.query!r})"
@@ -124,6 +133,10 @@ class PgSource:
             return conn
         raise SourceError("ingest.source_connect_failed",
                           f"cannot connect to the PostgreSQL database named by ${self.dsn_env}: {why}")
+
+    async def _limit_statements(self, conn) -> None:
+        """statement_timeout for the rest of the caller's transaction (see STATEMENT_TIMEOUT_S)."""
+        await conn.execute(f"SET LOCAL statement_timeout = {self.statement_timeout_ms}")
 
     def _query_error(self, exc: BaseException, secrets: list[str]) -> SourceError:
         import asyncpg
@@ -176,6 +189,7 @@ class PgSource:
             try:
                 try:
                     async with conn.transaction(readonly=True):
+                        await self._limit_statements(conn)
                         cursor = await conn.cursor(self.query)
                         while True:
                             rows = await cursor.fetch(self.prefetch)
@@ -210,6 +224,7 @@ class PgSource:
             try:
                 try:
                     async with conn.transaction(readonly=True):
+                        await self._limit_statements(conn)
                         stmt = await conn.prepare(self.query)
                         result["columns"] = [a.name for a in stmt.get_attributes()]
                         result["types"] = {a.name: a.type.name for a in stmt.get_attributes()}
