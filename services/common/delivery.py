@@ -141,6 +141,11 @@ class ConsumerSpec:
     failure_type: Callable[..., BaseModel] | None  # payload model of `<stage>.failed`
     stage: str
 
+    def __post_init__(self) -> None:
+        # The timeline tells which stage a dead letter failed from the consumer's name (consumer_stage).
+        if not self.durable.startswith(f"{self.stage}-"):
+            raise ValueError(f"durable {self.durable!r} of stage {self.stage!r} must start with {self.stage + '-'!r}")
+
 
 async def handle_delivery(
     msg: Msg,

@@ -198,13 +198,47 @@ def test_the_run_stays_failed_with_the_first_reason_after_later_events():
     assert run.last_position == rows[-1]["global_position"]
 
 
-def test_a_dead_letter_fails_the_run_without_a_stage_row():
+def test_a_dead_letter_by_a_stage_consumer_fails_that_stage_and_the_run():
+    """The run showed FAILED while the stage whose consumer gave up kept its last row (a trainer that
+    died on every delivery showed "trainer running", or no trainer row at all)."""
     rows = renumber(as_rows(successful_run("run-d")[:2] + [dead_letter("run-d")]))
     b = fold(rows)
     run = b.runs["run-d"]
     assert (run.status, run.reason_code) == ("failed", "bus.delivery_exhausted")
     assert run.failure.startswith("[bus.delivery_exhausted] prep-ingest-committed")
+    assert {stage for (_, stage) in b.stages} == {"ingest", "prep"}
+    prep = b.stages[("run-d", "prep")]
+    assert (prep.status, prep.reason_code, prep.last_type) == ("failed", "bus.delivery_exhausted",
+                                                               "bus.message_dead_lettered")
+    assert prep.ended_at is not None and prep.detail == run.failure
+    assert b.entries[-1][4] == "bus"  # the entry itself stays the bus's
+
+
+def test_a_dead_letter_by_the_recorder_fails_the_run_without_a_stage_row():
+    recorder = envelope(MessageDeadLettered(consumer="audit-recorder", subject="tuneline.evt.ingest.committed",
+                                            stream_sequence=3, deliveries=1, error="unstorable",
+                                            dlq_subject="tuneline.dlq.audit-recorder"),
+                        run_id="run-r", severity=Severity.ERROR, reason_code="audit.unstorable_value", producer="audit")
+    b = fold(renumber(as_rows(successful_run("run-r")[:2] + [recorder])))
+    assert b.runs["run-r"].status == "failed"
     assert {stage for (_, stage) in b.stages} == {"ingest"}
+
+
+def test_every_stage_consumer_is_named_after_its_stage():
+    from services.audit.projections.timeline import consumer_stage
+    from services.common.delivery import ConsumerSpec
+    from services.evaluator.app import TRAINED
+    from services.export.app import EVALUATED
+    from services.ingest.app import COMMIT, DRY_RUN, INTROSPECT, START
+    from services.prep.app import COMMITTED
+    from services.registry.app import EXPORTED
+    from services.trainer.app import PREPARED
+
+    for spec in (START, COMMIT, INTROSPECT, DRY_RUN, COMMITTED, PREPARED, TRAINED, EVALUATED, EXPORTED):
+        assert consumer_stage(spec.durable) == spec.stage
+    with pytest.raises(ValueError, match="must start with"):
+        ConsumerSpec(service="trainer", durable="prepared-trainer", subject="x", accepts=(), failure_type=None,
+                     stage="trainer")
 
 
 def test_runs_interleaved_in_one_batch_are_folded_separately():

@@ -51,6 +51,13 @@ def stage_of(event_type: str) -> str:
     return STAGE_OF_PREFIX.get(prefix, prefix)
 
 
+def consumer_stage(consumer: str | None) -> str | None:
+    """The stage whose durable consumer this is (`trainer-prep-prepared` -> trainer: a stage's durable
+    names start with the stage, which ConsumerSpec checks), or None (the recorder, anything else)."""
+    stage = (consumer or "").split("-", 1)[0]
+    return stage if stage in STAGES else None
+
+
 def fails(event_type: str) -> bool:
     """Whether the event fails its stage and its run."""
     return event_type.endswith(".failed") or event_type in _FAILS
@@ -269,6 +276,10 @@ def fold(rows: list) -> TimelineBatch:
                 run.locator = run.locator or plan.get("locator") or payload.get("locator")
                 run.status = run.status or "running"
             status = stage_status(etype) if stage in STAGES else None
+            row_stage = stage  # the stage row the event updates
+            if etype == "bus.message_dead_lettered" and consumer_stage(payload.get("consumer")) is not None:
+                # a stage's own consumer gave up on its trigger: that stage failed (it may never have started)
+                row_stage, status = consumer_stage(payload["consumer"]), "failed"
             if etype == "bus.message_dead_lettered" or fails(etype):
                 if run.status != "failed":  # the first failure names the run's failure
                     run.status, run.reason_code, run.failure = "failed", r["reason_code"], summary
@@ -278,8 +289,8 @@ def fold(rows: list) -> TimelineBatch:
             elif status is not None and run.status not in ("failed", "succeeded"):
                 run.status = "running"
             if status is not None:
-                prev = b.stages.get((run_id, stage))
-                b.stages[(run_id, stage)] = StageFold(
+                prev = b.stages.get((run_id, row_stage))
+                b.stages[(run_id, row_stage)] = StageFold(
                     status=status,
                     started_at=prev.started_at if prev else at,
                     ended_at=at if status in ("succeeded", "failed") else None,
