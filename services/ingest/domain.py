@@ -73,13 +73,15 @@ def scrubbed_sample(rows: list[dict]) -> list[dict]:
 
 
 def storable(value):
-    """A JSON-like value from the source (a sample, column names) with NUL characters left out of its
-    strings and keys, as prep's normalisation leaves them out of texts: it goes into an event, and
-    PostgreSQL cannot store a NUL; the recorder would dead-letter the event (a dry run would get no
-    answer, a committed run would show as failed in its timeline while prep went on)."""
+    """A JSON-like value from the source (a sample, column names) with its strings and keys made
+    storable (:func:`~services.common.delivery.storable_text`: no NUL, no lone surrogate), as prep's
+    normalisation leaves NULs out of texts: it goes into an event, and PostgreSQL cannot store a NUL;
+    the recorder would dead-letter the event (a dry run would get no answer, a committed run would
+    show as failed in its timeline while prep went on)."""
+    from services.common.delivery import storable_text
     from services.prep.pii import string_leaves, with_string_leaves
 
-    leaves = (s.replace("\x00", "") for s in string_leaves(value, keys_and_integers=True))
+    leaves = (storable_text(s) for s in string_leaves(value, keys_and_integers=True))
     return with_string_leaves(value, leaves, keys_and_integers=True)
 
 

@@ -137,15 +137,12 @@ async def test_a_bad_query_fails_with_the_server_message_and_no_secret(items):
 
 async def test_a_query_that_runs_past_the_statement_timeout_is_cancelled_with_a_reason(items):
     """A query that never finished held the ingest command's queue for good (heartbeats kept it alive)."""
-    import time
-
     src = PgSource("DSN", "SELECT id, pg_sleep(30) FROM items LIMIT 1", env={"DSN": items}, statement_timeout_s=0.5)
-    started = time.monotonic()
     with pytest.raises(SourceError) as err:
         await asyncio.to_thread(lambda: list(src.load()))
+    # SQLSTATE 57014: the server cancelled it (a query run to its end would have returned its row)
     assert err.value.reason_code == "ingest.query_failed" and "57014" in str(err.value)
     assert "statement timeout" in str(err.value)
-    assert time.monotonic() - started < 20  # cancelled by the server, not run to its end
     no_secret(*error_texts(err.value))
 
 

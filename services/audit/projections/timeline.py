@@ -277,9 +277,9 @@ def fold(rows: list) -> TimelineBatch:
                 run.status = run.status or "running"
             status = stage_status(etype) if stage in STAGES else None
             row_stage = stage  # the stage row the event updates
-            if etype == "bus.message_dead_lettered" and consumer_stage(payload.get("consumer")) is not None:
+            if etype == "bus.message_dead_lettered" and (gave_up := consumer_stage(payload.get("consumer"))):
                 # a stage's own consumer gave up on its trigger: that stage failed (it may never have started)
-                row_stage, status = consumer_stage(payload["consumer"]), "failed"
+                row_stage, status = gave_up, "failed"
             if etype == "bus.message_dead_lettered" or fails(etype):
                 if run.status != "failed":  # the first failure names the run's failure
                     run.status, run.reason_code, run.failure = "failed", r["reason_code"], summary

@@ -150,6 +150,18 @@ _CP1252_LETTERS_80_9F = re.compile(rb"[\x83\x88\x8a\x8c\x8e\x9a\x9c\x9e\x9f]")
 _FIRST_LINE_END = re.compile("\r(?!\n)|\n")
 
 
+_LINE_END = re.compile(rb"[\r\n]")  # LF, CRLF, or the lone CR of a Mac file
+
+
+def wide_encoding(head: bytes) -> str | None:
+    """The UTF-16 or UTF-32 encoding a file starting with `head` is in, by its byte-order mark or, for
+    UTF-16 without one, its NUL pattern (:func:`_utf16_without_bom`); None for anything else."""
+    for bom, name in _BOMS:
+        if head.startswith(bom):
+            return None if name == "utf-8" else name
+    return _utf16_without_bom(head) if b"\x00" in head else None
+
+
 def _utf16_without_bom(head: bytes) -> str | None:
     """"utf-16-le" or "utf-16-be" when `head` reads as UTF-16 text with no byte-order mark (Windows
     tools write it so): NUL as the high byte of most code units on one side, as Latin text has, few
@@ -324,12 +336,12 @@ class CsvSource:
         with self._open() as f:
             sample = f.read(SAMPLE_BYTES)
             size = os.fstat(f.fileno()).st_size
-            if b"\n" not in sample and len(sample) < size:
+            if not _LINE_END.search(sample) and len(sample) < size:
                 # a header longer than the sample (thousands of columns): read on to its end, up to the
                 # row limit (load() refuses a longer one), and a sample of rows after it; cut short,
                 # the header would have lost columns and every record would be a ragged row
                 more = bytearray(sample)
-                while b"\n" not in more[-SAMPLE_BYTES - 1:] and len(more) <= self.max_row_bytes:
+                while not _LINE_END.search(more, max(0, len(more) - SAMPLE_BYTES - 1)) and len(more) <= self.max_row_bytes:
                     chunk = f.read(SAMPLE_BYTES)
                     if not chunk:
                         break

@@ -23,7 +23,6 @@ json.loads), NaN/Infinity, nesting deeper than orjson's limit, lone surrogate es
 
 from __future__ import annotations
 
-import codecs
 import json
 import os
 from collections.abc import Iterator
@@ -83,21 +82,15 @@ def _slow_parse(line: bytes, row_number: int) -> tuple[object, tuple[str, str] |
     return value, None
 
 
-_WIDE_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),  # UTF-32 LE's starts with UTF-16 LE's
-              (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
-
-
 def check_binary(head: bytes, path: Path | str) -> None:
     """Refuse a file that is not UTF-8 text as a whole: UTF-16/32 text (a Windows "Unicode" export)
     is named as such, other NUL bytes make a binary file."""
-    from services.ingest.sources.csv import _utf16_without_bom
+    from services.ingest.sources.csv import wide_encoding
 
-    wide = next((name for bom, name in _WIDE_BOMS if head.startswith(bom)), None)
-    if wide is None and b"\x00" in head[:BINARY_SNIFF_BYTES] and _utf16_without_bom(head[:BINARY_SNIFF_BYTES]):
-        wide = "UTF-16"
+    wide = wide_encoding(head[:BINARY_SNIFF_BYTES])
     if wide is not None:
-        raise SourceError("ingest.encoding_error",
-                          f"{path} is {wide} text, not UTF-8: JSON Lines must be UTF-8 (save it again as UTF-8)")
+        raise SourceError("ingest.encoding_error", f"{path} is {wide[:6].upper()} text, not UTF-8: JSON Lines must "
+                                                   f"be UTF-8 (save it again as UTF-8)")
     if b"\x00" in head[:BINARY_SNIFF_BYTES]:
         raise SourceError("ingest.binary_source",
                           f"{path} is a binary file (NUL bytes in its first {BINARY_SNIFF_BYTES} bytes), not JSON Lines")
