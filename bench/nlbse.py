@@ -138,7 +138,7 @@ def train_one(fit: list[dict], val: list[dict], label_space: list[str], override
 def score(recipe, adapter_dir: Path, rows: list[dict], label_space: list[str]) -> float:
     from services.common.models import resolve_base_model
     from services.evaluator.adapters.classifier import predict_labels
-    from services.evaluator.domain import macro_f1
+    from services.common.metrics import macro_f1
 
     preds = predict_labels(resolve_base_model(recipe.base_model), adapter_dir, [r["text"] for r in rows], label_space,
                            recipe.max_length, 64, SEED)

