@@ -12,6 +12,7 @@ import asyncio
 from dataclasses import asdict
 
 from contracts import subjects
+from contracts.envelope import Severity
 from contracts.events import CommittedRows, IngestCommitted, IngestDryRunCompleted, IngestFailed, IngestIntrospected
 from services.common.app import Service
 from services.common.delivery import ConsumerSpec, StageContext, StageError
@@ -81,12 +82,15 @@ async def on_start(ctx: StageContext) -> None:
         raise StageError("ingest.no_accepted_rows",
                          f"{c.rows_read} rows read from {plan.locator}, none accepted "
                          f"({outcome.rejected_by_reason}); rejected rows: {outcome.rejected.uri}")
+    warning = outcome.warning or (eval_outcome.warning if eval_outcome else None)
+    if warning:
+        log.warning("ingest_source_warning", reason_code=warning, decoding=outcome.description.details.get("decoding"))
     await ctx.emit(IngestCommitted(
         plan=plan, dataset=outcome.dataset, rejected=outcome.rejected, rows_read=c.rows_read,
         rows_accepted=c.rows_accepted, rows_rejected=c.rows_rejected, rejected_by_reason=outcome.rejected_by_reason,
         mapping=mapping, mapping_confidence=confidence, source=_describe(outcome.description),
         eval_source=_committed(plan.eval_locator, eval_outcome) if eval_outcome else None,
-    ))
+    ), **({"severity": Severity.WARNING, "reason_code": warning} if warning else {}))
 
 
 def _committed(locator: str, o) -> CommittedRows:

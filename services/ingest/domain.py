@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import orjson
@@ -19,7 +19,7 @@ from contracts.common import FieldMapping, RunPlan
 from contracts.events import ShapeHypothesis
 from contracts.common import ArtifactRef
 from services.common.artifacts import ArtifactStore
-from services.ingest.introspect import AUTO_PICK, SAMPLE_SIZE, choose, introspect, spread_sample
+from services.ingest.introspect import AUTO_PICK, SAMPLE_SIZE, WIDER_SAMPLE_SIZE, choose, introspect, spread_sample
 from services.ingest.mapping import (
     MappingCounts,
     MappingError,
@@ -88,7 +88,8 @@ def storable(value):
 def introspect_source(source: Source, sample_size: int = SAMPLE_SIZE) -> Introspection:
     try:
         records = (r for r in source.load() if r.fields is not None)
-        sample = [r.fields for r in spread_sample(records, sample_size)]
+        wider = [r.fields for r in spread_sample(records, max(sample_size, WIDER_SAMPLE_SIZE))]
+        sample = spread_sample(wider, sample_size)
     except SourceError as exc:
         raise IngestError(exc.reason_code, str(exc)) from exc
     if not sample:
@@ -96,7 +97,7 @@ def introspect_source(source: Source, sample_size: int = SAMPLE_SIZE) -> Introsp
     # a field whose name holds a NUL is never proposed: a mapping travels in events (see storable)
     sample = [{k: v for k, v in row.items() if "\x00" not in k} for row in sample]
     fields = list(dict.fromkeys(k for row in sample for k in row))
-    return Introspection(fields, sample, introspect(sample))
+    return Introspection(fields, sample, introspect(sample, wider))
 
 
 def resolve_mapping(source: Source, *, mapping: FieldMapping | None = None, text_field: str | None = None,
@@ -136,6 +137,11 @@ class IngestOutcome:
     @property
     def rejected_by_reason(self) -> dict[str, int]:
         return dict(sorted(self.counts.rejected_by_reason.items()))
+
+    @property
+    def warning(self) -> str | None:
+        """A registered warning code about the source as read (ingest.mixed_encoding), or None."""
+        return self.description.details.get("decoding", {}).get("warning")
 
 
 def _mapper(source: Source, mapping: FieldMapping, default_provenance: str) -> tuple[RowMapper, SourceDescription]:
@@ -245,6 +251,9 @@ def run_ingest(source: Source, mapping: FieldMapping, store: ArtifactStore, *, c
     finally:
         if part is not None:
             part.close()
+    report = source.decoding_report() if hasattr(source, "decoding_report") else {}
+    if report:  # how the rows were decoded is known only now, after reading them all
+        description = replace(description, details={**description.details, "decoding": report})
     return IngestOutcome(counts, rejected, description, dataset, sample)
 
 

@@ -21,6 +21,7 @@ from services.ingest.mapping import SHAREGPT_ROLES
 
 AUTO_PICK = 0.80
 SAMPLE_SIZE = 20
+WIDER_SAMPLE_SIZE = 400  # rows for telling a label (values repeat) from an id (one value per row)
 
 LABEL_NAMES = ("label", "labels_id", "class", "category", "intent", "target", "y", "tag", "topic", "sentiment", "type")
 SEVERITY_NAMES = ("priority", "severity", "urgency", "impact")
@@ -128,6 +129,17 @@ def _is_label_like(s: FieldStats, n: int) -> bool:
     return (s.strings or s.numbers or s.list_of_str) > 0 and short and (repeats or named)
 
 
+def _all_distinct(s: FieldStats, wider: list[dict] | None) -> bool:
+    """(Nearly) one value per row: a label repeats. Judged on `wider`, a bigger sample of the same
+    source, when there is one (20 rows of a 77-class label are 20 distinct values too)."""
+    if wider and len(wider) > s.present:
+        values = [repr(r[s.name]) for r in wider if r.get(s.name) is not None]
+        present, distinct = len(values), len(set(values))
+    else:
+        present, distinct = s.present, s.distinct
+    return present >= 10 and distinct >= 0.9 * present
+
+
 def _pick_text(stats: dict[str, FieldStats], n: int) -> tuple[list[str], str]:
     free = [s for s in stats.values() if _is_free_text(s, n) and not ID_LIKE.search(s.name.lower())]
     if not free:
@@ -151,7 +163,7 @@ def _find(stats, n, names, pred) -> FieldStats | None:
     return None
 
 
-def _classification(stats: dict[str, FieldStats], n: int) -> list[ShapeHypothesis]:
+def _classification(stats: dict[str, FieldStats], n: int, wider: list[dict] | None = None) -> list[ShapeHypothesis]:
     text, text_why = _pick_text(stats, n)
     if not text:
         return [ShapeHypothesis(shape="single_label_classification", confidence=0.05,
@@ -182,8 +194,12 @@ def _classification(stats: dict[str, FieldStats], n: int) -> list[ShapeHypothesi
             conf -= 0.05 * min(len(others), 2)
         if primary.is_const():
             conf -= 0.2
+        unique = _all_distinct(primary, wider)
+        if unique:
+            conf = min(conf, 0.3)
         why = (f"{text_why}; {primary.name!r} has {primary.distinct} distinct short values in {primary.present} rows"
                + (" and is named like a label" if primary is named_label else "")
+               + (" (about one value per row: an id or free text, not a label, which repeats across rows)" if unique else "")
                + (f"; other label-like fields: {', '.join(others)}" if others else ""))
         out.append(ShapeHypothesis(shape="single_label_classification", confidence=round(min(conf, 0.95), 2),
                                    mapping=FieldMapping(shape="single_label_classification", text=text, label=primary.name),
@@ -303,13 +319,14 @@ def spread_sample(records: Iterable, size: int = SAMPLE_SIZE, scan: int = 100_00
     return [kept[int(i * step)] for i in range(size)]
 
 
-def introspect(rows: list[dict[str, Any]]) -> list[ShapeHypothesis]:
-    """Ranked hypotheses for a sample of parsed rows, best first (every shape appears once at least)."""
+def introspect(rows: list[dict[str, Any]], wider: list[dict[str, Any]] | None = None) -> list[ShapeHypothesis]:
+    """Ranked hypotheses for a sample of parsed rows, best first (every shape appears once at least).
+    `wider`, a bigger sample of the same source, tells a label from a field with one value per row."""
     n = len(rows)
     if n == 0:
         return []
     stats = field_stats(rows)
-    hyps = _classification(stats, n) + _other_shapes(stats, n)
+    hyps = _classification(stats, n, wider) + _other_shapes(stats, n)
     # A chat or preference source is not a classification source even if it has a label-like field.
     strong_other = max((h.confidence for h in hyps if h.shape not in ("single_label_classification", "multi_field_triage")),
                        default=0.0)

@@ -50,7 +50,10 @@ from services.common.parallel import split_run, workers
 from services.prep.pii import KINDS, Scrubber, find_changed
 
 PROVENANCES = ("human", "synthetic", "production_sample")
-MIN_LOG_MAD = 0.25
+# The spread of log(characters) is taken as at least this: with 3.5 for the robust z, a text is an
+# outlier only at 8x (or 1/8) the median length or beyond. Short texts have a long right tail even in
+# logs: at 0.25 (3.7x), 8 of 300 ordinary banking queries of 200-241 characters (median 47) were dropped.
+MIN_LOG_MAD = 0.4
 
 
 @dataclass(frozen=True)
@@ -479,9 +482,9 @@ def _clean(rows: list[dict], policy: CleaningPolicy, scrubber: Scrubber) -> Clea
     if policy.outlier_sides != "none" and len(live) >= 20:
         logs = np.log(np.fromiter((len(norm[i]) for i in live), dtype=np.float64, count=len(live)))
         med = float(np.median(logs))
-        # A floor on the spread: when lengths are nearly uniform (templated data) the MAD collapses and a
-        # text 20% longer than the median would count as an outlier. With the floor, z > 3.5 needs at
-        # least ~3.7x (or 1/3.7) the median length. (Lead's change while integrating prep.)
+        # A floor on the spread (MIN_LOG_MAD): when lengths are nearly uniform (templated data) or short,
+        # the MAD collapses and ordinary variation would count as outliers. With the floor, z > 3.5
+        # needs at least 8x (or 1/8) the median length.
         mad = max(float(np.median(np.abs(logs - med))), MIN_LOG_MAD)
         if mad > 0:
             z = 0.6745 * (logs - med) / mad

@@ -188,3 +188,42 @@ def test_text_in_scripts_written_without_spaces_is_not_low_quality():
     rows = [{"row_number": i + 1, "text": f"{t}（工单{i}号）", "label": "x"} for i, t in enumerate(texts * 10)]
     assert "cleaning.low_quality" not in clean(rows).stats["dropped_by_reason"]
     assert quality("好") < 0.2  # one character is still one word
+
+
+def _sentences(lengths, seed=7):
+    """Distinct prose-like rows of about the given lengths in characters."""
+    import random
+
+    words = ("card payment transfer account balance refund fee declined pending charge cash atm pin "
+             "exchange rate top up verify identity limit statement withdrawal app phone").split()
+    rnd = random.Random(seed)
+    out = []
+    for i, n in enumerate(lengths):
+        text = f"Row {i} asks"
+        while len(text) < n:
+            text += " " + rnd.choice(words)
+        out.append(text + ".")
+    return out
+
+
+def test_the_top_of_a_normal_length_distribution_is_not_cut_for_short_texts():
+    from statistics import NormalDist
+
+    # 300 short queries, lengths normally distributed (mean 60, sd 25): the longest are ~130 characters
+    dist = NormalDist(60, 25)
+    lengths = [max(12, round(dist.inv_cdf((i + 0.5) / 300))) for i in range(300)]
+    res = clean(rows_of(_sentences(lengths)), CleaningPolicy(near_dup=False))
+    assert res.stats["dropped_by_reason"].get("cleaning.length_outlier", 0) == 0
+
+
+def test_banking_queries_of_200_to_241_characters_are_not_length_outliers():
+    # the shape of banking77: median 47 characters, a long tail of ordinary queries to ~240
+    lengths = [47] * 150 + [30] * 60 + [90] * 60 + [120] * 22 + [200, 210, 215, 220, 225, 230, 235, 241]
+    res = clean(rows_of(_sentences(lengths)), CleaningPolicy(near_dup=False))
+    assert res.stats["dropped_by_reason"].get("cleaning.length_outlier", 0) == 0
+
+
+def test_a_pasted_log_many_times_the_median_is_still_a_length_outlier():
+    lengths = [60] * 100 + [60 * 12]
+    res = clean(rows_of(_sentences(lengths)), policy(near_dup=False))
+    assert [d["row_number"] for d in res.dropped if d["reason_code"] == "cleaning.length_outlier"] == [101]

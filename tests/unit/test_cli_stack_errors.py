@@ -13,11 +13,13 @@ from tests.unit.cli_support import run_cli
 pytestmark = pytest.mark.usefixtures("cli_data_dir")
 
 
-def test_a_bad_target_is_one_line_naming_the_option_and_exit_2(capsys):
-    code, out, err = run_cli(["run", "--locator", "jsonl:x.jsonl", "--target", "s3cret.target"], capsys)
+def test_a_bad_target_names_the_allowed_characters_and_suggests_a_slug_exit_2(capsys):
+    code, out, err = run_cli(["run", "--locator", "jsonl:x.jsonl", "--target", "Support Tickets (Zürich)"], capsys)
     assert code == 2
-    assert err.strip().splitlines() == ["tuneline run: --target: String should match pattern '^[A-Za-z0-9_-]+$'"]
-    assert "s3cret" not in out + err and "Traceback" not in err
+    assert err.strip().splitlines() == [
+        "tuneline run: --target 'Support Tickets (Zürich)': a target name may hold only ASCII letters, digits, "
+        "'-' and '_' (it is part of a bus subject); try --target support-tickets-zurich"]
+    assert "A-Za-z0-9" not in err and "Traceback" not in err
 
 
 def test_every_bad_option_gets_its_line(capsys):

@@ -126,3 +126,30 @@ def test_bitext_is_proposed_on_utterance_with_the_finer_intent_label():
         pytest.skip("bitext dataset absent")
     h = _sample("bitext_customer_support_20k", path.name).hypotheses[0]
     assert (h.mapping.text, h.mapping.label) == (["utterance"], "intent")
+
+
+def test_a_label_with_as_many_values_as_rows_is_not_proposed_as_a_label():
+    rows = [{"text": f"the printer on floor {i} is jammed again", "label": f"ticket-{i}"} for i in range(20)]
+    h = next(h for h in introspect(rows) if h.shape == "single_label_classification")
+    assert h.confidence < AUTO_PICK and h.confidence <= 0.3
+    assert "not a label" in h.rationale and "20 distinct" in h.rationale
+    assert choose(introspect(rows)) is None or choose(introspect(rows)).shape != "single_label_classification"
+
+
+def test_a_source_with_many_classes_keeps_its_label_and_one_with_a_unique_label_loses_it(tmp_path):
+    import json
+
+    from services.ingest.domain import introspect_source
+    from services.ingest.sources.jsonl import JsonlSource
+
+    def proposal(label_of):
+        path = tmp_path / "rows.jsonl"
+        path.write_text("".join(json.dumps({"text": f"my card payment number {i} was declined at the shop",
+                                            "label": label_of(i)}) + "\n" for i in range(600)))
+        return next(h for h in introspect_source(JsonlSource(path)).hypotheses
+                    if h.shape == "single_label_classification")
+
+    # 77 classes: any 20 rows show 20 distinct values, but the wider sample shows them repeat
+    assert proposal(lambda i: f"intent_{i % 77}").confidence >= AUTO_PICK
+    unique = proposal(lambda i: f"ticket-{i}")
+    assert unique.confidence <= 0.3 and "not a label" in unique.rationale

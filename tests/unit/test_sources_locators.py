@@ -260,3 +260,14 @@ def test_a_saved_dataset_naming_files_outside_the_roots_is_refused(tree):
     state["_data_files"] = [{"filename": f"../../outside/saved/{arrow}"}]
     (root / "single" / "state.json").write_text(json.dumps(state))
     assert f"../../outside/saved/{arrow} in " in _refused(f"hf:{root}/single:train", root)
+
+
+def test_a_file_outside_the_roots_says_how_to_set_them(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "elsewhere"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "data.jsonl").write_text('{"text": "a", "label": "b"}\n')
+    with pytest.raises(SourceError) as err:
+        open_source(f"jsonl:{outside / 'data.jsonl'}", roots=[root])
+    message = str(err.value)
+    assert "TUNELINE_INGEST_ROOTS" in message and "tuneline up" in message and "tuneline down" in message

@@ -2,7 +2,10 @@
 
 Encoding: an explicit `encoding=` wins; else a BOM (UTF-8, UTF-16 LE/BE, UTF-32); else UTF-8 when the
 first 64 KiB decode as UTF-8; else charset-normalizer's best guess (describe() reports which, and how
-it was found). Without a BOM, NUL bytes in the first 8 KiB mean UTF-16 when they fall on one side of
+it was found). A guessed ASCII-compatible page is only the fallback: each line that is valid UTF-8 is read
+as UTF-8, the others in the page, which is guessed from those other lines alone when the sample has UTF-8
+lines too (decoding a mostly-UTF-8 file whole in the guess turned its UTF-8 rows into "cafĂ©");
+decoding_report() counts both kinds of rows after load(). Without a BOM, NUL bytes in the first 8 KiB mean UTF-16 when they fall on one side of
 nearly every 2-byte unit and nothing else is NUL (UTF-16 written without a BOM, as some Windows tools
 do), else a binary file (ingest.binary_source).
 When that guess is a Latin-script single-byte code page, the detector's pick among them is close to
@@ -182,6 +185,36 @@ def _utf16_without_bom(head: bytes) -> str | None:
     return None
 
 
+def _legacy_lines(sample: bytes, complete: bool) -> tuple[bytes, int]:
+    """The lines of `sample` that are ASCII or not valid UTF-8, joined, and how many of its lines are
+    UTF-8 beyond ASCII (a last line the sample cut is left out: the cut may split a character)."""
+    lines = sample.splitlines(keepends=True)
+    if not complete and lines:
+        lines.pop()
+    legacy, utf8 = [], 0
+    for line in lines:
+        if line.isascii():
+            legacy.append(line)  # context for the detector, no bias
+            continue
+        try:
+            line.decode("utf-8")
+            utf8 += 1
+        except UnicodeDecodeError:
+            legacy.append(line)
+    return b"".join(legacy), utf8
+
+
+def _decode_utf8_first(data: bytes, fallback: str) -> str:
+    """Each line as UTF-8 when it is valid UTF-8, else in the fallback page (undecodable bytes marked)."""
+    out = []
+    for line in data.splitlines(keepends=True):
+        try:
+            out.append(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            out.append(line.decode(fallback, _MARK))
+    return "".join(out)
+
+
 def _mark_undecodable(exc: UnicodeError):
     """Codec error handler: each undecodable byte becomes U+DC00+byte, a lone surrogate that no valid
     decoding produces, so a record's text tells whether it had undecodable bytes."""
@@ -206,6 +239,9 @@ class _Layout:
     sample_records: int
     sample_bytes: int
     detection: dict[str, Any]
+    # a detected single-byte (or other ASCII-compatible) page is the fallback: each line is read as
+    # UTF-8 when it is valid UTF-8, so the UTF-8 rows of a file with a few legacy rows stay intact
+    utf8_first: bool = False
 
 
 def _ascii_compatible(encoding: str) -> bool:
@@ -289,7 +325,7 @@ class _Record:
     """What the line feeder knows about the record the csv parser is reading."""
 
     __slots__ = ("lines", "start", "nbytes", "bad_at", "too_long", "raw", "raw_len", "open_line", "prev_open",
-                 "resume_at", "closed")
+                 "resume_at", "closed", "utf8", "fallback")
 
     def __init__(self) -> None:
         self.reset()
@@ -302,6 +338,8 @@ class _Record:
         self.too_long = False
         self.raw: list[str] = []
         self.raw_len = 0
+        self.utf8 = False      # a line of it was UTF-8 beyond ASCII (utf8_first layouts)
+        self.fallback = False  # a line of it was not UTF-8 and was read in the fallback page
         # A record goes on to another line only while a quoted field is open. A continuation line
         # with an odd run of quotes closes that field (an even run is escaped quotes); if the record
         # still goes on, the odd run opened the next one. So: the line (index in the record) where
@@ -324,6 +362,9 @@ class CsvSource:
         self.encoding = encoding
         self.max_row_bytes = max_row_bytes
         self._layout: _Layout | None = None
+        self._utf8_rows = 0
+        self._fallback_rows = 0
+        self._fallback_lines: list[int] = []
 
     # -- detection ---------------------------------------------------------------------------
 
@@ -380,16 +421,22 @@ class CsvSource:
                 codecs.getincrementaldecoder("utf-8")().decode(sample, final=complete)
                 encoding, source = "utf-8", "utf-8"
             except UnicodeDecodeError:
-                encoding, proposed = self._guess(sample)
+                legacy, utf8_lines = _legacy_lines(sample, complete)
+                # with UTF-8 rows beside them, the page is guessed from the other rows alone: UTF-8
+                # read as a single-byte page looks like Central European text ("cafĂ©")
+                encoding, proposed = self._guess(legacy if utf8_lines else sample)
                 source = "detected"
-                detection["guessed_from_bytes"] = len(sample)
+                detection["guessed_from_bytes"] = len(legacy) if utf8_lines else len(sample)
                 if proposed != encoding:
                     detection["detector_proposed"] = proposed
         body = sample[bom_len:]
         if not complete:
             cut = body.rfind(b"\n")
             body = body[: cut + 1] if cut > 0 else body
-        text = body.decode(encoding, _MARK)
+        utf8_first = source == "detected" and _ascii_compatible(encoding)
+        if utf8_first:
+            detection["lines_read_utf8_first"] = True
+        text = _decode_utf8_first(body, encoding) if utf8_first else body.decode(encoding, _MARK)
         first_end = _FIRST_LINE_END.search(text)
         dialect, how = _sniff(text)
         detection["dialect_source"] = how
@@ -413,7 +460,7 @@ class CsvSource:
         _refuse_data_as_header(self.path, header)
         self._layout = _Layout(encoding, source, bom_len, _ascii_compatible(encoding),
                                first_end is not None and first_end.group() == "\r", dialect, _unique_header(header),
-                               size, records, len(body), detection)
+                               size, records, len(body), detection, utf8_first)
         return self._layout
 
     def _guess(self, sample: bytes) -> tuple[str, str]:
@@ -433,6 +480,10 @@ class CsvSource:
             raise SourceError("ingest.binary_source",
                               f"{self.path} is not text in any encoding charset-normalizer knows (not UTF-8, no BOM): not CSV")
         proposed = codecs.lookup(best.encoding).name
+        if not _ascii_compatible(proposed):
+            # a CSV in UTF-16/32 has NUL bytes (its commas and newlines have them), and this sample has
+            # none: the detector's guess on a few short lines, not the file's encoding
+            return _latin_page(sample, "cp1252")[0], proposed
         if proposed in _LATIN_GUESSES:
             return _latin_page(sample, proposed)[0], proposed
         if (proposed in _MAC_DOS_LATIN and not _CP1252_LETTERS_80_9F.search(sample)
@@ -458,12 +509,28 @@ class CsvSource:
                      "max_row_bytes": self.max_row_bytes, **lay.detection},
         )
 
+    def decoding_report(self) -> dict[str, Any]:
+        """After load(), for a file read UTF-8 first (see _Layout.utf8_first): how many accepted rows
+        were UTF-8 beyond ASCII and how many were read in the fallback page (the first line numbers of
+        those); with both, the file mixes encodings and `warning` names ingest.mixed_encoding."""
+        lay = self._detect()
+        if not lay.utf8_first:
+            return {}
+        report: dict[str, Any] = {"encoding_fallback": lay.encoding, "rows_decoded_as_utf8": self._utf8_rows,
+                                  "rows_decoded_with_fallback": self._fallback_rows}
+        if self._fallback_lines:
+            report["fallback_lines"] = list(self._fallback_lines)
+        if self._utf8_rows and self._fallback_rows:
+            report["warning"] = "ingest.mixed_encoding"
+        return report
+
     # -- reading -------------------------------------------------------------------------------
 
     def load(self) -> Iterator[SourceRecord]:
         """The records in file order. After a record rejected because a quote opened on line K never
         closed (see _runaway), the file is read again from line K+1 with a fresh parser."""
         lay = self._detect()
+        self._utf8_rows, self._fallback_rows, self._fallback_lines = 0, 0, []
         if csv.field_size_limit() < self.max_row_bytes:
             csv.field_size_limit(self.max_row_bytes)  # process-wide; only ever raised
         at: tuple[int, int] | None = (lay.bom_bytes, 1)  # (byte offset, line number) to read from
@@ -502,11 +569,21 @@ class CsvSource:
                 readline = f.readline
                 line_ends = b"\n"
 
+            utf8_first = lay.utf8_first
+
             def next_line():  # -> (text, bytes, undecodable, cut at the limit)
                 line = readline(limit)
                 if not line:
                     return None, 0, False, False
                 full = len(line) == limit and line[-1] not in line_ends
+                if utf8_first:
+                    try:
+                        text = line.decode("utf-8")
+                        if not line.isascii():
+                            rec.utf8 = True
+                        return text, len(line), False, full
+                    except UnicodeDecodeError:
+                        rec.fallback = True
                 try:
                     return line.decode(enc), len(line), False, full
                 except UnicodeDecodeError:
@@ -594,6 +671,7 @@ class CsvSource:
             raw = "".join(rec.raw)
             bad_at, too_long = rec.bad_at, rec.too_long
             open_line, prev_open, resume_at, closed = rec.open_line, rec.prev_open, rec.resume_at, rec.closed
+            utf8, fallback = rec.utf8, rec.fallback
             rec.reset()
             number = line_number
             line_number += lines
@@ -626,6 +704,12 @@ class CsvSource:
             if error is not None:
                 yield record(number, start, raw, None, error)
             else:
+                if fallback:
+                    self._fallback_rows += 1
+                    if len(self._fallback_lines) < 20:
+                        self._fallback_lines.append(number)
+                elif utf8:
+                    self._utf8_rows += 1
                 yield record(number, start, raw, dict(zip(header, row)), None)
             if resume_line is not None:
                 return resume_at, resume_line

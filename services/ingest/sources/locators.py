@@ -168,16 +168,22 @@ def parse_locator(text: str) -> Locator:
     return PgLocator("pg", env, query)
 
 
+ROOTS_HINT = ("the roots are TUNELINE_INGEST_ROOTS, a JSON list of directories read when the services start: "
+              "move the file into a root, or run `tuneline down`, then "
+              "`TUNELINE_INGEST_ROOTS='[\"/path/to/data\"]' tuneline up`")
+
+
 def _inside_roots(loc: Locator, raw_path: str, roots: Sequence[str | os.PathLike]) -> Path:
     if not roots:
-        raise LocatorError("ingest.locator_outside_roots", f"locator {str(loc)!r}: no ingest roots are configured, so no file may be read")
+        raise LocatorError("ingest.locator_outside_roots", f"locator {str(loc)!r}: no ingest roots are configured, so no file "
+                           f"may be read; {ROOTS_HINT}")
     resolved = _resolve_quietly(loc, Path(raw_path).expanduser())  # follows symlinks, normalises ..
     resolved_roots = _resolved_roots(roots)
     if not _within(resolved, resolved_roots):
         shown = f"{raw_path} (resolves to {resolved})" if str(resolved) != raw_path else raw_path
         raise LocatorError("ingest.locator_outside_roots",
                            f"locator {str(loc)!r}: {shown} is outside the allowed ingest roots: "
-                           + ", ".join(str(r) for r in resolved_roots))
+                           + ", ".join(str(r) for r in resolved_roots) + f"; {ROOTS_HINT}")
     return resolved
 
 
