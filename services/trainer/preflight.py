@@ -11,8 +11,9 @@ Before any training the trainer checks:
   CUDA);
 - memory fit: weights + gradients + AdamW state + activations against the RAM or VRAM available;
 - data sufficiency: prep's warnings (few rows per class / in all) and a missing eval split;
-- hosted backends: the API-key variable is set (its value is never read into a message), and
-  Anthropic is refused (Claude fine-tuning exists only through Amazon Bedrock, D12).
+- hosted backends: the API-key variable is set (its value is never read into a message),
+  Anthropic is refused (Claude fine-tuning exists only through Amazon Bedrock, D12), and a host or base
+  model with an announced cutoff is a warning naming the date (`preflight.hosted_cutoff`).
 
 Strict mode blocks with the list of blockers; fail-open mode reports them as warnings and passes.
 Either way the report carries the generated TrainPlan the trainer will follow.
@@ -673,7 +674,10 @@ ANTHROPIC_REFUSAL = ("Anthropic has no public fine-tuning API: Claude fine-tunin
 
 
 def hosted_checks(hosted: HostedSettings, env: Mapping[str, str], backend: str = "openai") -> list[PreflightCheck]:
-    """The API-key variable is set (its value is never looked at beyond that); Anthropic is refused."""
+    """The API-key variable is set (its value is never looked at beyond that); Anthropic is refused; an announced
+    cutoff of the host or base model (services/trainer/hosted/cutoffs.py) is a warning naming its date."""
+    from services.trainer.hosted.cutoffs import ALTERNATIVES, cutoffs_for, describe
+
     if backend == "anthropic":
         return [PreflightCheck(name="backend", status="block", reason_code="training.capability_unsupported",
                                message=ANTHROPIC_REFUSAL)]
@@ -691,6 +695,11 @@ def hosted_checks(hosted: HostedSettings, env: Mapping[str, str], backend: str =
                     f"in the trainer's environment; keys are never put in a plan"))
     checks.append(PreflightCheck(name="backend", status="ok",
                                  message=f"hosted fine-tuning of {hosted.model} on {host}"))
+    for cutoff in cutoffs_for(hosted.base_url, hosted.model):
+        checks.append(PreflightCheck(
+            name="cutoff", status="warn", reason_code="preflight.hosted_cutoff",
+            message=f"{host} / {hosted.model}: {describe(cutoff)}. Keep the record: `tuneline import openai-jobs`; "
+                    f"to keep training, {ALTERNATIVES}"))
     return checks
 
 

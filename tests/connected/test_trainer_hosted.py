@@ -133,6 +133,20 @@ async def test_hosted_job_records_cost_before_and_tokens_after(js, nats_server, 
     assert len([1 for e, _ in evs if e.type == "training.checkpointed"]) == 3
     done = by_type["training.completed"]
     assert done.trained_tokens == 5768 and done.fine_tuned_model.startswith("ft:gpt-4o-mini")  # after the job
+    # The provider's record is archived: every job event once, the job at each status, checkpoints, result file.
+    job_id = started.hosted_job_id
+    archived_events = [ev.id for e, b in evs if e.type == "training.provider_event" for ev in b.events]
+    assert archived_events == [e["id"] for e in fake.events[job_id]]
+    assert [p.status for e, p in evs if e.type == "training.provider_job"] == [  # the fake moves on at each GET
+        "queued", "running", "succeeded"]
+    archive = by_type["training.provider_archived"]
+    assert archive.events_archived == len(archived_events) and [c.step for c in archive.checkpoints] == [1, 2, 3]
+    assert archive.checkpoints[-1].metrics["full_valid_loss"] == round(2.3 / 3, 4)
+    files = {f.role: f for f in archive.files}
+    assert files["training"].artifact.sha256 == prepared_event(tmp_path, "x").payload["openai_train"]["sha256"]
+    store = ArtifactStore((tmp_path / "data" / "artifacts").resolve())
+    assert store.read_bytes(files["result"].artifact) == fake.contents[fake.jobs[job_id]["result_files"][0]]
+    assert types.index("training.provider_archived") < types.index("training.completed")
     assert done.adapter is None and done.backend == "openai" and done.steps == 3
     (body,) = fake.bodies
     assert body["method"]["supervised"]["hyperparameters"]["n_epochs"] == 3
@@ -240,7 +254,7 @@ class ScriptedBackend:
     def cancel(self, job_id):
         self.calls.append("cancel")
 
-    def follow(self, job_id, *, on_progress, poll_interval, timeout, on_poll):
+    def follow(self, job_id, *, on_progress, poll_interval, timeout, on_poll, **_archive_hooks):
         for step, change in enumerate(self.script, 1):
             getattr(self.control, change)("alice")
             on_poll("running")
@@ -313,3 +327,34 @@ async def test_a_redelivery_after_hosted_completion_does_not_touch_the_provider(
     completed = [(s, d) for s, d in first if s.endswith(".training.completed")]
     assert len(completed) == 1 and again == completed  # the identical event, nothing else
     assert len(fake.requests) == requests  # no upload, no job lookup, no second job
+
+
+async def test_a_redelivery_that_follows_the_job_again_archives_nothing_twice(js, nats_server, tmp_path, fake):
+    """The trigger comes back before the completion was recorded (the trainer died after archiving): the job is
+    followed from its first event again, cuts the same batches and snapshots under the same ids."""
+    from services.trainer.completion import completion_record_path
+
+    env = prepared_event(tmp_path, "run-archive-again")
+    settings = TrainerSettings(nats_url=nats_server.url, data_dir=tmp_path / "data")
+    store = ArtifactStore((tmp_path / "data" / "artifacts").resolve())
+    handler = trainer_app.make_on_prepared(settings, ControlRegistry())
+    nc, seen = await _published(nats_server)
+    archive_types = (".training.provider_event", ".training.provider_job", ".training.provider_archived")
+    try:
+        ids = []
+        for _ in range(2):
+            _, payload = decode(encode(env))
+            before = len(seen)
+            await handler(StageContext(env, payload, "trainer", js, store, settings, HeartbeatOnlyMsg()))
+            await nc.flush()
+            await asyncio.sleep(0.2)
+            ids.append([decode(d)[0].event_id for s, d in seen[before:] if s.endswith(archive_types)])
+            completion_record_path(settings.data_dir, env.event_id).unlink()
+    finally:
+        await nc.close()
+    first, again = ids
+    # The job had ended: the second follow sees it succeeded at once (one snapshot), every event again, and
+    # cuts the same batches: every id it publishes is one the first published.
+    assert first and again and set(again) <= set(first)
+    stored = [e for e, _ in await run_events(js, "run-archive-again") if e.type.startswith("training.provider_")]
+    assert len(stored) == len(first)  # the bus took each id once

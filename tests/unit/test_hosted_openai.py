@@ -45,11 +45,13 @@ class FakeProvider:
         self.outcome, self.total_steps = outcome, total_steps
         self.supports_metadata, self.echo_suffix = supports_metadata, echo_suffix
         self.files: dict[str, dict] = {}
+        self.contents: dict[str, bytes] = {}  # file id -> what GET /files/{id}/content serves
         self.jobs: dict[str, dict] = {}
         self.events: dict[str, list[dict]] = {}  # oldest first
         self.checkpoints: dict[str, list[dict]] = {}
         self.steps: dict[str, int] = {}
         self.requests: list[tuple[str, str]] = []
+        self.params: list[tuple[str, str, dict[str, str]]] = []  # (method, path, query) of every request
         self.hosts: set[str] = set()
         self.bodies: list[dict] = []
         self.uploads: list[dict] = []
@@ -60,11 +62,40 @@ class FakeProvider:
     # --- test controls ------------------------------------------------------------------------
 
     def fail(self, method: str, path: str, response=None, *, exc: type[Exception] | None = None,
-             times: int = 1, after: bool = False) -> None:
+             times: int = 1, after: bool = False, query: dict[str, str] | None = None) -> None:
         """Make the next `times` matching requests fail: with `response`, or by raising `exc` (before the
-        request is handled, or `after` it was handled: a response lost on the way back)."""
+        request is handled, or `after` it was handled: a response lost on the way back). `query`: only
+        requests carrying these query parameters match (e.g. one page of a listing)."""
         self.faults.append({"method": method, "path": re.compile(path), "response": response, "exc": exc,
-                            "times": times, "after": after})
+                            "times": times, "after": after, "query": query or {}})
+
+    def delete_file(self, file_id: str) -> None:
+        """The provider deleted the file (or it expired): GET /files/{id} and its content answer 404."""
+        self.files.pop(file_id)
+        self.contents.pop(file_id)
+
+    def add_file(self, content: bytes, filename: str, purpose: str = "fine-tune") -> str:
+        f = {"object": "file", "id": f"file-{next(self._ids)}", "bytes": len(content), "created_at": next(self._clock),
+             "filename": filename, "purpose": purpose, "status": "processed", "expires_at": None,
+             "status_details": None}
+        self.files[f["id"]] = f
+        self.contents[f["id"]] = content
+        return f["id"]
+
+    def finished_job(self, training: bytes, *, validation: bytes | None = None, model: str = "gpt-4o-mini-2024-07-18",
+                     outcome: str = "succeeded", suffix: str = "past") -> str:
+        """A job trained some time ago (outside Tuneline), run to its end."""
+        body = {"model": model, "training_file": self.add_file(training, "train.jsonl"), "suffix": suffix}
+        if validation is not None:
+            body["validation_file"] = self.add_file(validation, "valid.jsonl")
+        job_id = self.create_job(body).json()["id"]
+        saved, self.outcome = self.outcome, outcome
+        try:
+            while self.jobs[job_id]["status"] not in ("succeeded", "failed", "cancelled"):
+                self.advance(job_id)
+        finally:
+            self.outcome = saved
+        return job_id
 
     def count(self, method: str, path: str) -> int:
         return sum(1 for m, p in self.requests if m == method and re.fullmatch(path, p))
@@ -80,6 +111,7 @@ class FakeProvider:
         assert path.startswith(self.base_path + "/"), path
         path = path[len(self.base_path):]
         self.requests.append((request.method, path))
+        self.params.append((request.method, path, dict(request.url.params)))
         if request.url.host != self.host:
             return _error(404, f"unknown host {request.url.host}")
         auth = request.headers.get("authorization", "")
@@ -88,7 +120,8 @@ class FakeProvider:
             presented = auth.removeprefix("Bearer ")
             return _error(401, f"Incorrect API key provided: {presented}.", code="invalid_api_key")
         fault = next((f for f in self.faults if f["times"] > 0 and f["method"] == request.method
-                      and f["path"].fullmatch(path)), None)
+                      and f["path"].fullmatch(path)
+                      and all(request.url.params.get(k) == v for k, v in f.get("query", {}).items())), None)
         if fault is not None:
             fault["times"] -= 1
             if fault["exc"] is not None and not fault["after"]:
@@ -117,6 +150,15 @@ class FakeProvider:
                     if mk:
                         jobs = [j for j in jobs if (j.get("metadata") or {}).get(mk.group(1)) == v]
             return self.page(jobs, q)
+        mf = re.fullmatch(r"/files/([^/]+)(/content)?", path)
+        if m == "GET" and mf is not None:
+            file_id, content = mf.groups()
+            if file_id not in self.files:
+                return _error(404, f"No such File object: {file_id}", param="id")
+            if content:
+                return httpx.Response(200, content=self.contents[file_id],
+                                      headers={"content-type": "application/octet-stream"})
+            return httpx.Response(200, json=self.files[file_id])
         mj = re.fullmatch(r"/fine_tuning/jobs/([^/]+)(?:/(events|checkpoints|cancel|pause|resume))?", path)
         if mj is None or mj.group(1) not in self.jobs:
             return _error(404, f"No such path or job: {path}", code="not_found")
@@ -169,6 +211,7 @@ class FakeProvider:
              "filename": parts["file"].get_filename(), "purpose": purpose, "status": "processed",
              "expires_at": None, "status_details": None}
         self.files[f["id"]] = f
+        self.contents[f["id"]] = content
         self.uploads.append({"filename": f["filename"], "content": content})
         return httpx.Response(200, json=f)
 
@@ -251,9 +294,13 @@ class FakeProvider:
                     "metrics": {"step": s, "train_loss": round(2.0 / s, 4), "train_mean_token_accuracy": 0.5 + s / 10,
                                 "valid_loss": round(2.2 / s, 4), "valid_mean_token_accuracy": 0.4 + s / 10,
                                 "full_valid_loss": round(2.3 / s, 4), "full_valid_mean_token_accuracy": 0.4 + s / 10}})
-            result = {"object": "file", "id": f"file-{next(self._ids)}", "bytes": 120, "created_at": next(self._clock),
+            csv = "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n" + "".join(
+                f"{s},{round(2.0 / s, 4)},{0.5 + s / 10},{round(2.2 / s, 4)},{0.4 + s / 10}\n"
+                for s in range(1, self.total_steps + 1))
+            result = {"object": "file", "id": f"file-{next(self._ids)}", "bytes": len(csv), "created_at": next(self._clock),
                       "filename": "step_metrics.csv", "purpose": "fine-tune-results", "status": "processed"}
             self.files[result["id"]] = result
+            self.contents[result["id"]] = csv.encode()
             job.update(status="succeeded", fine_tuned_model=model, trained_tokens=5768,
                        finished_at=next(self._clock), result_files=[result["id"]])
             self.event(job_id, f"Checkpoint created at step {self.total_steps}")

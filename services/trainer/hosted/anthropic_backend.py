@@ -51,6 +51,7 @@ class AnthropicHostedBackend:
         *,
         on_poll: OnPoll | None = None,
         since_event_id: str | None = None,
+        on_job: Any = None,
     ) -> HostedOutcome:
         self._refuse(f"follow fine-tuning job {job_id}")
 

@@ -35,13 +35,14 @@ class HostedTrainingError(Exception):
     Messages are built by the backends and never contain credentials.
     """
 
-    def __init__(self, reason_code: str, message: str, *, retryable: bool = False) -> None:
+    def __init__(self, reason_code: str, message: str, *, retryable: bool = False, status: int | None = None) -> None:
         if reason_code not in REASON_CODES:
             raise ValueError(f"unregistered hosted-training reason code: {reason_code!r}")
         super().__init__(reason_code, message)
         self.reason_code = reason_code
         self.message = message
         self.retryable = retryable
+        self.status = status  # the provider's HTTP status, when it answered (404: the object is gone)
 
     def __str__(self) -> str:
         return f"{self.reason_code}: {self.message}"
@@ -150,6 +151,7 @@ class HostedOutcome:
 OnProgress = Callable[[HostedProgress], None]
 OnEvent = Callable[[HostedEvent], None]
 OnPoll = Callable[[str], None]  # called once per poll with the job's current status (a heartbeat hook, D5)
+OnJob = Callable[[Mapping[str, Any]], None]  # called once per poll with the job object as the provider sent it
 
 
 @runtime_checkable
@@ -161,7 +163,8 @@ class HostedBackend(Protocol):
     follow: polls until the job is terminal and returns its outcome; each provider event is passed to
     `on_event` exactly once and metrics events also to `on_progress` as HostedProgress; raises
     HostedTrainingError(`training.timeout`) when `timeout` seconds pass first (the job keeps running);
-    `since_event_id` resumes delivery after an event an earlier follow delivered (D5: follow again after a crash).
+    `since_event_id` resumes delivery after an event an earlier follow delivered (D5: follow again after a crash);
+    `on_job` gets the provider's job object (JSON, credentials scrubbed) at every poll, for the archive.
     cancel/pause/resume: return the job's status after the request.
     """
 
@@ -177,6 +180,7 @@ class HostedBackend(Protocol):
         *,
         on_poll: OnPoll | None = None,
         since_event_id: str | None = None,
+        on_job: OnJob | None = None,
     ) -> HostedOutcome: ...
 
     def cancel(self, job_id: str) -> str: ...

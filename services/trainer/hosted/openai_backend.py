@@ -3,7 +3,9 @@
 Endpoints used (OpenAI API reference, fine-tuning and files): POST /files (purpose "fine-tune"),
 GET /files?purpose=fine-tune, POST /fine_tuning/jobs, GET /fine_tuning/jobs?metadata[k]=v,
 GET /fine_tuning/jobs/{id}, GET /fine_tuning/jobs/{id}/events (newest first; `after` pages to older),
-GET /fine_tuning/jobs/{id}/checkpoints, POST /fine_tuning/jobs/{id}/cancel|pause|resume.
+GET /fine_tuning/jobs/{id}/checkpoints, POST /fine_tuning/jobs/{id}/cancel|pause|resume; for the archive
+(services.trainer.hosted.archive) also GET /files/{id} and GET /files/{id}/content. Every list is newest first
+and paged with `after` = the last id of the previous page (a cursor, `has_more` says whether to go on).
 
 Retries: the SDK retries 408/409/429/5xx and dropped connections with backoff (honouring `retry-after`);
 what still fails surfaces as HostedTrainingError("training.runtime_error", retryable=...).
@@ -17,9 +19,10 @@ the Authorization header) hangs off ours.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,7 @@ from services.trainer.hosted.base import (
     HostedProgress,
     HostedTrainingError,
     OnEvent,
+    OnJob,
     OnPoll,
     OnProgress,
 )
@@ -48,6 +52,10 @@ METADATA_KEY = "tuneline_idempotency_key"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 SUFFIX_MAX = 64  # documented limit on `suffix`
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
+
+
+class _BodyBrokeOff(Exception):
+    """A streamed response body ended early (its message is already scrubbed)."""
 
 
 def suffix_for(spec: HostedJobSpec) -> str:
@@ -147,6 +155,8 @@ class OpenAIHostedBackend:
         max_list_scan: int = 500,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
+        resume_attempts: int = 5,
+        list_page_size: int = 100,
     ) -> None:
         key = os.environ.get(api_key_env)
         if not key:
@@ -163,6 +173,9 @@ class OpenAIHostedBackend:
         self._max_list_scan = max_list_scan
         self._sleep = sleep
         self._clock = clock
+        self._resume_attempts = resume_attempts
+        self._list_page_size = list_page_size
+        self.provider = provider
         kwargs: dict[str, Any] = {"api_key": key, "max_retries": max_retries, "timeout": request_timeout}
         if base_url is not None:
             kwargs["base_url"] = base_url
@@ -170,6 +183,10 @@ class OpenAIHostedBackend:
             kwargs["http_client"] = http_client
         self._client = OpenAI(**kwargs)
         self._base_url = str(self._client.base_url)
+
+    @property
+    def base_url(self) -> str:
+        return self._base_url
 
     def __repr__(self) -> str:
         return (f"OpenAIHostedBackend(provider={self._provider!r}, base_url={self._base_url!r}, "
@@ -192,7 +209,7 @@ class OpenAIHostedBackend:
             return HostedTrainingError(
                 RUNTIME_ERROR,
                 f"{self._provider} refused the credentials from ${self._key_env} while trying to {what} "
-                f"(HTTP {status}{code_part})",
+                f"(HTTP {status}{code_part})", status=status,
             )
         retryable = status in _RETRYABLE_STATUS or status >= 500
         tail = f" after {self._max_retries} retries" if retryable else ""
@@ -200,7 +217,7 @@ class OpenAIHostedBackend:
         return HostedTrainingError(
             RUNTIME_ERROR,
             f"{self._provider} answered HTTP {status}{code_part} while trying to {what}{tail}: {message}",
-            retryable=retryable,
+            retryable=retryable, status=status,
         )
 
     def _connection_error(self, what: str, exc: openai.APIConnectionError) -> HostedTrainingError:
@@ -222,6 +239,10 @@ class OpenAIHostedBackend:
             failure = self._status_error(what, exc)
         except openai.APIConnectionError as exc:  # includes APITimeoutError
             failure = self._connection_error(what, exc)
+        except _BodyBrokeOff as exc:
+            failure = HostedTrainingError(
+                RUNTIME_ERROR, f"could not {what}: the connection to {self._provider} broke off mid-body ({exc})",
+                retryable=True)
         except openai.OpenAIError as exc:
             failure = HostedTrainingError(
                 RUNTIME_ERROR, f"{self._provider} client error while trying to {what}: "
@@ -358,6 +379,7 @@ class OpenAIHostedBackend:
         *,
         on_poll: OnPoll | None = None,
         since_event_id: str | None = None,
+        on_job: OnJob | None = None,
     ) -> HostedOutcome:
         """See HostedBackend.follow. `since_event_id`: the last event already delivered (by an earlier
         follow, before a crash); it and the events the provider lists after it (older) are not delivered again."""
@@ -369,6 +391,8 @@ class OpenAIHostedBackend:
             # Job first, then events: when the job is terminal, its last events are already listed.
             job = self._call(f"retrieve job {job_id}", self._client.fine_tuning.jobs.retrieve, job_id)
             n_epochs = n_epochs or _n_epochs(job)
+            if on_job is not None:
+                on_job(self.job_json(job))
             events = self._new_events(job_id, seen, cursor)
             cursor = None
             for event in events:
@@ -464,6 +488,93 @@ class OpenAIHostedBackend:
             out.append(HostedCheckpoint(id=c.id, step=c.step_number, model=c.fine_tuned_model_checkpoint,
                                         train_loss=getattr(metrics, "train_loss", None), valid_loss=valid))
         return tuple(sorted(out, key=lambda c: c.step))
+
+    # --- archive ------------------------------------------------------------------------------
+
+    def job_json(self, obj: Any) -> dict[str, Any]:
+        """A provider object as the JSON the provider sent, with the API key scrubbed from every string."""
+        text = json.dumps(obj.model_dump(mode="json") if hasattr(obj, "model_dump") else obj, sort_keys=True)
+        return json.loads(self._scrub(text))
+
+    def _walk(self, what: str, fn: Callable[..., Any], query: dict[str, Any]) -> Iterator[Any]:
+        """Every item of a cursor-paged list, once each, in the provider's order.
+
+        The SDK retries a dropped connection or a 429 (honouring retry-after) itself; when its retries run
+        out, the listing resumes from the cursor it had reached (the same `after`), up to resume_attempts
+        times in a row with backoff, so no page is read twice and no item is yielded twice."""
+        after: str | None = None
+        seen: set[str] = set()
+        failures = 0
+        while True:
+            try:
+                page = self._call(what, fn, **query, **({"after": after} if after else {}))
+            except HostedTrainingError as exc:
+                if not exc.retryable or failures >= self._resume_attempts:
+                    raise
+                failures += 1
+                log.info("hosted.listing_resumed", provider=self._provider, what=what, after=after, attempt=failures)
+                self._sleep(min(2.0 ** (failures - 1), 30.0))
+                continue
+            failures = 0
+            for item in page.data:
+                if item.id not in seen:
+                    seen.add(item.id)
+                    yield item
+            if not page.data or page.has_more is False:
+                return
+            after = page.data[-1].id
+
+    def list_jobs(self, since: int | None = None) -> Iterator[Any]:
+        """The organisation's fine-tuning jobs, newest first; with `since` (unix seconds) only jobs created
+        at or after it (the listing stops at the first older one: the list is newest first)."""
+        for job in self._walk("list fine-tuning jobs", self._client.fine_tuning.jobs.list,
+                              {"limit": self._list_page_size}):
+            if since is not None and (job.created_at or 0) < since:
+                return
+            yield job
+
+    def job_events(self, job_id: str) -> list[HostedEvent]:
+        """All of a job's events, oldest first."""
+        items = list(self._walk(f"list events of job {job_id}",
+                                lambda **q: self._client.fine_tuning.jobs.list_events(job_id, **q),
+                                {"limit": self._list_page_size}))
+        return [HostedEvent(id=ev.id, created_at=ev.created_at, level=ev.level, message=self._scrub(ev.message or ""),
+                            type=ev.type, data=ev.data if isinstance(ev.data, Mapping) else None)
+                for ev in _chronological(items)]
+
+    def checkpoint_records(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's checkpoints as the provider lists them (every metric), oldest step first; empty where the
+        host has no checkpoints endpoint."""
+        try:
+            items = list(self._walk(f"list checkpoints of job {job_id}",
+                                    lambda **q: self._client.fine_tuning.jobs.checkpoints.list(job_id, **q),
+                                    {"limit": 100}))
+        except HostedTrainingError as exc:
+            if exc.retryable:
+                raise
+            log.info("hosted.checkpoints_unavailable", provider=self._provider, job_id=job_id, error=exc.message)
+            return []
+        return sorted((self.job_json(c) for c in items), key=lambda c: c.get("step_number") or 0)
+
+    def file_info(self, file_id: str) -> dict[str, Any]:
+        """GET /files/{id}: the file object (HostedTrainingError with status 404 when it is gone)."""
+        return self.job_json(self._call(f"retrieve file {file_id}", self._client.files.retrieve, file_id))
+
+    def download_file(self, file_id: str, write: Callable[[bytes], None]) -> int:
+        """Stream GET /files/{id}/content into `write`; returns the byte count."""
+        return self._call(f"download file {file_id}", self._download, file_id, write)
+
+    def _download(self, file_id: str, write: Callable[[bytes], None]) -> int:
+        size = 0
+        with self._client.files.with_streaming_response.content(file_id) as response:
+            try:
+                for chunk in response.iter_bytes(1 << 20):
+                    write(chunk)
+                    size += len(chunk)
+            except Exception as exc:  # noqa: BLE001 - the body broke off (a transport error of the SDK's http client)
+                detail = f"{type(exc).__name__}: {self._scrub(str(exc))}"
+                raise _BodyBrokeOff(detail) from None
+        return size
 
     # --- control ------------------------------------------------------------------------------
 
