@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Annotated
 
-from contracts.common import PLAN_V3, FieldMapping, Frozen, Locator, RunPlan, upcast_plan_v2
+from pydantic import AfterValidator, Field
+
+from contracts.common import PLAN_V4, FieldMapping, Frozen, Locator, RunPlan, upcast_plan_v2, upcast_plan_v3
 from contracts.registry import register
 
 
-@register("run.start", kind="command", version=3, upcasters=PLAN_V3)
+@register("run.start", kind="command", version=4, upcasters=PLAN_V4)
 class StartRun(Frozen):
     """Start a run: ingest the locator, then prep, train, evaluate, export and register (the plan)."""
 
@@ -16,7 +18,7 @@ class StartRun(Frozen):
     requested_by: str = Field("cli", max_length=128)
 
 
-@register("ingest.commit", kind="command", version=2, upcasters={1: upcast_plan_v2})
+@register("ingest.commit", kind="command", version=3, upcasters={1: upcast_plan_v2, 2: upcast_plan_v3})
 class CommitIngest(Frozen):
     """Ingest a source as a run of its own; later stages follow only as far as `until` says."""
 
@@ -65,3 +67,58 @@ class PauseTraining(TrainingControl):
 @register("training.resume", kind="command")
 class ResumeTraining(TrainingControl):
     pass
+
+
+# --- the registry (D7): acts on a target's versions; answered by a registry event on the target's
+# subject, or by registry.command_refused with a reason code. The event a command causes derives its id
+# from the command's event id (D3), so a redelivered command appends nothing twice.
+
+
+def _one_line(value: str) -> str:
+    if "\n" in value or "\r" in value:
+        raise ValueError("a reason is one line")
+    return value
+
+
+class RegistryCommand(Frozen):
+    """`actor`: who asks (the CLI: the OS user or --actor; the API: the token's subject). `expected_sequence`:
+    the target log's last sequence the actor decided on; when the log has moved on, the command is refused
+    with registry.conflict and the current state (None: the registry's own read, which only protects
+    against another registry process)."""
+
+    target: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    reason: Annotated[str, AfterValidator(_one_line)] = Field(min_length=1, max_length=500)
+    actor: str = Field(min_length=1, max_length=128)
+    expected_sequence: int | None = Field(None, ge=0)
+
+
+@register("registry.promote", kind="command")
+class PromoteVersion(RegistryCommand):
+    """Make `version` (a number, vN, or the run id that produced it) production; the current production is
+    archived. A version whose gate failed, or that was rejected, needs `override` (the reason is recorded)."""
+
+    version: str = Field(min_length=1, max_length=128)
+    override: bool = False
+
+
+@register("registry.reject", kind="command")
+class RejectVersion(RegistryCommand):
+    version: str = Field(min_length=1, max_length=128)
+
+
+@register("registry.rollback", kind="command")
+class RollBackTarget(RegistryCommand):
+    """Production goes back to the version that was production before it."""
+
+
+@register("registry.restore", kind="command")
+class RestoreVersion(RegistryCommand):
+    """An archived version (one that was production once) becomes production again."""
+
+    version: str = Field(min_length=1, max_length=128)
+
+
+@register("registry.set_rollout", kind="command")
+class SetRollout(RegistryCommand):
+    percent: int = Field(ge=0, le=100)
+    reason: Annotated[str, AfterValidator(_one_line)] = Field("staged rollout", min_length=1, max_length=500)

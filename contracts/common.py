@@ -111,6 +111,53 @@ class HostedSettings(Frozen):
     timeout_s: float | None = Field(None, gt=0)
 
 
+class PromptBaseline(Frozen):
+    """A hosted chat model prompted with a system prompt and a few train rows: the cheaper path a
+    fine-tune must beat when the target has nothing in production yet (D15). The key is read from
+    `api_key_env` by the evaluator, never carried."""
+
+    provider: Literal["openai", "anthropic", "openai_compatible"] = "openai"
+    model: str = Field(min_length=1, max_length=200)
+    base_url: str | None = None
+    api_key_env: str = Field("OPENAI_API_KEY", pattern=r"^[A-Z_][A-Z0-9_]*$")
+    system_prompt: str | None = Field(None, max_length=20_000)  # None: prep's prompt listing the labels
+    few_shot: int = Field(8, ge=0, le=64)                        # train rows shown as examples
+
+
+class JudgeSettings(Frozen):
+    """How each output is scored in [0, 1] (D16). `rubric`: weighted per-field correctness against the
+    gold row (`weights`: field -> weight; empty: the label field alone, or every field equally for
+    triage rows). `llm`: a model grades (input, output, reference) with a rubric prompt."""
+
+    kind: Literal["rubric", "llm"] = "rubric"
+    weights: dict[str, float] = Field(default_factory=dict)
+    provider: Literal["openai", "anthropic", "openai_compatible"] = "anthropic"
+    model: str | None = None
+    base_url: str | None = None
+    api_key_env: str = Field("ANTHROPIC_API_KEY", pattern=r"^[A-Z_][A-Z0-9_]*$")
+    min_agreement: float = Field(0.8, ge=0, le=1)  # the judge's validation must separate gold from wrong this well
+
+
+class GateSettings(Frozen):
+    """The promotion policy (D13); the defaults are the architecture's."""
+
+    min_delta: float = Field(0.05, ge=0, le=1)
+    alpha: float = Field(0.05, gt=0, lt=1)
+    max_bucket_drop: float = Field(0.05, ge=0, le=1)
+    max_regressed_share: float = Field(0.15, ge=0, le=1)
+    bucket_fields: list[str] = Field(default_factory=list)   # row fields (triage heads) to bucket by, besides the class
+    safety_buckets: list[str] = Field(default_factory=list)  # "field=value" buckets that may not regress at all
+
+
+class EvaluationSettings(Frozen):
+    """What the evaluator compares a candidate with, and how (D13, D15, D16)."""
+
+    judge: JudgeSettings = Field(default_factory=JudgeSettings)
+    gate: GateSettings = Field(default_factory=GateSettings)
+    prompt_baseline: PromptBaseline | None = None
+    local_usd_per_hour: float = Field(0.0, ge=0)  # the price of an hour of the scoring machine, for cost per 1,000
+
+
 Backend = Literal["local", "openai", "anthropic"]
 PreflightMode = Literal["strict", "fail_open"]
 
@@ -124,6 +171,10 @@ class RunPlan(Frozen):
     v3 (over v2): training by recipe (`recipe`, `recipe_overrides`), backend (local or hosted),
     preflight mode; the training knobs (base_model, max_steps, batch_size, learning_rate,
     max_length) are overrides of the recipe and None means the recipe's value.
+    v4 (over v3): three splits (D14): `eval_fraction` is the test share the evaluator alone reads,
+    `validation_fraction` the share of the rest that the trainer validates on; the target's test set
+    is frozen by its first run and reused unless `new_test_set` or `eval_locator`; `evaluation` says
+    what the candidate is compared with and how it is judged and gated.
     """
 
     locator: Locator = Field(min_length=1)
@@ -148,6 +199,9 @@ class RunPlan(Frozen):
     batch_size: int | None = Field(None, ge=1, le=512)
     learning_rate: float | None = Field(None, gt=0)
     max_length: int | None = Field(None, ge=8, le=8192)
+    validation_fraction: float = Field(0.1, ge=0, lt=1)  # (v4) of the non-test rows, what the trainer validates on
+    new_test_set: bool = False                            # (v4) freeze a new test set for the target (recorded)
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)  # (v4)
 
     def runs(self, stage: str) -> bool:
         """Does the plan go as far as `stage`? (A run may stop after ingest or prep.)"""
@@ -187,3 +241,12 @@ def upcast_plan_v2(payload: dict) -> dict:
 
 PLAN_V2 = {1: upcast_plan_v1}
 PLAN_V3 = {1: upcast_plan_v1, 2: upcast_plan_v2}
+
+
+def upcast_plan_v3(payload: dict) -> dict:
+    """v3 -> v4: a v3 run had two splits, its eval split both validated training and was scored by
+    the evaluator; replayed now, it gets v4's three splits (the new fields take their defaults)."""
+    return payload
+
+
+PLAN_V4 = {**PLAN_V3, 3: upcast_plan_v3}

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, field_validator
 
-from contracts.common import PLAN_V3, ArtifactRef, FieldMapping, Frozen, RunPlan, TaskShape, upcast_plan_v2
+from contracts.common import PLAN_V4, ArtifactRef, FieldMapping, Frozen, RunPlan, TaskShape, upcast_plan_v2, upcast_plan_v3
 from contracts.reason_codes import is_registered
 from contracts.registry import register
 
@@ -94,7 +94,7 @@ class CommittedRows(Frozen):
     rejected_by_reason: ReasonCounts
 
 
-@register("ingest.committed", kind="event", version=3, upcasters=PLAN_V3)
+@register("ingest.committed", kind="event", version=4, upcasters=PLAN_V4)
 class IngestCommitted(Frozen):
     plan: RunPlan
     dataset: ArtifactRef
@@ -109,7 +109,7 @@ class IngestCommitted(Frozen):
     eval_source: CommittedRows | None = None  # the plan's explicit eval dataset, same mapping (v2)
 
 
-@register("ingest.failed", kind="event", version=3, upcasters=PLAN_V3)
+@register("ingest.failed", kind="event", version=4, upcasters=PLAN_V4)
 class IngestFailed(StageFailure):
     pass
 
@@ -117,7 +117,7 @@ class IngestFailed(StageFailure):
 # --- prep -----------------------------------------------------------------------------------
 
 
-@register("prep.cleaned", kind="event", version=2, upcasters={1: upcast_plan_v2})
+@register("prep.cleaned", kind="event", version=3, upcasters={1: upcast_plan_v2, 2: upcast_plan_v3})
 class PrepCleaned(Frozen):
     """Cleaning's account: rows_in = rows_kept + sum(dropped_by_reason), every dropped row in `dropped`."""
 
@@ -141,7 +141,29 @@ class CostEstimate(Frozen):
     prices_as_of: str
 
 
-@register("prep.prepared", kind="event", version=3, upcasters=PLAN_V3)
+class TestSetRef(Frozen):
+    """The test set a run is judged on (D14): recorded by a target's first run, reused by later ones."""
+
+    target: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")   # of the test rows file: every row and its row_id
+    rows: int = Field(ge=0)
+    artifact: ArtifactRef
+    origin: Literal["first_run", "new_test_set", "eval_locator"]
+    frozen_by_run_id: str
+
+
+@register("prep.test_set_frozen", kind="event")
+class TestSetFrozen(Frozen):
+    """A target's test set from now on; published on the target's own subject with the expected last
+    sequence, so two first runs racing cannot both freeze one. `origin` says why: a target's first
+    run, a user's `--new-test-set`, or an explicit `--eval-locator`."""
+
+    test_set: TestSetRef
+    label_space: list[str]
+    reason: str = Field("", max_length=500)
+
+
+@register("prep.prepared", kind="event", version=4, upcasters=PLAN_V4)
 class PrepPrepared(Frozen):
     plan: RunPlan
     manifest: ArtifactRef
@@ -157,9 +179,14 @@ class PrepPrepared(Frozen):
     token_estimate: int | None = None         # (v2)
     cost_estimate: CostEstimate | None = None  # (v2)
     warnings: list[Notice] = Field(default_factory=list)  # (v2)
+    # (v4) three splits (D14): `eval` is the validation split the trainer evaluates on; `test` the
+    # target's frozen test set, which only the evaluator reads
+    test: ArtifactRef | None = None
+    test_rows: int = Field(0, ge=0)
+    test_set: TestSetRef | None = None
 
 
-@register("prep.failed", kind="event", version=3, upcasters=PLAN_V3)
+@register("prep.failed", kind="event", version=4, upcasters=PLAN_V4)
 class PrepFailed(StageFailure):
     pass
 
@@ -219,7 +246,7 @@ class TrainPlan(Frozen):
     cost_estimate: CostEstimate | None = None  # hosted backends: recorded before the job starts
 
 
-@register("preflight.passed", kind="event", version=1)
+@register("preflight.passed", kind="event", version=2, upcasters={1: upcast_plan_v3})
 class PreflightPassed(Frozen):
     plan: RunPlan
     train_plan: TrainPlan
@@ -229,7 +256,7 @@ class PreflightPassed(Frozen):
     mode: str = "strict"
 
 
-@register("preflight.blocked", kind="event", version=1)
+@register("preflight.blocked", kind="event", version=2, upcasters={1: upcast_plan_v3})
 class PreflightBlocked(Frozen):
     """Strict preflight found blockers: nothing was trained. The envelope's reason code is the first blocker's."""
 
@@ -240,7 +267,7 @@ class PreflightBlocked(Frozen):
     memory: MemoryEstimate | None = None
 
 
-@register("training.started", kind="event", version=3, upcasters=PLAN_V3)
+@register("training.started", kind="event", version=4, upcasters=PLAN_V4)
 class TrainingStarted(Frozen):
     plan: RunPlan
     base_model: str
@@ -302,7 +329,7 @@ class TrainingResumed(Frozen):
     hosted_job_id: str | None = None
 
 
-@register("training.completed", kind="event", version=3, upcasters=PLAN_V3)
+@register("training.completed", kind="event", version=4, upcasters=PLAN_V4)
 class TrainingCompleted(Frozen):
     plan: RunPlan
     base_model: str
@@ -325,11 +352,92 @@ class TrainingCompleted(Frozen):
     hosted_job_id: str | None = None       # (v3)
     fine_tuned_model: str | None = None    # (v3) hosted: the provider's model id
     trained_tokens: int | None = None      # (v3) hosted: tokens billed, after the job
+    train: ArtifactRef | None = None       # (v4) the train split (the classical baseline trains on it)
+    test: ArtifactRef | None = None        # (v4) the frozen test set (None: a v3 run, scored on `eval`)
+    test_set: TestSetRef | None = None     # (v4)
 
 
-@register("training.failed", kind="event", version=3, upcasters=PLAN_V3)
+@register("training.failed", kind="event", version=4, upcasters=PLAN_V4)
 class TrainingFailed(StageFailure):
     pass
+
+
+# --- trainer: the hosted job archive (D12) ----------------------------------------------------
+# What a hosted provider knows about a job, kept in the audit spine before the provider drops it: its
+# raw events, its job object at each status, its checkpoints and files. Written by the trainer while it
+# follows a job and by `tuneline import openai-jobs` for jobs trained outside Tuneline (an imported run).
+
+
+class ProviderJobEvent(Frozen):
+    """One job event as the provider listed it (OpenAI `fine_tuning.job.event`); `data` untyped, as documented."""
+
+    id: str
+    created_at: int
+    level: str
+    message: str
+    type: str | None = None
+    data: dict[str, Any] | None = None
+
+
+@register("training.provider_event", kind="event", version=1)
+class ProviderEventsArchived(Frozen):
+    """A batch of a hosted job's provider events, oldest first. Batching and deduplication:
+    services/trainer/hosted/archive.py (ProviderEventBatcher)."""
+
+    provider: str
+    hosted_job_id: str
+    events: list[ProviderJobEvent] = Field(min_length=1)
+
+
+@register("training.provider_job", kind="event", version=1)
+class ProviderJobObserved(Frozen):
+    """The provider's job object (hyperparameters, trained tokens, result files, error) as it was when
+    its status changed, as the provider serialised it."""
+
+    provider: str
+    hosted_job_id: str
+    status: str
+    job: dict[str, Any]
+
+
+class ProviderCheckpoint(Frozen):
+    id: str
+    step: int
+    fine_tuned_model_checkpoint: str
+    created_at: int | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class ProviderFile(Frozen):
+    """A file a hosted job names. `artifact` is its copy in the artifact store (its sha256 is the lineage);
+    None with `unavailable` when the provider no longer served it."""
+
+    role: Literal["training", "validation", "result"]
+    file_id: str
+    filename: str | None = None
+    size: int | None = None
+    purpose: str | None = None
+    artifact: ArtifactRef | None = None
+    unavailable: Notice | None = None
+
+
+@register("training.provider_archived", kind="event", version=1)
+class ProviderJobArchived(Frozen):
+    """A hosted job's archive is whole: published after its provider events and job snapshots, it names
+    its checkpoints and files. `imported`: archived by `tuneline import openai-jobs`, not by a Tuneline run."""
+
+    provider: str
+    hosted_job_id: str
+    status: str
+    base_model: str
+    fine_tuned_model: str | None = None
+    trained_tokens: int | None = None
+    created_at: int | None = None
+    finished_at: int | None = None
+    events_archived: int = Field(ge=0)
+    checkpoints: list[ProviderCheckpoint] = Field(default_factory=list)
+    files: list[ProviderFile] = Field(default_factory=list)
+    imported: bool = False
 
 
 # --- evaluator ------------------------------------------------------------------------------
@@ -341,18 +449,89 @@ class ClassificationMetrics(Frozen):
     n: int
 
 
-@register("eval.completed", kind="event", version=3, upcasters=PLAN_V3)
+class ModelReport(Frozen):
+    """One model's scores on the test set (from services.common.metrics): classification metrics per
+    class and field, judge mean, latency and cost. `model` says what was scored: "candidate",
+    "production:v3", "classical:tfidf-logreg", "prompt:gpt-4o-mini"."""
+
+    model: str
+    n: int = Field(ge=0)
+    judge_mean: float
+    metrics: dict[str, Any]                  # accuracy, micro/macro F1, per_class, confusion, per field
+    latency_ms_p50: float | None = None
+    latency_ms_p95: float | None = None
+    usd_per_1k: float | None = None
+    tokens_median: float | None = None
+    unparseable: int = Field(0, ge=0)        # outputs that named no label / no valid JSON
+
+
+class JudgeRef(Frozen):
+    """Which judge scored the rows: what `judge.validated` and the gate name."""
+
+    judge_id: str                           # "rubric:<weights sha256[:12]>" or "llm:<model>:<prompt sha256[:12]>"
+    kind: Literal["rubric", "llm"]
+    model: str | None = None
+    prompt_sha256: str | None = None
+    weights: dict[str, float] = Field(default_factory=dict)
+
+
+@register("judge.validated", kind="event")
+class JudgeValidated(Frozen):
+    """The judge was run over the test set's gold outputs and known-wrong outputs before it gates
+    (D16): its agreement with the truth, and whether that is enough."""
+
+    judge: JudgeRef
+    test_set_sha256: str
+    n_gold: int = Field(ge=0)
+    n_wrong: int = Field(ge=0)
+    accuracy: float          # share of gold scored above the midpoint and wrong below it
+    cohen_kappa: float
+    gold_mean: float
+    wrong_mean: float
+    min_agreement: float
+    passed: bool
+
+
+@register("eval.gate_decided", kind="event")
+class GateDecided(Frozen):
+    """The promotion gate's decision (D13) and all the evidence to re-derive it from `records`."""
+
+    target: str
+    passed: bool
+    failed: list[Notice]                    # every failed criterion with its reason code
+    candidate: str                          # what was scored, as in ModelReport.model
+    baseline: str
+    baseline_kind: Literal["production", "prompt", "classical"]
+    records: ArtifactRef                    # the per-row records both models were judged on
+    test_set_sha256: str
+    judge_id: str
+    evidence: dict[str, Any]                # n, means, delta and CI, test, statistic, p, effect size, buckets, regressions, policy
+
+
+@register("eval.completed", kind="event", version=4, upcasters=PLAN_V4)
 class EvalCompleted(Frozen):
+    """v4: the candidate against its baseline (production, a prompt baseline or a classical one; D15)
+    on the frozen test set, per-row records, judge and gate. `base` is the baseline's metrics, which
+    export and the registry carry on; v3 compared with the base encoder under an untrained head."""
+
     plan: RunPlan
     base_model: str
-    adapter: ArtifactRef
-    eval: ArtifactRef
+    adapter: ArtifactRef | None
+    eval: ArtifactRef                       # the rows scored (v4: the test set)
     candidate: ClassificationMetrics
     base: ClassificationMetrics
     label_space: list[str]
+    baseline_kind: Literal["production", "prompt", "classical", "base_model"] = "base_model"  # (v4)
+    candidate_report: ModelReport | None = None   # (v4)
+    baseline_report: ModelReport | None = None    # (v4)
+    records: ArtifactRef | None = None            # (v4) per-row records (D16)
+    test_set_sha256: str | None = None            # (v4)
+    judge: JudgeRef | None = None                 # (v4)
+    gate_passed: bool | None = None               # (v4) eval.gate_decided says why
+    warnings: list[Notice] = Field(default_factory=list)  # (v4) e.g. eval.degenerate_model
 
 
-@register("eval.failed", kind="event", version=3, upcasters=PLAN_V3)
+@register("eval.failed", kind="event", version=4, upcasters=PLAN_V4)
 class EvalFailed(StageFailure):
     pass
 
@@ -360,8 +539,33 @@ class EvalFailed(StageFailure):
 # --- export ---------------------------------------------------------------------------------
 
 
-@register("export.completed", kind="event", version=3, upcasters=PLAN_V3)
+class GateVerdict(Frozen):
+    """The gate's decision on a version (eval.gate_decided, D13) as the registry keeps it: enough to
+    validate or reject the version and to answer "on what evidence" without the evaluator."""
+
+    event_id: str                           # of the eval.gate_decided event: the evidence
+    passed: bool
+    failed: list[Notice] = Field(default_factory=list)
+    baseline: str | None = None
+    baseline_kind: str | None = None
+    test_set_sha256: str | None = None
+    judge_id: str | None = None
+    n: int | None = None
+    delta: float | None = None
+    p_value: float | None = None
+
+
+def upcast_export_v4(payload: dict) -> dict:
+    """v4 -> v5: the evidence fields are new and default to None (a v4 export carries no gate verdict)."""
+    return payload
+
+
+@register("export.completed", kind="event", version=5, upcasters={**PLAN_V4, 4: upcast_export_v4})
 class ExportCompleted(Frozen):
+    """v5: also what the registry needs from the evaluation (copied from eval.completed and its
+    eval.gate_decided): the gate verdict, the per-row records and the test rows they are about (the
+    registry's smoke check reproduces them), the label space."""
+
     plan: RunPlan
     base_model: str
     export: ArtifactRef  # directory manifest of the exported files
@@ -369,9 +573,16 @@ class ExportCompleted(Frozen):
     files: dict[str, str]  # path -> sha256
     candidate: ClassificationMetrics
     base: ClassificationMetrics
+    gate: GateVerdict | None = None            # (v5) None: no gate decision was found for the run
+    records: ArtifactRef | None = None         # (v5) per-row records (D16)
+    test: ArtifactRef | None = None            # (v5) the test rows the records are about
+    test_set_sha256: str | None = None         # (v5)
+    label_space: list[str] = Field(default_factory=list)  # (v5)
+    dataset_version: str | None = None         # (v5) lineage, when the run's events carry it
+    manifest: ArtifactRef | None = None        # (v5)
 
 
-@register("export.failed", kind="event", version=3, upcasters=PLAN_V3)
+@register("export.failed", kind="event", version=4, upcasters=PLAN_V4)
 class ExportFailed(StageFailure):
     pass
 
@@ -379,8 +590,24 @@ class ExportFailed(StageFailure):
 # --- registry -------------------------------------------------------------------------------
 
 
-@register("registry.version_registered", kind="event")
+class BaseModelPin(Frozen):
+    """The base model a version's adapter was trained on, pinned by the sha256 of its weights files,
+    so that an adapter is never served (or smoke-checked) on another base."""
+
+    model: str
+    sha256: str | None = None   # None: not resolvable to local weights when registered (a hub id offline)
+
+
+def upcast_registered_v1(payload: dict) -> dict:
+    """v1 -> v2: the pin and the evidence are new and default to None (v1 versions carry no gate verdict)."""
+    return payload
+
+
+@register("registry.version_registered", kind="event", version=2, upcasters={1: upcast_registered_v1})
 class VersionRegistered(Frozen):
+    """v2: with the base model pin, the gate verdict, the per-row records and test rows (for the smoke
+    check before a promotion) and what lineage the export carried."""
+
     target: str
     version: int = Field(ge=1)
     status: str = "candidate"
@@ -389,11 +616,138 @@ class VersionRegistered(Frozen):
     candidate: ClassificationMetrics
     base: ClassificationMetrics
     source_run_id: str
+    base_model_pin: BaseModelPin | None = None   # (v2)
+    gate: GateVerdict | None = None              # (v2)
+    records: ArtifactRef | None = None           # (v2)
+    test: ArtifactRef | None = None              # (v2)
+    test_set_sha256: str | None = None           # (v2)
+    label_space: list[str] = Field(default_factory=list)  # (v2)
+    dataset_version: str | None = None           # (v2)
+    manifest: ArtifactRef | None = None          # (v2)
 
 
-@register("registry.failed", kind="event", version=3, upcasters=PLAN_V3)
+@register("registry.hosted_version_registered", kind="event", version=1)
+class HostedVersionRegistered(Frozen):
+    """A version of a target that a hosted provider trained outside Tuneline's pipeline (an imported job):
+    no export artifact and no Tuneline evaluation, so it says what it is instead. It counts in the
+    target's version sequence like registry.version_registered. Lineage: the training file's sha256
+    (None when the provider no longer served the file)."""
+
+    target: str
+    version: int = Field(ge=1)
+    status: str = "candidate"
+    provider: str
+    hosted_job_id: str
+    base_model: str
+    fine_tuned_model: str
+    training_file_sha256: str | None = None
+    validation_file_sha256: str | None = None
+    source_run_id: str
+
+
+@register("registry.failed", kind="event", version=4, upcasters=PLAN_V4)
 class RegistryFailed(StageFailure):
     pass
+
+
+# The lifecycle of a target's versions (D7), each event on the target's own subject and appended with the
+# expected last subject sequence: candidate -> validated | rejected; validated -> production (promoted);
+# production -> archived (demoted by the next promotion, or rolled back); archived -> production (restored).
+
+
+class RegistryAct(Frozen):
+    """Who did it and why; `command_id`: the command it answers (None: the registry acted on its own,
+    on a gate decision or the auto_promote policy)."""
+
+    target: str
+    actor: str = Field(min_length=1, max_length=128)
+    reason: str = Field(max_length=500)
+    command_id: str | None = None
+
+
+@register("registry.validated", kind="event")
+class VersionValidated(RegistryAct):
+    """The gate passed: the version may be promoted."""
+
+    version: int = Field(ge=1)
+    gate_event_id: str
+
+
+@register("registry.rejected", kind="event")
+class VersionRejected(RegistryAct):
+    """The gate failed (`failed`: its criteria) or a person rejected the version (a one-line reason)."""
+
+    version: int = Field(ge=1)
+    gate_event_id: str | None = None
+    failed: list[Notice] = Field(default_factory=list)
+
+
+class SmokeCheck(Frozen):
+    """The export loaded on its pinned base and re-ran on test rows: its outputs against the evaluator's."""
+
+    rows: int = Field(ge=0)
+    matched: int = Field(ge=0)
+    passed: bool
+    base_model_sha256: str | None = None
+    mismatched_row_ids: list[str] = Field(default_factory=list)
+    skipped: str | None = None  # why no check ran (disabled by the registry's settings)
+
+
+@register("registry.promoted", kind="event")
+class VersionPromoted(RegistryAct):
+    """One event, atomic by construction: `version` is production from now on and `demoted` (the previous
+    production, if any) is archived. `override`: promoted although its gate failed or it was rejected,
+    with `reason` the override's reason."""
+
+    version: int = Field(ge=1)
+    demoted: int | None = None
+    gate_event_id: str | None = None
+    override: bool = False
+    auto: bool = False                # by the target's auto_promote policy
+    smoke: SmokeCheck | None = None
+
+
+@register("registry.rolled_back", kind="event")
+class VersionRolledBack(RegistryAct):
+    """Production goes back to the previous production (`version`); `demoted` is archived."""
+
+    version: int = Field(ge=1)
+    demoted: int = Field(ge=1)
+
+
+@register("registry.restored", kind="event")
+class VersionRestored(RegistryAct):
+    """An archived version is production again; `demoted` (the production it replaces) is archived."""
+
+    version: int = Field(ge=1)
+    demoted: int | None = None
+    gate_event_id: str | None = None
+    smoke: SmokeCheck | None = None
+
+
+@register("registry.rollout_set", kind="event")
+class RolloutSet(RegistryAct):
+    """A staged rollout: the share of traffic the production version takes (a gateway reads `serving`)."""
+
+    version: int = Field(ge=1)
+    percent: int = Field(ge=0, le=100)
+    previous_percent: int = Field(ge=0, le=100)
+
+
+@register("registry.command_refused", kind="event")
+class RegistryCommandRefused(Frozen):
+    """A registry command that changed nothing; the envelope's reason code says why (registry.conflict,
+    registry.promote_blocked, registry.smoke_failed, ...). Published outside the target's log (its subject
+    is not the target's), so a refusal never moves the target's sequence. `state`: the target as the
+    registry found it (for registry.conflict, the state that won)."""
+
+    command: str
+    target: str
+    version: str | None = None
+    actor: str
+    message: str
+    state: dict[str, Any] = Field(default_factory=dict)
+    smoke: SmokeCheck | None = None
 
 
 # --- bus ------------------------------------------------------------------------------------
