@@ -106,7 +106,7 @@ def measure_throughput(repeats: int = 3) -> dict:
             "rows": n, "pipeline_s": round(best_pipe, 3), "baseline_s": round(best_base, 3),
             "ingest_s": last["ingest_s"], "prep_s": last["prep_s"], "rejected_by_reason": last["rejected_by_reason"],
             "cleaning_dropped_by_reason": m["counts"]["dropped_by_reason"], "train": m["counts"]["train"],
-            "eval": m["counts"]["eval"], "pii": m["cleaning"].get("pii_by_kind"),
+            "validation": m["counts"]["validation"], "test": m["counts"]["test"], "pii": m["cleaning"].get("pii_by_kind"),
             "cleaning_timings_s": last["cleaning_timings_s"], "processes": processes,
             "repeats": repeats, "timing": "best of repeats, both sides",
             "pipeline_cpu_s": cpu_pipe, "baseline_cpu_s": cpu_base, "cpus": os.cpu_count()}

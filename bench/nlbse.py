@@ -107,10 +107,11 @@ def prep_repo(repo: str, rows: list[dict], tmp: Path) -> dict:
     store = ArtifactStore(tmp / "artifacts")
     mapping = FieldMapping(text=["text"], label="label")
     ingested = run_ingest(JsonlSource(src), mapping, store, commit=True)
+    # no validation split from prep: the bench carves its own out of train (fit_val) and scores the test split
     plan = RunPlan(locator=f"jsonl:{src}", target="nlbse", mapping=mapping, until="prep",
-                   eval_fraction=EVAL_FRACTION, seed=SEED)
+                   eval_fraction=EVAL_FRACTION, validation_fraction=0, seed=SEED)
     prepared = prepare(read_jsonl(store, ingested.dataset), plan, store)
-    return {"train": read_jsonl(store, prepared.train), "eval": read_jsonl(store, prepared.eval),
+    return {"train": read_jsonl(store, prepared.train), "eval": read_jsonl(store, prepared.test),
             "label_space": prepared.label_space, "rows_in": ingested.counts.rows_read,
             "ingest_rejected": ingested.counts.rows_rejected, "dropped_by_reason": prepared.dropped_by_reason}
 

@@ -15,16 +15,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import orjson
 
-DEFAULT_SYSTEM_TEMPLATE = (
-    "You are a text classifier. Read the user's text and answer with exactly one label from this list, "
-    "and nothing else: {labels}."
-)
-
-
-def system_prompt(label_space: Sequence[str], template: str = DEFAULT_SYSTEM_TEMPLATE) -> str:
-    if not label_space:
-        raise ValueError("empty label space")
-    return template.format(labels=", ".join(str(label) for label in label_space))
+from services.common.prompts import DEFAULT_SYSTEM_TEMPLATE, system_prompt  # noqa: F401 (prep's API)
 
 
 def openai_chat_example(row: Mapping, label_space: Sequence[str], *, system: str | None = None) -> dict:

@@ -216,6 +216,7 @@ async def train_locally(ctx: StageContext, settings: TrainerSettings, recipe: Re
         examples_per_s=result.examples_per_s, wall_s=result.wall_s, recipe=recipe.name, task=recipe.task,
         best_step=result.best_step, best_metric=result.best_metric, metric_name=result.metric_name,
         stopped_early=result.stopped_early, resumed_from_step=result.resumed_from_step,
+        train=p.train, test=p.test, test_set=p.test_set,
     ), cleanup=work_dir)
 
 

@@ -13,6 +13,10 @@ as local training (D12).
   to the provider at the next poll. Each pause and resume is its own event, identified by the run's
   pause/resume transition counter (Control.transitions), which every trainer process derives the same
   way from the command stream: a redelivery repeats a transition's id, a second pause gets a new one.
+- The provider's record of the job is archived as it is followed (services.trainer.hosted.archive): its job
+  events in `training.provider_event` batches, the job object at each status change (`training.provider_job`),
+  and at the end `training.provider_archived` (checkpoints with every metric, the result files downloaded into
+  the artifact store when the job succeeded), published before `training.completed` / `training.failed`.
 - The completion is recorded before `training.completed` is published (services.trainer.completion).
 - A failure the provider may recover from (a rate limit that outlasted the SDK's retries, a dropped
   connection) is re-raised as a plain error, so the delivery policy nacks and retries it (D4);
@@ -38,7 +42,8 @@ from services.common.delivery import StageContext, StageError
 from services.common.logging import get_logger
 from services.trainer.completion import complete
 from services.trainer.emitter import OrderedEmitter
-from services.trainer.hosted.base import HostedJobSpec, HostedProgress, HostedTrainingError
+from services.trainer.hosted.archive import JobSnapshots, ProviderEventBatcher, archive_followed_job
+from services.trainer.hosted.base import HostedEvent, HostedJobSpec, HostedProgress, HostedTrainingError
 
 log = get_logger(__name__)
 
@@ -99,6 +104,18 @@ async def _train_hosted(ctx: StageContext, hosted: HostedSettings, control, cont
     emitter = OrderedEmitter(ctx)
     emit_from_thread = emitter.emit
     last: dict = {"progress": None}
+    provider = getattr(backend, "provider", plan.backend)
+    batcher = ProviderEventBatcher(provider, job_id)
+    snapshots = JobSnapshots(provider, job_id)
+
+    def on_event(ev: HostedEvent) -> None:
+        if (batch := batcher.add(ev)) is not None:
+            emit_from_thread(batch, ProviderEventBatcher.step(batch))
+
+    def on_job(job) -> None:
+        if (snapshot := snapshots.observe(job)) is not None:
+            emit_from_thread(snapshot, JobSnapshots.step(snapshot))
+
     sent: dict = {"cancel": False, "paused": False, "polls": 0}
 
     def on_progress(pr: HostedProgress) -> None:
@@ -132,14 +149,24 @@ async def _train_hosted(ctx: StageContext, hosted: HostedSettings, control, cont
 
     try:
         async with ctx.keep_alive():
-            outcome = await asyncio.to_thread(backend.follow, job_id, on_progress=on_progress,
+            outcome = await asyncio.to_thread(backend.follow, job_id, on_progress=on_progress, on_event=on_event,
                                               poll_interval=hosted.poll_interval_s, timeout=hosted.timeout_s,
-                                              on_poll=on_poll)
-        outcome.raise_for_status()
+                                              on_poll=on_poll, on_job=on_job)
+            if (batch := batcher.flush()) is not None:  # the job ended: its last events close the last batch
+                emit_from_thread(batch, ProviderEventBatcher.step(batch))
+            archive = await asyncio.to_thread(
+                archive_followed_job, backend, ctx.artifacts, provider, snapshots.last, outcome,
+                base_model=hosted.model, events_archived=batcher.archived,
+                own_files={"training": p.openai_train, "validation": p.openai_eval})
     except HostedTrainingError as exc:
         _raise_for(exc)
     finally:
         await emitter.close()
+    await ctx.emit(archive, step=f":{job_id}")
+    try:
+        outcome.raise_for_status()
+    except HostedTrainingError as exc:
+        _raise_for(exc)
     for ck in outcome.checkpoints:
         await ctx.emit(TrainingCheckpointed(step=ck.step, eval_loss=ck.valid_loss, checkpoint=ck.model),
                        step=f":ckpt-{ck.id}")
@@ -148,7 +175,7 @@ async def _train_hosted(ctx: StageContext, hosted: HostedSettings, control, cont
         plan=plan, base_model=hosted.model, adapter=None, manifest=p.manifest, eval=p.eval, label_space=p.label_space,
         steps=pr.step if pr else 0, final_loss=pr.train_loss if pr else None, examples_per_s=None, wall_s=time.monotonic() - started,
         backend=plan.backend, hosted_job_id=job_id, fine_tuned_model=outcome.fine_tuned_model,
-        trained_tokens=outcome.trained_tokens,
+        trained_tokens=outcome.trained_tokens, train=p.train, test=p.test, test_set=p.test_set,
     ))
     log.info("hosted_training_done", job_id=job_id, fine_tuned_model=outcome.fine_tuned_model,
              trained_tokens=outcome.trained_tokens)

@@ -657,9 +657,9 @@ def data_checks(train_rows: int, eval_rows: int, warnings: Sequence[Notice]) -> 
     if eval_rows <= 0:
         checks.append(PreflightCheck(
             name="data", status="warn", reason_code="preflight.no_eval_split",
-            message=f"the eval split has 0 rows ({train_rows} train rows): no mid-training evaluation, so no "
+            message=f"the validation split has 0 rows ({train_rows} train rows): no mid-training evaluation, so no "
                     f"best-checkpoint selection or early stopping; the last step's adapter is kept. Add rows or "
-                    f"an eval dataset (eval_locator) to get them"))
+                    f"raise --validation-fraction to get them"))
     if not checks:
         checks.append(PreflightCheck(name="data", status="ok",
                                      message=f"{train_rows} train rows, {eval_rows} eval rows"))

@@ -27,6 +27,7 @@ pytest.importorskip("peft")
 from contracts import subjects  # noqa: E402
 from contracts.commands import CancelTraining, PauseTraining, ResumeTraining  # noqa: E402
 from contracts.common import RunPlan  # noqa: E402
+from contracts import events as contract_events  # noqa: E402
 from contracts.events import PrepPrepared  # noqa: E402
 from contracts.registry import decode  # noqa: E402
 from services.common.artifacts import ArtifactStore  # noqa: E402
@@ -54,8 +55,11 @@ def prepared(data_dir: Path, tiny_bert: str, run_id: str, **overrides) -> object
                     eval_every_steps=20, patience=None)
     settings.update(overrides)
     plan = RunPlan(locator="jsonl:/x.jsonl", target="t", recipe="seqcls-lora-minilm", recipe_overrides=settings)
+    test_set = contract_events.TestSetRef(target="t", sha256=split.sha256, rows=len(texts), artifact=split,
+                                          origin="first_run", frozen_by_run_id="run-0")
     payload = PrepPrepared(plan=plan, manifest=ref("m"), train=split, eval=split, label_space=LABEL_SPACE,
-                           train_rows=len(texts), eval_rows=len(texts), dataset_version="v1")
+                           train_rows=len(texts), eval_rows=len(texts), dataset_version="v1", test=split,
+                           test_rows=len(texts), test_set=test_set)
     return envelope(payload, run_id=run_id, producer="prep")
 
 
@@ -295,5 +299,7 @@ async def test_redelivery_after_completion_republishes_the_completion_without_tr
     assert elapsed < 5
     done = await events(js, "training.completed", "run-again")
     assert len(done) == 1 and done[0].steps == 20 and done[0].resumed_from_step is None
+    trigger = decode(encode(env))[1]  # the splits the evaluator needs travel on from prep.prepared (D14)
+    assert (done[0].train, done[0].test, done[0].test_set) == (trigger.train, trigger.test, trigger.test_set)
     assert store.path(done[0].adapter).exists()  # the adapter it names is still in the artifact store
     assert len(await events(js, "training.started", "run-again")) == 1

@@ -79,11 +79,12 @@ def test_commit_until_prep_writes_the_dataset_version_and_stops_there(cli):
     run_id = next(w for w in proc.stdout.split() if w.startswith("ingest-"))
     events = json.loads(cli("events", "--run", run_id, "--json").stdout)
     types = [e["type"] for e in events]
-    assert types == ["ingest.commit", "ingest.committed", "prep.cleaned", "prep.prepared"]
-    committed, cleaned, prepared = (e["payload"] for e in events[1:])
+    assert types == ["ingest.commit", "ingest.committed", "prep.test_set_frozen", "prep.cleaned", "prep.prepared"]
+    committed, frozen, cleaned, prepared = (e["payload"] for e in events[1:])
     assert committed["rows_read"] == committed["rows_accepted"] == 90 and committed["mapping_confidence"] >= 0.8
     assert cleaned["rows_in"] == cleaned["rows_kept"] + sum(cleaned["dropped_by_reason"].values())
-    assert prepared["train_rows"] + prepared["eval_rows"] == cleaned["rows_kept"]
+    assert prepared["train_rows"] + prepared["eval_rows"] + prepared["test_rows"] == cleaned["rows_kept"]
+    assert prepared["test_set"] == frozen["test_set"] and frozen["test_set"]["target"] == "tickets"
     assert {w["reason_code"] for w in prepared["warnings"]} == {"prep.few_rows_total", "prep.few_rows_for_class"}
     assert prepared["cost_estimate"]["usd"] > 0 and prepared["openai_train"]["sha256"]
     timeline = json.loads(cli("timeline", run_id, "--json").stdout)

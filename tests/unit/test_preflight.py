@@ -361,7 +361,7 @@ def test_prep_sufficiency_notices_come_through_as_warnings(tiny_bert):
 def test_no_eval_rows_warns(tiny_bert):
     report = preflight(seqcls(tiny_bert, max_length=32), eval_rows=0)
     assert report.passed
-    assert any("eval split has 0 rows" in n.message and "early stopping" in n.message for n in report.warnings)
+    assert any("validation split has 0 rows" in n.message and "early stopping" in n.message for n in report.warnings)
     assert "preflight.no_eval_split" in {n.reason_code for n in report.warnings}
 
 

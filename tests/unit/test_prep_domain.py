@@ -1,5 +1,6 @@
-"""Prep: the seeded stratified split, and `prepare` end to end on an artifact store — accounting
-(rows_in = train + eval + dropped), zero overlap including near-duplicates, consistent PII
+"""Prep: the seeded stratified split, the three-way split (train / validation / test, D14) and the
+reuse of a frozen test set, and `prepare` end to end on an artifact store — accounting
+(rows_in = train + validation + test + dropped), zero overlap including near-duplicates, consistent PII
 placeholders with an explicit eval set, the manifest, the OpenAI JSONL, cost and warnings."""
 
 from __future__ import annotations
@@ -126,23 +127,24 @@ def test_every_row_is_accounted_for_and_dropped_rows_say_why(store):
     allrows = rows + [dup, near, empty] + conflict
     out = prepare(allrows, plan(), store)
     dropped = read_jsonl(store, out.dropped)
-    assert out.rows_in == len(allrows) == out.train_rows + out.eval_rows + len(dropped)
+    assert out.rows_in == len(allrows) == out.train_rows + out.eval_rows + out.test_rows + len(dropped)
     assert out.dropped_by_reason == {"cleaning.conflicting_labels": 2, "cleaning.empty_after_cleaning": 1,
                                      "cleaning.exact_duplicate": 1, "cleaning.near_duplicate": 1}
     by_row = {d["row_number"]: d for d in dropped}
     assert by_row[500]["duplicate_of"] == rows[0]["row_number"] and by_row[501]["reason_code"] == "cleaning.near_duplicate"
     m = out.manifest
-    assert m["counts"]["train"] + m["counts"]["eval"] + m["counts"]["dropped"] == m["counts"]["rows_in"]
+    c = m["counts"]
+    assert c["train"] + c["validation"] + c["test"] + c["dropped"] == c["rows_in"]
 
 
 def test_near_duplicates_never_straddle_the_split(store):
     rows = rows_for({"billing": 40, "login": 40, "shipping": 40})
     variants = [dict(r, row_number=1000 + r["row_number"], text=r["text"].upper() + " !!") for r in rows]
     out = prepare(rows + variants, plan(), store)
-    train, ev = read_jsonl(store, out.train), read_jsonl(store, out.eval)
     norm = lambda r: " ".join(r["text"].casefold().replace("!", "").split())  # noqa: E731
-    assert {norm(r) for r in train}.isdisjoint(norm(r) for r in ev)
-    assert out.train_rows + out.eval_rows == len(rows)
+    sides = [{norm(r) for r in read_jsonl(store, ref)} for ref in (out.train, out.eval, out.test)]
+    assert sides[0].isdisjoint(sides[1]) and sides[0].isdisjoint(sides[2]) and sides[1].isdisjoint(sides[2])
+    assert out.train_rows + out.eval_rows + out.test_rows == len(rows)
 
 
 def test_pii_is_scrubbed_with_placeholders_shared_by_train_and_an_explicit_eval_set(store):
@@ -151,7 +153,7 @@ def test_pii_is_scrubbed_with_placeholders_shared_by_train_and_an_explicit_eval_
     ev = rows_for({"billing": 5, "login": 5}, start=900, first=100)
     ev[0]["text"] = "jane.doe@example.com says the invoice total is wrong again for the third month"
     out = prepare(rows, plan(eval_locator="jsonl:/eval.jsonl"), store, eval_rows=ev)
-    train, evs = read_jsonl(store, out.train), read_jsonl(store, out.eval)
+    train, evs = read_jsonl(store, out.train) + read_jsonl(store, out.eval), read_jsonl(store, out.test)
     blob = json.dumps(train + evs)
     assert "jane.doe@example.com" not in blob
     t = next(r for r in train if r["row_number"] == 1)["text"]
@@ -168,7 +170,9 @@ def test_train_rows_overlapping_the_explicit_eval_set_are_dropped_from_train(sto
     out = prepare(rows, plan(eval_locator="jsonl:/eval.jsonl"), store, eval_rows=ev)
     dropped = [d for d in read_jsonl(store, out.dropped) if d["reason_code"] == "cleaning.eval_overlap"]
     assert sorted(d["row_number"] for d in dropped) == [rows[3]["row_number"], rows[40]["row_number"]]
-    assert out.train_rows == len(rows) - 2 and out.eval_rows == len(ev)
+    assert out.train_rows + out.eval_rows == len(rows) - 2 and out.test_rows == len(ev)
+    assert out.test_origin == "eval_locator" and out.test_set is None  # made here: the service freezes it
+    assert out.rows_in + len(ev) == out.train_rows + out.eval_rows + out.test_rows + len(read_jsonl(store, out.dropped))
 
 
 def test_manifest_is_the_source_of_truth_and_matches_the_files(store):
@@ -178,7 +182,11 @@ def test_manifest_is_the_source_of_truth_and_matches_the_files(store):
     assert m["task_profile"] == "single_label_classification"
     assert m["label_space"] == ["billing", "login", "shipping"]
     assert m["output_schema"] == {"type": "string", "enum": m["label_space"]} and m["scoring_mode"] == "exact_label"
-    assert m["files"]["train"]["sha256"] == out.train.sha256 and m["files"]["eval"]["sha256"] == out.eval.sha256
+    assert m["files"]["train"]["sha256"] == out.train.sha256 and m["files"]["validation"]["sha256"] == out.eval.sha256
+    assert m["files"]["test"]["sha256"] == out.test.sha256 and m["files"]["test"]["rows"] == out.test_rows
+    assert m["test_set"] == {"origin": "first_run", "sha256": out.test.sha256, "rows": out.test_rows,
+                             "made_by_this_run": True, "frozen_by_run_id": None}
+    assert sum(m["class_histogram"]["test"].values()) == m["counts"]["test"] == out.test_rows
     assert sum(m["class_histogram"]["train"].values()) == m["counts"]["train"] == out.train_rows
     assert m["source_sha256"] == "s" * 64 and len(m["dataset_version"]) == 16
     again = prepare(rows_for({"billing": 60, "login": 60, "shipping": 60}), plan(seed=3), store)
@@ -223,14 +231,14 @@ def test_synthetic_rows_are_capped_to_their_share(store):
         r["provenance"] = "synthetic"
     out = prepare(rows, plan(), store)
     assert out.dropped_by_reason["cleaning.synthetic_cap"] > 0
-    assert out.manifest["provenance"]["synthetic"] / (out.train_rows + out.eval_rows) <= 0.3 + 1e-9
+    assert out.manifest["provenance"]["synthetic"] / (out.train_rows + out.eval_rows + out.test_rows) <= 0.3 + 1e-9
 
 
 def test_structured_shapes_get_exact_dedup_and_a_seeded_split(store):
     rows = [{"row_number": i, "prompt": f"q{i % 30}", "completion": f"a{i % 30}", "provenance": "human"} for i in range(1, 41)]
     out = prepare(rows, plan(mapping=FieldMapping(shape="prompt_completion", prompt="q", completion="a")), store)
     assert out.dropped_by_reason == {"cleaning.exact_duplicate": 10}
-    assert out.train_rows + out.eval_rows == 30 and out.openai_train is not None
+    assert out.train_rows + out.eval_rows + out.test_rows == 30 and out.openai_train is not None
     assert out.manifest["task_profile"] == "prompt_completion"
 
 
@@ -290,3 +298,170 @@ def test_a_model_with_no_known_price_gets_no_cost_estimate_and_prep_goes_on(tmp_
     out = prepare(rows, RunPlan(locator="jsonl:x.jsonl", target="t"), ArtifactStore(tmp_path / "a"),
                   hosted_model="my-org/custom-model")
     assert out.cost is None and out.manifest["token_estimate"]["openai_chat_train_tokens"] > 0
+
+
+# --- three splits and the frozen test set (D14) ---------------------------------------------------
+
+
+def _ids(rows: list[dict]) -> set[int]:
+    return {r["row_number"] for r in rows}
+
+
+@pytest.mark.parametrize("per_class", [
+    {"billing": 30, "login": 20, "shipping": 10},
+    {"a": 7, "b": 5, "c": 3, "d": 2, "e": 2, "f": 11},
+    {f"c{i}": 3 for i in range(20)},
+])
+@pytest.mark.parametrize("test_fraction, validation_fraction", [(0.2, 0.1), (0.3, 0.25), (0.5, 0.5)])
+def test_three_way_split_accounts_for_every_row_keeps_the_shares_and_a_train_row_per_label(
+        per_class, test_fraction, validation_fraction):
+    from services.prep.domain import three_way_split
+
+    rows = _labelled(per_class)
+    train, val, test = three_way_split(rows, test_fraction, validation_fraction, seed=5, classification=True)
+    assert len(train) + len(val) + len(test) == len(rows)
+    assert _ids(train).isdisjoint(_ids(val)) and _ids(train).isdisjoint(_ids(test)) and _ids(val).isdisjoint(_ids(test))
+    assert len(test) == max(1, round(len(rows) * test_fraction))
+    rest = len(rows) - len(test)
+    spare = rest - len(per_class)  # rows left after one train row per label
+    assert len(val) == min(spare, max(1, round(rest * validation_fraction)))
+    train_labels = Counter(r["label"] for r in train)
+    assert set(train_labels) == set(per_class)  # no label lost its last train row
+    assert {r["label"] for r in val} | {r["label"] for r in test} <= set(train_labels)
+    assert three_way_split(rows, test_fraction, validation_fraction, seed=5, classification=True) == (train, val, test)
+
+
+def test_three_way_split_depends_on_the_seed_and_the_test_side_is_the_two_way_holdout():
+    from services.prep.domain import three_way_split
+
+    rows = rows_for({"billing": 30, "login": 20, "shipping": 10})
+    a = three_way_split(rows, 0.2, 0.1, seed=7, classification=True)
+    b = three_way_split(rows, 0.2, 0.1, seed=8, classification=True)
+    assert a[2] != b[2] and a[1] != b[1]
+    assert a[2] == stratified_split(rows, 0.2, seed=7)[1]  # the test rows are what the two-way split held out
+
+
+def test_validation_fraction_zero_leaves_validation_empty():
+    from services.prep.domain import three_way_split
+
+    for classification in (True, False):
+        rows = rows_for({"billing": 30, "login": 20})
+        train, val, test = three_way_split(rows, 0.2, 0.0, seed=1, classification=classification)
+        assert val == [] and len(train) + len(test) == len(rows) and len(test) == 10
+
+
+def test_a_tiny_class_gives_no_validation_row_rather_than_its_last_train_row():
+    from services.prep.domain import three_way_split
+
+    rows = _labelled({"big": 40, "tiny": 2})
+    for seed in range(10):
+        train, val, test = three_way_split(rows, 0.2, 0.5, seed=seed, classification=True)
+        assert Counter(r["label"] for r in train)["tiny"] >= 1
+        assert Counter(r["label"] for r in val + test)["tiny"] <= 1
+
+
+def test_the_random_three_way_split_of_unlabelled_rows():
+    from services.prep.domain import three_way_split
+
+    rows = [{"row_number": i, "prompt": f"q{i}", "completion": f"a{i}"} for i in range(1, 101)]
+    train, val, test = three_way_split(rows, 0.2, 0.1, seed=3, classification=False)
+    assert (len(train), len(val), len(test)) == (72, 8, 20)
+    assert three_way_split(rows, 0.2, 0.1, seed=3, classification=False) == (train, val, test)
+
+
+def test_row_id_is_a_stable_content_id():
+    from services.prep.domain import row_id
+
+    row = {"row_number": 4, "text": "parcel 7 is late", "label": "shipping", "provenance": "human", "quality": 1.0}
+    rid = row_id(row)
+    assert len(rid) == 16 and int(rid, 16) >= 0
+    # bookkeeping and key order do not change it; the content does
+    assert row_id({"label": "shipping", "text": "parcel 7 is late", "row_number": 99, "provenance": "synthetic",
+                   "row_id": "x"}) == rid
+    assert row_id(dict(row, label="billing")) != rid and row_id(dict(row, text="parcel 8 is late")) != rid
+    chat = {"row_number": 1, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    assert row_id(chat) == row_id(dict(chat, row_number=2)) != row_id({**chat, "messages": chat["messages"][:1]})
+
+
+def test_every_test_row_carries_its_row_id_in_the_test_file(store):
+    from services.prep.domain import row_id
+
+    out = prepare(rows_for({"billing": 40, "login": 40, "shipping": 40}), plan(), store)
+    test = read_jsonl(store, out.test)
+    assert len(test) == out.test_rows == 24 and all(r["row_id"] == row_id(r) for r in test)
+    assert len({r["row_id"] for r in test}) == len(test)
+    assert out.test_origin == "first_run" and out.test_set is None
+    assert "row_id" not in read_jsonl(store, out.train)[0]
+    assert prepare(rows_for({"billing": 40, "login": 40, "shipping": 40}), plan(new_test_set=True),
+                   store).test_origin == "new_test_set"
+
+
+def _frozen(out, store, target: str = "t", run_id: str = "run-first"):
+    from contracts.events import TestSetRef
+    from services.prep.domain import FrozenTestSet
+
+    ref = TestSetRef(target=target, sha256=out.test.sha256, rows=out.test_rows, artifact=out.test, origin="first_run",
+                     frozen_by_run_id=run_id)
+    return FrozenTestSet(ref, read_jsonl(store, out.test))
+
+
+def test_a_second_run_reuses_the_frozen_test_set_from_a_different_source_sample(store):
+    first = prepare(rows_for({"billing": 40, "login": 40, "shipping": 40}), plan(), store)
+    frozen = _frozen(first, store)
+    # another sample of the target's data: new rows, and some rows the first run had (a few of them test rows)
+    sample = rows_for({"billing": 30, "login": 30, "shipping": 30}, start=2000, first=500)
+    test_rows = read_jsonl(store, first.test)
+    again = [dict(r, row_number=3000 + i) for i, r in enumerate(test_rows[:3])]
+    out = prepare(sample + again, plan(seed=99), store, frozen_test=frozen)
+    assert out.test.sha256 == first.test.sha256 and out.test_rows == first.test_rows
+    assert out.test_set == frozen.ref and out.test_origin == "first_run"
+    dropped = read_jsonl(store, out.dropped)
+    overlap = [d for d in dropped if d["reason_code"] == "cleaning.eval_overlap"]
+    assert sorted(d["row_number"] for d in overlap) == [3000, 3001, 3002]
+    assert out.dropped_by_reason["cleaning.eval_overlap"] == 3
+    # accounting without a test set of its own: rows_in = train + validation + dropped
+    assert out.rows_in == len(sample) + 3 == out.train_rows + out.eval_rows + len(dropped)
+    assert out.rows_kept == out.train_rows + out.eval_rows == len(sample)
+    m = out.manifest
+    assert m["split"]["method"] == "frozen_test_set" and m["test_set"]["made_by_this_run"] is False
+    assert m["test_set"]["frozen_by_run_id"] == "run-first" and m["files"]["test"]["sha256"] == first.test.sha256
+    train = {r["text"] for r in read_jsonl(store, out.train) + read_jsonl(store, out.eval)}
+    assert train.isdisjoint(r["text"] for r in test_rows)
+    assert out.eval_rows == round(len(sample) * 0.1)  # validation from the source rows
+
+
+def test_near_copies_of_frozen_test_rows_are_dropped_as_overlap(store):
+    first = prepare(rows_for({"billing": 40, "login": 40, "shipping": 40}), plan(), store)
+    frozen = _frozen(first, store)
+    near = [dict(r, row_number=5000 + i, text=r["text"] + " thanks") for i, r in enumerate(frozen.rows[:2])]
+    sample = rows_for({"billing": 20, "login": 20, "shipping": 20}, start=2000, first=500)
+    out = prepare(sample + near, plan(), store, frozen_test=frozen)
+    assert out.dropped_by_reason == {"cleaning.eval_overlap": 2}
+
+
+def test_a_frozen_test_label_absent_from_train_is_refused(store):
+    first = prepare(rows_for({"billing": 40, "login": 40, "shipping": 40}), plan(), store)
+    with pytest.raises(InsufficientData, match="shipping"):
+        prepare(rows_for({"billing": 30, "login": 30}, start=2000, first=500), plan(), store,
+                frozen_test=_frozen(first, store))
+
+
+def test_a_frozen_test_set_of_another_shape_is_refused_with_a_reason(store):
+    from services.prep.domain import UnusableTestSet
+
+    first = prepare(rows_for({"billing": 40, "login": 40}), plan(), store)
+    rows = [{"row_number": i, "prompt": f"question {i} about the export " + "w " * i, "completion": f"answer {i}",
+             "provenance": "human"} for i in range(1, 41)]
+    with pytest.raises(UnusableTestSet, match="--new-test-set") as e:
+        prepare(rows, plan(mapping=FieldMapping(shape="prompt_completion", prompt="q", completion="a")), store,
+                frozen_test=_frozen(first, store))
+    assert e.value.reason_code == "prep.test_set_unreadable"
+
+
+def test_an_explicit_eval_set_wins_over_the_frozen_test_set(store):
+    first = prepare(rows_for({"billing": 40, "login": 40}), plan(), store)
+    ev = rows_for({"billing": 5, "login": 5}, start=900, first=100)
+    out = prepare(rows_for({"billing": 30, "login": 30}, start=2000, first=500), plan(eval_locator="jsonl:/e.jsonl"),
+                  store, eval_rows=ev, frozen_test=_frozen(first, store))
+    assert out.test_set is None and out.test_origin == "eval_locator" and out.test_rows == 10
+    assert out.test.sha256 != first.test.sha256

@@ -1,6 +1,6 @@
 """Prep for the shapes without a label (chat_messages, prompt_completion, json_extraction,
 preference_pairs): every string normalised and PII-scrubbed with placeholders shared by train and
-eval, exact and near-duplicate removal (no near-duplicate on both sides of the split), accounting,
+eval, exact and near-duplicate removal (no near-duplicate on two sides of the split), accounting,
 the OpenAI chat JSONL and the cost estimate where the shape has one."""
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def test_chat_pii_is_scrubbed_with_placeholders_shared_by_train_and_an_explicit_
     ev = chats(6, start=500)
     ev[0]["messages"][0]["content"] = "jane.doe@example.com again: the key " + key + " leaked, " + words(1, "e")
     out = prepare(rows, plan("chat_messages", eval_locator="jsonl:/e.jsonl", cleaning=ALLOW_PII), store, eval_rows=ev)
-    train, evs = read_jsonl(store, out.train), read_jsonl(store, out.eval)
+    train, evs = read_jsonl(store, out.train) + read_jsonl(store, out.eval), read_jsonl(store, out.test)
     blob = json.dumps(train + evs) + "".join(store.path(r).read_text() for r in (out.openai_train, out.openai_eval))
     assert "@example.com" not in blob and "sk-proj-" not in blob
     t = {r["row_number"]: r for r in train}
@@ -88,10 +88,10 @@ def test_a_near_duplicate_pair_never_straddles_the_split(store, shape):
     rows.append(row(99, question(1) + " thanks", answer(1)))  # near duplicate of row 1
     for seed in range(25):
         out = prepare(rows, plan(shape, seed=seed), store)
-        train = {r["row_number"] for r in read_jsonl(store, out.train)}
-        ev = {r["row_number"] for r in read_jsonl(store, out.eval)}
-        assert not ({1, 99} <= train | ev)  # never both kept, so never on both sides
-        assert train.isdisjoint(ev) and len(train | ev) == 30
+        train, val, test = ({r["row_number"] for r in read_jsonl(store, ref)} for ref in (out.train, out.eval, out.test))
+        assert not ({1, 99} <= train | val | test)  # never both kept, so never on two sides
+        assert train.isdisjoint(val) and train.isdisjoint(test) and val.isdisjoint(test)
+        assert len(train | val | test) == 30
         assert out.dropped_by_reason == {"cleaning.near_duplicate": 1}
 
 
@@ -103,15 +103,15 @@ def test_every_row_is_accounted_for_with_a_reason_after_normalisation(store):
     rows.append(chat_row(43, question(43), "\u200b \t"))                                     # empty assistant turn
     out = prepare(rows, plan("chat_messages"), store)
     dropped = read_jsonl(store, out.dropped)
-    assert out.rows_in == len(rows) == out.train_rows + out.eval_rows + len(dropped)
+    assert out.rows_in == len(rows) == out.train_rows + out.eval_rows + out.test_rows + len(dropped)
     by_row = {d["row_number"]: d for d in dropped}
     assert by_row[40]["reason_code"] == "cleaning.exact_duplicate" and by_row[40]["duplicate_of"] == 3
     assert by_row[41]["reason_code"] == "cleaning.exact_duplicate" and by_row[41]["duplicate_of"] == 4
     assert by_row[42]["reason_code"] == "cleaning.near_duplicate" and by_row[42]["duplicate_of"] == 5
     assert by_row[43]["reason_code"] == "cleaning.empty_after_cleaning" and "assistant" in by_row[43]["detail"]
     m = out.manifest["counts"]
-    assert m["train"] + m["eval"] + m["dropped"] == m["rows_in"]
-    kept = read_jsonl(store, out.train) + read_jsonl(store, out.eval)
+    assert m["train"] + m["validation"] + m["test"] + m["dropped"] == m["rows_in"]
+    kept = read_jsonl(store, out.train) + read_jsonl(store, out.eval) + read_jsonl(store, out.test)
     assert all(0 < r["quality"] <= 1 for r in kept)
 
 
@@ -148,7 +148,7 @@ def test_a_shared_long_system_prompt_does_not_make_conversations_near_duplicates
     system = "You are the support assistant of Example Corp. " + " ".join(f"rule{j} applies here" for j in range(200))
     rows = [chat_row(i, question(i), answer(i), system=system) for i in range(1, 31)]
     out = prepare(rows, plan("chat_messages"), store)
-    assert out.dropped_by_reason == {} and out.train_rows + out.eval_rows == 30
+    assert out.dropped_by_reason == {} and out.train_rows + out.eval_rows + out.test_rows == 30
 
 
 def test_json_extraction_scrubs_target_strings_and_keeps_keys_and_other_values(store):
@@ -160,9 +160,9 @@ def test_json_extraction_scrubs_target_strings_and_keeps_keys_and_other_values(s
                      "target": {"customer": {"name": words(i, "n", 4), "email": email}, "priority": i % 3,
                                 "tags": ["billing", " late "]}})
     out = prepare(rows, plan("json_extraction"), store)
-    kept = {r["row_number"]: r for r in read_jsonl(store, out.train) + read_jsonl(store, out.eval)}
+    kept = {r["row_number"]: r for ref in (out.train, out.eval, out.test) for r in read_jsonl(store, ref)}
     assert "@example.com" not in json.dumps(kept)
-    r1 = kept[1]
+    r1 = {k: v for k, v in kept[1].items() if k != "row_id"}
     assert r1["text"] == f"Ticket 1: customer {words(1, 'n', 4)} wrote from <EMAIL_1>."
     assert r1["target"] == {"customer": {"name": words(1, "n", 4), "email": "<EMAIL_1>"}, "priority": 1,
                             "tags": ["billing", "late"]}
@@ -171,7 +171,8 @@ def test_json_extraction_scrubs_target_strings_and_keeps_keys_and_other_values(s
     assert out.openai_train is None and out.cost is None and m["cost_estimate"] is None
     assert m["openai_chat"]["written"] is False and "instruction" in m["openai_chat"]["reason"]
     assert m["token_estimate"]["content_train_tokens"] > 0
-    assert m["counts"]["train"] + m["counts"]["eval"] + m["counts"]["dropped"] == m["counts"]["rows_in"] == 30
+    c = m["counts"]
+    assert c["train"] + c["validation"] + c["test"] + c["dropped"] == c["rows_in"] == 30
 
 
 def test_json_extraction_scrubs_target_keys_and_card_numbers_held_as_integers(store):
@@ -182,7 +183,8 @@ def test_json_extraction_scrubs_target_keys_and_card_numbers_held_as_integers(st
              "target": {"payer": {f"user{i}@example.com": "owner"} if i == 1 else {}, "card": 4111111111111111 if i == 1
                         else None, "items": i % 4 + 1}} for i in range(1, 31)]
     out = prepare(rows, plan("json_extraction"), store)
-    kept = {r["row_number"]: r for r in read_jsonl(store, out.train) + read_jsonl(store, out.eval)}
+    kept = {r["row_number"]: {k: v for k, v in r.items() if k != "row_id"}
+            for ref in (out.train, out.eval, out.test) for r in read_jsonl(store, ref)}
     assert "@example.com" not in json.dumps(kept) and "4111111111111111" not in json.dumps(kept)
     assert kept[1]["target"] == {"payer": {"<EMAIL_1>": "owner"}, "card": "<CARD_1>", "items": 2}
     assert kept[2]["target"] == {"payer": {}, "card": None, "items": 3}  # other integers stay integers
@@ -206,7 +208,7 @@ def test_explicit_eval_overlap_is_checked_on_structured_rows(store):
     out = prepare(rows, plan("chat_messages", eval_locator="jsonl:/e.jsonl"), store, eval_rows=ev)
     overlap = [d for d in read_jsonl(store, out.dropped) if d["reason_code"] == "cleaning.eval_overlap"]
     assert sorted(d["row_number"] for d in overlap) == [7, 8]
-    assert out.train_rows == 28 and out.eval_rows == 6 and out.manifest["split"]["method"] == "explicit_eval"
+    assert out.train_rows + out.eval_rows == 28 and out.test_rows == 6 and out.manifest["split"]["method"] == "explicit_eval"
 
 
 def test_structured_pii_honours_the_block_threshold_and_the_switch(store):

@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 
+from contracts import events
 from contracts.events import PrepPrepared, TrainingCompleted
 from contracts.registry import encode
 from services.common.delivery import StageContext
@@ -20,13 +21,20 @@ from tests.factories import envelope, plan, ref
 from tests.unit.test_hosted_openai import KEY, FakeProvider, backend_for
 
 
+def _test_set() -> events.TestSetRef:
+    return events.TestSetRef(target="support-intents", sha256=ref("test").sha256, rows=6, artifact=ref("test"),
+                      origin="first_run", frozen_by_run_id="run-0")
+
+
 def _trigger_and_completed():
     trigger = envelope(PrepPrepared(plan=plan(), manifest=ref("m"), train=ref("t"), eval=ref("e"), label_space=["a", "b"],
-                                    train_rows=10, eval_rows=4, dataset_version="v1"), run_id="run-1", producer="prep")
+                                    train_rows=10, eval_rows=4, dataset_version="v1", test=ref("test"), test_rows=6,
+                                    test_set=_test_set()), run_id="run-1", producer="prep")
     ctx = StageContext(trigger, None, "trainer", None, None, None, None)
     completed = TrainingCompleted(plan=plan(), base_model="/m", adapter=ref("adapter"), manifest=ref("m"), eval=ref("e"),
                                   label_space=["a", "b"], steps=20, final_loss=0.123456789012345, examples_per_s=51.5,
-                                  wall_s=1.0 / 3, best_step=20, best_metric=0.97, metric_name="macro_f1")
+                                  wall_s=1.0 / 3, best_step=20, best_metric=0.97, metric_name="macro_f1",
+                                  train=ref("t"), test=ref("test"), test_set=_test_set())
     return trigger, ctx.envelope_for(completed)
 
 
@@ -37,6 +45,7 @@ def test_completion_record_round_trips_the_identical_envelope(tmp_path):
     write_completion_record(path, trigger.event_id, env)
     back = read_completion_record(path, trigger.event_id, env.event_id)
     assert back is not None and encode(back) == encode(env)  # same id, payload, occurred_at: the same bytes
+    assert back.payload["test_set"]["sha256"] == ref("test").sha256  # the splits the evaluator reads travel with it
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
 
 
