@@ -1,5 +1,10 @@
-"""Evaluator service: `training.completed` -> accuracy and macro-F1 of candidate and base on the
-held-out split -> `eval.completed` / `eval.failed`."""
+"""Evaluator service: `training.completed` -> the candidate and its baseline scored row by row on the
+target's frozen test set (D14-D16) -> `judge.validated`, `eval.gate_decided`, then `eval.completed`
+(or `eval.failed`).
+
+The baseline (D15) is the target's production version when it has one, else the plan's prompt
+baseline, else a classical TF-IDF + logistic regression trained here on the run's train split.
+"""
 
 from __future__ import annotations
 
@@ -9,24 +14,25 @@ import tempfile
 from pathlib import Path
 
 from contracts import subjects
-from contracts.events import ClassificationMetrics, EvalCompleted, EvalFailed
+from contracts.events import ClassificationMetrics, EvalCompleted, EvalFailed, GateDecided, JudgeRef, JudgeValidated
 from services.common.app import Service
 from services.common.artifacts import ArtifactIntegrityError
 from services.common.delivery import ConsumerSpec, StageContext, StageError
-from services.common.jsonl import loads_jsonl
+from services.common.jsonl import loads_jsonl, write_jsonl
+from services.common.logging import get_logger
 from services.common.models import resolve_base_model
-from services.evaluator.adapters.classifier import LABELS_FILE, predict_labels, trained_pooling
-from services.evaluator.domain import score_classification
+from services.evaluator import domain
+from services.evaluator.adapters.classifier import LABELS_FILE, predict, trained_metadata
+from services.evaluator.scoring import Scored, gold_of
 from services.evaluator.settings import EvaluatorSettings
+
+log = get_logger(__name__)
 
 TRAINED = ConsumerSpec(service="evaluator", durable="evaluator-training-completed",
                        subject=subjects.subject_for("training.completed", kind="event"),
                        accepts=("training.completed",), failure_type=EvalFailed, stage="evaluator")
 
-
-def _metrics(y_true, y_pred, label_space) -> ClassificationMetrics:
-    s = score_classification(y_true, y_pred, label_space)
-    return ClassificationMetrics(accuracy=s.accuracy, macro_f1=s.macro_f1, n=s.n)
+CANDIDATE = "candidate"
 
 
 def trained_max_length(adapter_dir: Path, fallback: int | None) -> int:
@@ -37,37 +43,209 @@ def trained_max_length(adapter_dir: Path, fallback: int | None) -> int:
         return fallback or 128
 
 
-async def on_trained(ctx: StageContext) -> None:
-    p = ctx.payload
-    if p.adapter is None:
-        raise StageError("eval.capability_unsupported",
-                         f"{p.backend} trained {p.fine_tuned_model or 'a hosted model'}: the evaluator scores local "
-                         f"adapters only so far; hosted models are evaluated through their provider's API later")
-    if p.task not in (None, "sequence_classification"):
-        raise StageError("eval.capability_unsupported",
-                         f"the evaluator scores single-label classifiers so far; this candidate is {p.task}")
-    base_model = resolve_base_model(p.base_model)
-    with tempfile.TemporaryDirectory(prefix="tuneline-eval-") as tmp:
-        try:
-            rows = loads_jsonl(ctx.artifacts.read_bytes(p.eval))
-            adapter_dir = ctx.artifacts.materialize_dir(p.adapter, Path(tmp) / "adapter")
-        except ArtifactIntegrityError as exc:
-            raise StageError("eval.artifact_unreadable", str(exc)) from exc
-        texts, truth = [r["text"] for r in rows], [r["label"] for r in rows]
+def _summary(report) -> ClassificationMetrics:
+    m = report.metrics
+    if "accuracy" in m:
+        return ClassificationMetrics(accuracy=m["accuracy"], macro_f1=m["macro_f1"], n=report.n)
+    if "micro_f1" in m:  # tags: exact-set accuracy and the tag macro-F1
+        return ClassificationMetrics(accuracy=m["exact_set_accuracy"], macro_f1=m["macro_f1"], n=report.n)
+    lead = m.get("fields", {}).get("label", {})
+    return ClassificationMetrics(accuracy=lead.get("accuracy", report.judge_mean), macro_f1=lead.get("macro_f1", 0.0),
+                                 n=report.n)
+
+
+def _read_rows(ctx: StageContext, ref) -> list[dict]:
+    try:
+        return loads_jsonl(ctx.artifacts.read_bytes(ref)) if ref is not None else []
+    except ArtifactIntegrityError as exc:
+        raise StageError("eval.artifact_unreadable", str(exc)) from exc
+
+
+def score_local_candidate(base_model: str, adapter_dir: Path, rows: list[dict], label_space: list[str], kind: str,
+                          plan) -> Scored:
+    """The candidate adapter's answers on the test rows (a local encoder classifier)."""
+    import time
+
+    meta = trained_metadata(adapter_dir)
+    space = list(meta.get("label_space") or label_space)
+    t0 = time.perf_counter()
+    outputs, latency = predict(base_model, adapter_dir, [r["text"] for r in rows], space,
+                               trained_max_length(adapter_dir, plan.max_length), 64, plan.seed, None,
+                               multi_label=kind == "multi_label", threshold=float(meta.get("threshold") or 0.5))
+    return Scored(model=CANDIDATE, outputs=outputs, latency_ms=latency, compute_s=time.perf_counter() - t0)
+
+
+def _check_labels(kind: str, rows: list[dict], space: list[str]) -> None:
+    """A test label outside the candidate's label space cannot be answered: a mismatch, not a score."""
+    if kind == "single_label":
+        unknown = sorted({r["label"] for r in rows} - set(space))
+        if unknown:
+            raise StageError("eval.label_space_mismatch",
+                             f"the test set holds labels the candidate cannot answer: {', '.join(unknown[:10])}")
+
+
+def _hosted_client(p):
+    """The chat client of a hosted fine-tune (OpenAI, or an OpenAI-compatible host)."""
+    from services.evaluator.adapters.chat import ChatClient
+
+    hosted = p.plan.hosted
+    base_url = hosted.base_url if hosted else None
+    return ChatClient("openai_compatible" if base_url else "openai", p.fine_tuned_model, base_url=base_url,
+                      api_key_env=hosted.api_key_env if hosted else "OPENAI_API_KEY")
+
+
+async def score_candidate(ctx: StageContext, p, kind: str, rows: list[dict], tmp: Path) -> tuple[Scored, list[str]]:
+    """(the candidate's answers on the test rows, the label space it answers in)."""
+    from services.evaluator.adapters.chat import ScoringError
+
+    if p.adapter is None:  # a hosted fine-tune, asked through its provider's chat API
+        if not p.fine_tuned_model:
+            raise StageError("eval.capability_unsupported", f"{p.backend} training produced no model to score")
+        from services.evaluator.adapters.chat import score_with_chat
+
+        space = list(p.label_space)
+        _check_labels(kind, rows, space)
         try:
             async with ctx.keep_alive():
-                max_length = trained_max_length(adapter_dir, p.plan.max_length)
-                pooling = trained_pooling(adapter_dir)  # the base model is scored with the candidate's head
-                cand = await asyncio.to_thread(predict_labels, base_model, adapter_dir, texts, p.label_space,
-                                               max_length, 64, p.plan.seed, pooling)
-                base = await asyncio.to_thread(predict_labels, base_model, None, texts, p.label_space,
-                                               max_length, 64, p.plan.seed, pooling)
-        except (ValueError, RuntimeError, OSError) as exc:
-            raise StageError("eval.runtime_error", f"{type(exc).__name__}: {exc}") from exc
+                scored = await asyncio.to_thread(
+                    lambda: score_with_chat(_hosted_client(p), rows, label_space=space, system_prompt=None,
+                                            few_shot_rows=[], kind=kind, model_name=CANDIDATE))
+        except ScoringError as exc:
+            raise StageError(exc.reason_code, f"candidate {p.fine_tuned_model}: {exc.message}") from exc
+        return scored, space
+    try:
+        adapter_dir = ctx.artifacts.materialize_dir(p.adapter, tmp / "adapter")
+    except ArtifactIntegrityError as exc:
+        raise StageError("eval.artifact_unreadable", str(exc)) from exc
+    meta = trained_metadata(adapter_dir)
+    space = list(meta.get("label_space") or p.label_space)
+    _check_labels(kind, rows, space)
+    base_model = resolve_base_model(p.base_model)
+    try:
+        async with ctx.keep_alive():
+            if p.task == "chat_sft":
+                from services.evaluator.adapters.chat_sft import generate_chat
+
+                scored = await asyncio.to_thread(generate_chat, base_model, adapter_dir, rows, kind=kind, label_space=space,
+                                                 model_name=CANDIDATE)
+            else:
+                scored = await asyncio.to_thread(score_local_candidate, base_model, adapter_dir, rows, space, kind, p.plan)
+    except ScoringError as exc:
+        raise StageError(exc.reason_code, exc.message) from exc
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise StageError("eval.runtime_error", f"{type(exc).__name__}: {exc}") from exc
+    return scored, space
+
+
+async def score_baseline(ctx: StageContext, plan, kind: str, train: list[dict], validation: list[dict],
+                         test: list[dict], space: list[str]) -> tuple[Scored, str, dict]:
+    """(the baseline's answers, its kind, what was chosen): the plan's prompt baseline when it has one,
+    else the classical baseline where the rows are text classification."""
+    from services.evaluator.adapters.chat import ChatClient, ScoringError, pick_few_shot, score_with_chat
+
+    pb = plan.evaluation.prompt_baseline
+    if pb is not None:
+        try:
+            async with ctx.keep_alive():
+                scored = await asyncio.to_thread(lambda: score_with_chat(
+                    ChatClient.from_settings(pb), test, label_space=space, system_prompt=pb.system_prompt,
+                    few_shot_rows=pick_few_shot(train, pb.few_shot, kind=kind), kind=kind, model_name=f"prompt:{pb.model}"))
+        except ScoringError as exc:
+            raise StageError(exc.reason_code, f"prompt baseline {pb.model}: {exc.message}") from exc
+        return scored, "prompt", {"provider": pb.provider, "model": pb.model, "few_shot": pb.few_shot}
+    if kind not in ("single_label", "multi_label") or not all("text" in r for r in test):
+        raise StageError("eval.baseline_failed", f"a {kind} candidate has no classical baseline and the target has no "
+                                                 f"production version: configure evaluation.prompt_baseline")
+    from services.evaluator.adapters.classical import score_classical
+
+    try:
+        async with ctx.keep_alive():
+            scored, info = await asyncio.to_thread(score_classical, train, validation, test, space,
+                                                   multi_label=kind == "multi_label", seed=plan.seed)
+    except ValueError as exc:
+        raise StageError("eval.baseline_failed", f"classical baseline: {exc}") from exc
+    return scored, "classical", info
+
+
+# the LLM judge's validation is asked over at most this many test rows (gold and wrong answers each)
+JUDGE_VALIDATION_ROWS = 200
+
+
+async def llm_judgement(ctx: StageContext, settings, kind: str, rows: list[dict], space: list[str],
+                        models: list[Scored]) -> tuple[dict, JudgeRef, dict]:
+    """(model name -> per-row scores, the judge, its validation) from the plan's LLM judge."""
+    from services.evaluator.adapters.chat import ChatClient, ScoringError
+    from services.evaluator.adapters.llm_judge import LLMJudge
+
+    js = settings.judge
+    if not js.model:
+        raise StageError("eval.judge_unavailable", "evaluation.judge.kind is llm but no judge model is named")
+
+    def run():
+        judge = LLMJudge(ChatClient.from_settings(js))
+        sample = rows[:JUDGE_VALIDATION_ROWS]
+        gold = judge.score_rows(sample, [gold_of(r, kind) for r in sample], kind=kind)
+        wrong = judge.score_rows(sample, domain.wrong_outputs(sample, kind, space), kind=kind)
+        validation = domain.judge_agreement(gold, wrong, js.min_agreement)
+        scores = {m.model: judge.score_rows(rows, m.outputs, kind=kind) for m in models}
+        ref = JudgeRef(judge_id=judge.judge_id, kind="llm", model=judge.model, prompt_sha256=judge.prompt_sha256)
+        return scores, ref, validation
+
+    try:
+        async with ctx.keep_alive():
+            return await asyncio.to_thread(run)
+    except ScoringError as exc:
+        raise StageError(exc.reason_code, exc.message) from exc
+
+
+async def on_trained(ctx: StageContext) -> None:
+    p = ctx.payload
+    plan = p.plan
+    settings = plan.evaluation
+    shape = plan.mapping.shape if plan.mapping else "single_label_classification"
+    try:
+        kind = domain.kind_of(p.task, shape)
+    except ValueError as exc:
+        raise StageError("eval.capability_unsupported", str(exc)) from exc
+    if kind == "text" and settings.judge.kind != "llm":
+        raise StageError("eval.capability_unsupported", "free-text answers need the LLM judge (evaluation.judge.kind "
+                                                        "llm): the rubric can only check exact answers")
+    test_ref = p.test or p.eval  # a v3 run had no test split: it is scored on its eval split
+    if test_ref is None:
+        raise StageError("eval.no_test_set", "the run carries no test split")
+    test_rows = _read_rows(ctx, test_ref)
+    if not test_rows:
+        raise StageError("eval.no_test_set", "the test split is empty")
+    train_rows = _read_rows(ctx, p.train)
+    validation_rows = _read_rows(ctx, p.eval) if p.test is not None else []
+
+    with tempfile.TemporaryDirectory(prefix="tuneline-eval-") as tmp:
+        candidate, space = await score_candidate(ctx, p, kind, test_rows, Path(tmp))
+    baseline, baseline_kind, baseline_info = await score_baseline(ctx, plan, kind, train_rows, validation_rows,
+                                                                  test_rows, space)
+    judge_scores = judge = validation = None
+    if settings.judge.kind == "llm":
+        judge_scores, judge, validation = await llm_judgement(ctx, settings, kind, test_rows, space, [candidate, baseline])
+    try:
+        a = domain.assess(test_rows, candidate, baseline, kind=kind, label_space=space, settings=settings,
+                          judge_scores=judge_scores, judge=judge, validation=validation)
+    except ValueError as exc:
+        raise StageError("eval.runtime_error", f"judging: {exc}") from exc
+    records = await asyncio.to_thread(write_jsonl, ctx.artifacts, a.judged.records)
+    test_sha = p.test_set.sha256 if p.test_set is not None else test_ref.sha256
+    await ctx.emit(JudgeValidated(judge=a.judge, test_set_sha256=test_sha, **a.validation), step="judge")
+    base_report = a.baseline_report.model_copy(update={"metrics": {**a.baseline_report.metrics, "baseline": baseline_info}})
+    await ctx.emit(GateDecided(
+        target=plan.target, passed=a.passed, failed=a.failed, candidate=candidate.model, baseline=baseline.model,
+        baseline_kind=baseline_kind, records=records, test_set_sha256=test_sha, judge_id=a.judge.judge_id,
+        evidence=a.evidence,
+    ), step="gate")
+    log.info("gate_decided", passed=a.passed, failed=[f.reason_code for f in a.failed], baseline=baseline.model)
     await ctx.emit(EvalCompleted(
-        plan=p.plan, base_model=p.base_model, adapter=p.adapter, eval=p.eval,
-        candidate=_metrics(truth, cand, p.label_space), base=_metrics(truth, base, p.label_space),
-        label_space=p.label_space,
+        plan=plan, base_model=p.base_model, adapter=p.adapter, eval=test_ref,
+        candidate=_summary(a.candidate_report), base=_summary(base_report), label_space=space,
+        baseline_kind=baseline_kind, candidate_report=a.candidate_report, baseline_report=base_report,
+        records=records, test_set_sha256=test_sha, judge=a.judge, gate_passed=a.passed, warnings=a.warnings,
     ))
 
 

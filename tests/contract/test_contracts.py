@@ -164,7 +164,7 @@ def test_every_string_in_the_code_that_looks_like_a_reason_code_is_registered_or
 def test_reason_codes_are_namespaced_by_stage():
     for code, rc in REASON_CODES.items():
         prefix = code.split(".", 1)[0]
-        assert prefix in ("bus", "ingest", "prep", "cleaning", "preflight", "training", "eval", "export", "registry",
+        assert prefix in ("bus", "ingest", "prep", "cleaning", "preflight", "training", "eval", "gate", "export", "registry",
                           "audit"), code
         assert rc.meaning.endswith("."), code
 

@@ -11,8 +11,10 @@ from services.cli import stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.connected]
 
-PIPELINE = ["run.start", "ingest.committed", "prep.cleaned", "prep.prepared", "preflight.passed", "training.started",
-            "training.completed", "eval.completed", "export.completed", "registry.version_registered"]
+PIPELINE = ["run.start", "ingest.committed", "prep.test_set_frozen", "prep.cleaned", "prep.prepared",
+            "preflight.passed", "training.started", "training.completed", "judge.validated", "eval.gate_decided",
+            "eval.completed", "export.completed",
+            "registry.version_registered"]
 TRAINING_DETAIL = ("training.progress", "training.checkpointed")
 
 
@@ -30,7 +32,10 @@ def test_a_run_flows_through_all_six_services_and_its_audit_trail_tells_the_stor
 
     events = json.loads(cli("events", "--run", run_id, "--json").stdout)
     types = [e["type"] for e in events]
-    assert [t for t in types if t not in TRAINING_DETAIL] == PIPELINE, " ".join(f"{e['global_position']}:{t}" for e, t in zip(events, types))
+    # the gate's decision makes the registered candidate validated or rejected (whichever the run earned)
+    verdict = "registry.validated" if "registry.validated" in types else "registry.rejected"
+    assert [t for t in types if t not in TRAINING_DETAIL] == PIPELINE + [verdict], " ".join(
+        f"{e['global_position']}:{t}" for e, t in zip(events, types))
     assert types.count("training.progress") >= 3
     assert types.count("training.checkpointed") >= 2  # one per mid-training evaluation
     steps = [e["payload"]["step"] for e in events if e["type"] in TRAINING_DETAIL]
@@ -46,10 +51,28 @@ def test_a_run_flows_through_all_six_services_and_its_audit_trail_tells_the_stor
     assert committed["rows_read"] == committed["rows_accepted"] + committed["rows_rejected"] == 163
     assert committed["rejected_by_reason"] == {"ingest.unparseable_row": 1, "ingest.empty_text": 1,
                                                "ingest.missing_field": 1}
+    # the target's first run froze its test set (D14); training saw train and validation, never test
+    frozen = next(e for e in events if e["type"] == "prep.test_set_frozen")["payload"]["test_set"]
+    prepared = next(e for e in events if e["type"] == "prep.prepared")["payload"]
+    completed = next(e for e in events if e["type"] == "training.completed")["payload"]
+    assert frozen["origin"] == "first_run" and frozen["frozen_by_run_id"] == run_id
+    assert prepared["test_set"] == completed["test_set"] == frozen and prepared["test"]["sha256"] == frozen["sha256"]
+    assert prepared["test_rows"] > 0 and len({prepared["train"]["sha256"], prepared["eval"]["sha256"], frozen["sha256"]}) == 3
+    # judged on the frozen test set against the classical baseline trained on the same train split (D15)
     evaluated = next(e for e in events if e["type"] == "eval.completed")["payload"]
-    assert evaluated["candidate"]["macro_f1"] > evaluated["base"]["macro_f1"]
-    registered = events[-1]["payload"]
+    gate = next(e for e in events if e["type"] == "eval.gate_decided")["payload"]
+    assert evaluated["baseline_kind"] == gate["baseline_kind"] == "classical"
+    assert evaluated["test_set_sha256"] == gate["test_set_sha256"] == frozen["sha256"]
+    assert gate["evidence"]["n"] == evaluated["candidate_report"]["n"] == prepared["test_rows"]
+    # the sample is hard enough that the baseline does not score 1.0 (there is something to decide)
+    assert 0.4 < evaluated["baseline_report"]["metrics"]["accuracy"] < 1.0
+    assert gate["passed"] == (not gate["failed"]) == evaluated["gate_passed"]
+    assert ("gate passed" if gate["passed"] else "gate failed") in proc.stdout  # the decision, in words
+    shown = cli("eval", "show", run_id).stdout
+    assert "candidate vs classical baseline" in shown and "decision:" in shown
+    registered = next(e for e in events if e["type"] == "registry.version_registered")["payload"]
     assert registered["target"] == "support-tickets" and registered["status"] == "candidate"
+    assert (verdict == "registry.validated") == gate["passed"]
 
     # The exported adapter is real safetensors whose sha256s match the export manifest.
     exported = next(e for e in events if e["type"] == "export.completed")["payload"]

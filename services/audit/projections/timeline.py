@@ -26,6 +26,7 @@ STAGE_OF_PREFIX = {
     "training": "trainer",
     "preflight": "trainer",
     "eval": "evaluator",
+    "judge": "evaluator",
     "export": "export",
     "registry": "registry",
     "bus": "bus",
@@ -35,11 +36,13 @@ STAGES = ("ingest", "prep", "trainer", "evaluator", "export", "registry")
 _SUCCEEDED = {
     "ingest.committed", "prep.prepared", "training.completed", "eval.completed", "export.completed",
     "registry.version_registered", "ingest.introspected", "ingest.dry_run_completed",
+    "registry.hosted_version_registered",
 }
 # Events that end a run when they come from the last stage its plan goes through (`plan.until`;
 # plans before v2 had no `until` and went through the registry). Introspection and dry-run
 # commands are runs of one step.
-_ENDS_A_RUN_ALWAYS = {"registry.version_registered", "ingest.introspected", "ingest.dry_run_completed"}
+_ENDS_A_RUN_ALWAYS = {"registry.version_registered", "ingest.introspected", "ingest.dry_run_completed",
+                      "registry.hosted_version_registered"}
 _STARTS_A_RUN = {"run.start", "ingest.commit", "ingest.introspect", "ingest.dry_run"}
 _RUNNING = {"preflight.passed", "training.started", "training.progress", "training.checkpointed", "training.resumed"}
 # Events that fail their stage and the run without a `.failed` name.
@@ -173,7 +176,11 @@ def summarize(event_type: str, payload: dict, reason_code: str | None) -> str:
         case "prep.prepared":
             dropped = p.get("duplicates_dropped", 0)
             warnings = [w["reason_code"] for w in p.get("warnings", [])]
-            return (f"split {p['train_rows']} train / {p['eval_rows']} eval over {len(p['label_space'])} labels"
+            test = p.get("test_set") or {}
+            split = (f"{p['train_rows']} train / {p['eval_rows']} validation / {p.get('test_rows', 0)} test"
+                     + (f" (test set {test['sha256'][:12]}, {test['origin']})" if test else "")
+                     if p.get("test") else f"{p['train_rows']} train / {p['eval_rows']} eval")
+            return (f"split {split} over {len(p['label_space'])} labels"
                     + (f" after dropping {dropped} duplicate rows" if dropped else "")
                     + f", dataset {p['dataset_version']}" + (f"; warnings: {', '.join(warnings)}" if warnings else ""))
         case "preflight.passed":
@@ -203,12 +210,57 @@ def summarize(event_type: str, payload: dict, reason_code: str | None) -> str:
             return _completed(p)
         case "eval.completed":
             c, b = p["candidate"], p["base"]
-            return (f"candidate accuracy {_fmt(c['accuracy'])} macro-F1 {_fmt(c['macro_f1'])} vs base "
-                    f"accuracy {_fmt(b['accuracy'])} macro-F1 {_fmt(b['macro_f1'])} (n={c['n']})")
+            against = f"{p['baseline_kind']} baseline" if p.get("baseline_kind", "base_model") != "base_model" else "base"
+            warn = [w["reason_code"] for w in p.get("warnings", [])]
+            return (f"candidate accuracy {_fmt(c['accuracy'])} macro-F1 {_fmt(c['macro_f1'])} vs {against} "
+                    f"accuracy {_fmt(b['accuracy'])} macro-F1 {_fmt(b['macro_f1'])} (n={c['n']})"
+                    + (f"; warnings: {', '.join(warn)}" if warn else ""))
+        case "judge.validated":
+            return (f"judge {p['judge']['judge_id']} {'validated' if p['passed'] else 'NOT validated'}: agreement "
+                    f"{_fmt(p['accuracy'])}, kappa {_fmt(p['cohen_kappa'])} on {p['n_gold']} gold / {p['n_wrong']} wrong")
+        case "eval.gate_decided":
+            ev = p.get("evidence") or {}
+            why = "" if p["passed"] else ": " + ", ".join(f["reason_code"] for f in p["failed"])
+            return (f"gate {'passed' if p['passed'] else 'failed'}{why} (judge mean {_fmt(ev.get('candidate_mean'))} vs "
+                    f"{p['baseline']} {_fmt(ev.get('baseline_mean'))}, delta {_fmt(ev.get('delta'))}, "
+                    f"p={_fmt(ev.get('p_value'))}, n={ev.get('n')})")
+        case "prep.test_set_frozen":
+            t = p["test_set"]
+            return f"test set of {t['target']} frozen ({t['origin']}): {t['rows']} rows, {t['sha256'][:12]}"
         case "export.completed":
             return f"exported {len(p['files'])} files as {p['format']} ({p['export']['sha256'][:12]})"
         case "registry.version_registered":
             return f"registered {p['target']} v{p['version']} as {p['status']}"
+        case "registry.hosted_version_registered":
+            return (f"registered {p['target']} v{p['version']} as {p['status']}: {p['fine_tuned_model']} "
+                    f"(hosted job {p['hosted_job_id']})")
+        case "training.provider_event":
+            return f"archived {len(p['events'])} {p['provider']} events of {p['hosted_job_id']}"
+        case "training.provider_job":
+            return f"{p['provider']} job {p['hosted_job_id']} {p['status']}"
+        case "training.provider_archived":
+            kept = sum(1 for f in p["files"] if f.get("artifact"))
+            return (f"{'imported' if p.get('imported') else 'archived'} {p['provider']} job {p['hosted_job_id']} "
+                    f"({p['status']}): {p['events_archived']} events, {len(p['checkpoints'])} checkpoints, "
+                    f"{kept} of {len(p['files'])} files kept")
+        case "registry.validated":
+            return f"{p['target']} v{p['version']} validated by its gate"
+        case "registry.rejected":
+            why = ", ".join(f["reason_code"] for f in p.get("failed") or []) or p.get("reason") or ""
+            return f"{p['target']} v{p['version']} rejected" + (f": {why}" if why else "")
+        case "registry.promoted":
+            demoted = f" (v{p['demoted']} archived)" if p.get("demoted") else ""
+            how = " automatically" if p.get("auto") else f" by {p.get('actor')}" if p.get("actor") else ""
+            return (f"{p['target']} v{p['version']} promoted to production{demoted}{how}"
+                    + (" with --override" if p.get("override") else "") + (f": {p['reason']}" if p.get("reason") else ""))
+        case "registry.rolled_back" | "registry.restored":
+            verb = "rolled back to" if event_type == "registry.rolled_back" else "restored"
+            demoted = f" (v{p['demoted']} archived)" if p.get("demoted") else ""
+            return f"{p['target']} {verb} v{p['version']}{demoted}" + (f": {p['reason']}" if p.get("reason") else "")
+        case "registry.rollout_set":
+            return f"{p['target']} v{p['version']} rollout {p['previous_percent']}% -> {p['percent']}%"
+        case "registry.command_refused":
+            return f"[{reason_code}] {p['command']} on {p['target']} refused"
         case "bus.message_dead_lettered":
             return f"[{reason_code}] {p['consumer']} dead-lettered stream seq {p['stream_sequence']}: {p['error'][:200]}"
     if event_type.endswith(".failed"):
