@@ -303,3 +303,65 @@ def write_state(data_dir: Path, state: dict) -> None:
     tmp = p.with_suffix(".tmp")
     tmp.write_text(json.dumps(state, indent=2))
     tmp.replace(p)
+
+
+# --- the settings the services run with ---------------------------------------------------------------
+# Services read their settings once, at start: `up` records them in stack.json so that a later `up` on
+# a running stack can say which ones the environment has changed since (the services keep the old).
+NOT_SERVICE_SETTINGS = ("TUNELINE_DATA_DIR",)  # names the stack itself, not one of its settings
+SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+RESTART_HINT = "run `tuneline down && tuneline up` to apply"
+
+
+def service_env(data_dir: Path, nats_url: str, database_url: str, environ: dict[str, str] | None = None,
+                cwd: Path | None = None) -> dict[str, str]:
+    """The environment `up` starts the services with."""
+    env = dict(os.environ if environ is None else environ, NATS_URL=nats_url, DATABASE_URL=database_url,
+               TUNELINE_DATA_DIR=str(data_dir), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    # Services run in the repository; the files a user points at are where they ran `up` (and the
+    # data dir), so those are the default ingest roots, not the services' working directory.
+    # Not the whole disk or home directory, though: from there, only the data dir unless set.
+    here = (cwd or Path.cwd()).resolve()
+    roots = [data_dir.resolve()] if here in (Path("/"), Path.home().resolve()) else [here, data_dir.resolve()]
+    env.setdefault("TUNELINE_INGEST_ROOTS", json.dumps([str(r) for r in roots]))
+    return env
+
+
+def service_settings(env: dict[str, str]) -> dict[str, str]:
+    """The part of a service environment that configures Tuneline: the connection URLs, every TUNELINE_*
+    variable and the hosted providers' API keys (the trainer reads the key from its own environment)."""
+    return {name: value for name, value in sorted(env.items())
+            if name in ("NATS_URL", "DATABASE_URL") or name.endswith("_API_KEY")
+            or (name.startswith("TUNELINE_") and name not in NOT_SERVICE_SETTINGS)}
+
+
+def is_secret_setting(name: str) -> bool:
+    return any(marker in name.upper() for marker in SECRET_MARKERS)
+
+
+def _shown(name: str, value: str | None) -> str:
+    if value is None:
+        return "unset"
+    if is_secret_setting(name):
+        return "set (value hidden)"
+    from services.common.redact import url_passwords
+
+    return url_passwords(value)
+
+
+def settings_drift(running: dict[str, str] | None, now: dict[str, str]) -> list[str]:
+    """One line per setting whose value in the environment differs from the running services', then how
+    to apply them; empty when they agree or when the running services' settings were never recorded."""
+    if running is None:
+        return []
+    lines = []
+    for name in sorted(set(running) | set(now)):
+        before, after = running.get(name), now.get(name)
+        if before == after:
+            continue
+        if before is not None and after is not None and is_secret_setting(name):
+            lines.append(f"{name}: the running services have another value than the environment (values hidden)")
+        else:
+            lines.append(f"{name}: the running services have {_shown(name, before)}, "
+                         f"the environment now has {_shown(name, after)}")
+    return [*lines, RESTART_HINT] if lines else []

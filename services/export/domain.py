@@ -1,4 +1,6 @@
-"""Packaging a trained LoRA adapter into a self-describing, checksummed export folder."""
+"""Packaging a trained LoRA adapter into a self-describing, checksummed export folder: the adapter (its
+adapter_config.json naming the base model) and, for classifiers, the merged model under merged/, the
+path that loads with stock transformers classes (services/export/adapters/merged.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,9 @@ LABELS_FILE = "labels.json"
 REQUIRED_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG)
 # labels.json is shipped when present: without it a consumer cannot map head indices to labels
 OPTIONAL_FILES = (LABELS_FILE,)
+MERGED_DIR = "merged"
+# the bundled default base (services/common/models.py) under the id standard tooling resolves
+HUB_IDS = {"all-MiniLM-L6-v2": "sentence-transformers/all-MiniLM-L6-v2"}
 
 
 class ExportError(ValueError):
@@ -29,8 +34,16 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def build_adapter_export(adapter_dir: Path, out_dir: Path, *, run_id: str, base_model: str, metrics: dict) -> dict:
-    """Copy the adapter files into out_dir and write export_manifest.json; returns the manifest."""
+def base_model_reference(base_model: str) -> str:
+    """What adapter_config.json's base_model_name_or_path says: a hub id or the path trained on."""
+    return HUB_IDS.get(base_model, base_model)
+
+
+def build_adapter_export(adapter_dir: Path, out_dir: Path, *, run_id: str, base_model: str, metrics: dict,
+                         merge_from: str | None = None) -> dict:
+    """Copy the adapter files into out_dir (adapter_config.json naming `base_model`), with `merge_from`
+    (the base model's local path) also the merged model under merged/ for a classification adapter,
+    and write export_manifest.json; returns the manifest."""
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     for name in REQUIRED_FILES:
         if not (adapter_dir / name).is_file():
@@ -40,10 +53,30 @@ def build_adapter_export(adapter_dir: Path, out_dir: Path, *, run_id: str, base_
 
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [*REQUIRED_FILES, *(n for n in OPTIONAL_FILES if (adapter_dir / n).is_file())]
+    for name in names:
+        shutil.copyfile(adapter_dir / name, out_dir / name)
+    try:
+        adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    except ValueError as exc:
+        raise ExportError(f"{ADAPTER_CONFIG} is not valid JSON: {exc}") from exc
+    # PEFT records None for a base it cannot name (the mean-pooled module); consumers need the base
+    adapter_config["base_model_name_or_path"] = base_model_reference(base_model)
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+
+    merged = None
+    if merge_from is not None:
+        from services.export.adapters.merged import MergeError, classifier_metadata, write_merged_model
+
+        if classifier_metadata(adapter_dir) is not None:
+            try:
+                merged = {"path": MERGED_DIR, **write_merged_model(adapter_dir, merge_from, out_dir / MERGED_DIR)}
+            except MergeError as exc:
+                raise ExportError(str(exc)) from exc
+            names.extend(p.relative_to(out_dir).as_posix() for p in (out_dir / MERGED_DIR).rglob("*") if p.is_file())
+
     files = []
     for name in sorted(names):
         target = out_dir / name
-        shutil.copyfile(adapter_dir / name, target)
         files.append({"path": name, "sha256": sha256_of(target), "size": target.stat().st_size})
 
     manifest = {
@@ -52,6 +85,7 @@ def build_adapter_export(adapter_dir: Path, out_dir: Path, *, run_id: str, base_
         "base_model": base_model,
         "metrics": metrics,
         "files": files,
+        "merged": merged,
     }
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return manifest
