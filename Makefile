@@ -39,6 +39,9 @@ bench: install ## benchmarks: print a table, write bench/results/*.json
 	$(PY) -m bench.ingest
 	$(PY) -m bench.trainer
 	$(PY) -m bench.nlbse
+	$(PY) -m bench.gate
+	$(PY) -m bench.evaluation
+	$(PY) -m bench.registry
 
 schemas: install ## write JSON Schema snapshots for new contract versions
 	$(PY) -m contracts.snapshots

@@ -15,7 +15,7 @@ from contracts.commands import StartRun
 from contracts.common import HostedSettings, RunPlan
 from contracts.envelope import Envelope
 from contracts.registry import message_type_of
-from services.cli import ingest_cmds, stack
+from services.cli import eval_cmds, import_cmds, ingest_cmds, registry_cmds, stack
 from services.cli.errors import validation_lines
 from services.cli.render import entry_line, timeline_text
 from services.common.ids import new_run_id
@@ -158,6 +158,8 @@ def cmd_up(args) -> int:
     root = data_dir()
     old = stack.read_state(root) or {}
     state = {"data_dir": str(root), "services": {}}
+    if old.get("settings") is not None:
+        state["settings"] = old["settings"]  # what the running services were started with
     # Services alive now, recorded or not (a lost stack.json must not orphan them): one kept per service.
     alive: dict[str, list[int]] = stack.service_pids_for(root)
     for name, s in (old.get("services") or {}).items():
@@ -183,9 +185,15 @@ def cmd_up(args) -> int:
         restarted |= started
     stack.write_state(root, state)
 
+    env = stack.service_env(root, state["nats"]["url"], state["postgres"]["url"])
+    settings = stack.service_settings(env)
+    # services kept running keep the settings they started with: say which ones the environment changed
+    drift = [] if restarted or not alive else stack.settings_drift(old.get("settings"), settings)
     healthy = not restarted and all(len(alive.get(n, [])) == 1 for n in stack.SERVICES)
     if healthy:
         print(f"already up ({root}); `tuneline status` for details")
+        for line in drift:
+            print(line, file=sys.stderr)
         return 0
 
     for name, pids in alive.items():
@@ -196,17 +204,12 @@ def cmd_up(args) -> int:
             state["services"].pop(name, None)
     stack.write_state(root, state)
     asyncio.run(_prepare(state["nats"]["url"], state["postgres"]["url"]))
-    env = dict(os.environ, NATS_URL=state["nats"]["url"], DATABASE_URL=state["postgres"]["url"],
-               TUNELINE_DATA_DIR=str(root), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    # Services run in the repository; the files a user points at are where they ran `up` (and the
-    # data dir), so those are the default ingest roots, not the services' working directory.
-    # Not the whole disk or home directory, though: from there, only the data dir unless set.
-    here = Path.cwd().resolve()
-    roots = [root.resolve()] if here in (Path("/"), Path.home().resolve()) else [here, root.resolve()]
-    if "TUNELINE_INGEST_ROOTS" not in env and len(roots) == 1:
-        print(f"ingest roots: {roots[0]} only (up ran in {here}); set TUNELINE_INGEST_ROOTS to read files elsewhere",
-              file=sys.stderr)
-    env.setdefault("TUNELINE_INGEST_ROOTS", json.dumps([str(r) for r in roots]))
+    roots = json.loads(env["TUNELINE_INGEST_ROOTS"])
+    if "TUNELINE_INGEST_ROOTS" not in os.environ and len(roots) == 1:
+        print(f"ingest roots: {roots[0]} only (up ran in {Path.cwd().resolve()}); set TUNELINE_INGEST_ROOTS to "
+              "read files elsewhere", file=sys.stderr)
+    if restarted or not alive or old.get("settings") is None:
+        state["settings"] = settings  # every service starts now (or nothing was recorded to compare with)
     started_now = []
     for name in stack.SERVICES:
         if name not in state["services"]:
@@ -221,6 +224,8 @@ def cmd_up(args) -> int:
         ok = DURABLES[name] not in missing and stack.service_alive(state["services"][name]["pid"], name)
         how = "started" if name in started_now else "running"
         print(f"{name:<13} {'up' if ok else 'NOT READY'} pid {state['services'][name]['pid']} ({how})")
+    for line in drift:
+        print(line, file=sys.stderr)
     if missing:
         print(f"services not ready: {missing}; see {root / 'logs'}", file=sys.stderr)
         return 1
@@ -361,7 +366,8 @@ RUN_OPTIONS = {
     "locator": "--locator", "target": "--target", "text_field": "--text-field", "label_field": "--label-field",
     "mapping": "--map", "force_mapping": "--force", "eval_locator": "--eval-locator", "max_steps": "--max-steps",
     "eval_fraction": "--eval-fraction", "seed": "--seed", "base_model": "--base-model", "recipe": "--recipe",
-    "recipe_overrides": "--set", "backend": "--backend", "preflight": "--preflight", "requested_by": "$USER",
+    "validation_fraction": "--validation-fraction", "new_test_set": "--new-test-set", "evaluation": "--evaluation",
+    "recipe_overrides": "--set", "cleaning": "--set clean.", "backend": "--backend", "preflight": "--preflight", "requested_by": "$USER",
     ("hosted", "model"): "--hosted-model", ("hosted", "base_url"): "--hosted-base-url",
     ("hosted", "api_key_env"): "--api-key-env",
 }
@@ -370,13 +376,17 @@ RUN_OPTIONS = {
 def build_start_run(args) -> StartRun:
     """The StartRun command for `tuneline run`'s options; raises pydantic's ValidationError on bad input."""
     from services.cli.ingest_cmds import parse_map
+    from services.cli.run_options import split_overrides
 
+    overrides, cleaning = split_overrides(parse_settings(args.set))
     plan = RunPlan(locator=absolute_locator(args.locator), target=args.target, text_field=args.text_field,
                    label_field=args.label_field, mapping=parse_map(args.map), force_mapping=args.force,
                    eval_locator=absolute_locator(args.eval_locator) if args.eval_locator else None,
                    max_steps=args.max_steps, eval_fraction=args.eval_fraction, seed=args.seed,
-                   base_model=args.base_model, recipe=args.recipe, recipe_overrides=parse_settings(args.set),
-                   backend=args.backend, preflight=args.preflight,
+                   validation_fraction=args.validation_fraction, new_test_set=args.new_test_set,
+                   **({"evaluation": args.evaluation_settings} if getattr(args, "evaluation_settings", None) else {}),
+                   base_model=args.base_model, recipe=args.recipe, recipe_overrides=overrides,
+                   cleaning=cleaning, backend=args.backend, preflight=args.preflight,
                    hosted=HostedSettings(model=args.hosted_model, base_url=args.hosted_base_url,
                                          api_key_env=args.api_key_env) if args.backend != "local" else None)
     return StartRun(plan=plan, requested_by=os.environ.get("USER", "cli"))
@@ -431,6 +441,9 @@ def cmd_recipes(args) -> int:
         print(f"{'':24} {r.description}")
         print(f"{'':24} lr={r.learning_rate:g} batch={r.batch_size} max_length={r.max_length} epochs={r.epochs:g} "
               f"lora_r={r.lora_r} patience={r.patience}")
+    from services.trainer.hosted.cutoffs import closing_lines
+
+    print("\n" + "\n".join(closing_lines()))
     return 0
 
 
@@ -463,16 +476,42 @@ def follow_and_print(run_id: str, timeout: float) -> int:
         print(f"{run_id}: no event recorded within {timeout:.0f}s; is the stack up? (`tuneline status`)")
         return 2
     print(timeline_text(tl))
+    events = asyncio.run(_events(run_id))
+    if line := artifacts_line(run_id, events):
+        print(line)
+    report = eval_cmds.report_of(events)
+    if report and eval_cmds.decision_in_words(report):
+        print(eval_cmds.decision_in_words(report) + f"  (tuneline eval show {run_id})")
     return 0 if tl["run"]["status"] == "succeeded" else 1
+
+
+def run_option_problems(args) -> list[str]:
+    """What is wrong with `tuneline run`'s target, recipe and `--set` options, one line each; checked
+    before publishing, so a typo fails at the prompt rather than in the trainer minutes later."""
+    from services.cli.run_options import cleaning_problems, recipe_problems, split_overrides, target_problem
+
+    overrides, cleaning = split_overrides(parse_settings(args.set))
+    problems = [p for p in [target_problem(args.target)] if p]
+    return problems + recipe_problems(args.recipe, overrides) + cleaning_problems(cleaning)
 
 
 def cmd_run(args) -> int:
     from pydantic import ValidationError
 
+    lines = [f"tuneline run: {line}" for line in run_option_problems(args)]
+    if args.evaluation:
+        try:
+            args.evaluation_settings = eval_cmds.load_evaluation_file(args.evaluation)
+        except ValueError as exc:
+            lines.append(f"tuneline run: --evaluation: {exc}")
     try:
         cmd = build_start_run(args)
     except ValidationError as exc:
-        for line in validation_lines(exc, "tuneline run", RUN_OPTIONS):
+        # the target and the cleaning knobs were checked above, with better messages
+        lines += [line for line in validation_lines(exc, "tuneline run", RUN_OPTIONS)
+                  if not line.startswith(("tuneline run: --target:", "tuneline run: --set clean."))]
+    if lines:
+        for line in lines:
             print(line, file=sys.stderr)
         return 2  # a usage error, like argparse's
     run_id = asyncio.run(publish_command(cmd))
@@ -529,6 +568,37 @@ def cmd_events(args) -> int:
             print(f"{e['global_position']:>8} {e['occurred_at']:%H:%M:%S} {e['type']:<28} {e['producer']:<10} "
                   f"{e['reason_code'] or ''}")
     return 0 if events else 1
+
+
+def cmd_artifacts(args) -> int:
+    from services.cli.artifacts_cmd import artifacts_text, materialise, run_artifacts
+    from services.common.artifacts import ArtifactIntegrityError
+
+    events = asyncio.run(_events(args.run_id))
+    if not events:
+        print(f"no events recorded for run {args.run_id}", file=sys.stderr)
+        return 1
+    found = run_artifacts(events)
+    placed = None
+    if args.out:
+        try:
+            placed = materialise(found, Path(args.out))
+        except ArtifactIntegrityError as exc:
+            print(f"cannot copy the artifacts out: {exc}", file=sys.stderr)
+            return 1
+    print(artifacts_text(args.run_id, found, placed))
+    return 0
+
+
+def artifacts_line(run_id: str, events: list[dict]) -> str | None:
+    """The closing summary's pointer to the run's artifacts."""
+    from services.cli.artifacts_cmd import run_artifacts
+
+    found = run_artifacts(events)
+    if not found:
+        return None
+    return (f"artifacts: {len(found)} ({', '.join(a.name for a in found)}); "
+            f"`tuneline artifacts {run_id} --out DIR` copies them out under these names")
 
 
 async def _rebuild() -> tuple[int, bool, int | None]:
@@ -597,20 +667,32 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="accept an introspected mapping below 0.80 confidence")
     r.add_argument("--eval-locator", default=None, help="an explicit eval dataset instead of a split")
     r.add_argument("--recipe", default=None, help="a named recipe (`tuneline recipes`); default: the dataset shape's")
-    r.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a recipe field, e.g. --set epochs=3")
+    r.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="override a recipe field (--set epochs=3) or a cleaning knob (--set clean.near_dup=false)")
     r.add_argument("--backend", choices=("local", "openai", "anthropic"), default="local")
     r.add_argument("--hosted-model", default="gpt-4o-mini-2024-07-18", help="hosted backends: the base model")
     r.add_argument("--hosted-base-url", default=None, help="an OpenAI-compatible fine-tuning host")
     r.add_argument("--api-key-env", default="OPENAI_API_KEY", help="the environment variable holding the API key")
     r.add_argument("--preflight", choices=("strict", "fail_open"), default="strict")
     r.add_argument("--max-steps", type=int, default=None, help="cap on optimizer steps (default: the recipe's epochs)")
-    r.add_argument("--eval-fraction", type=float, default=0.2)
+    r.add_argument("--eval-fraction", type=float, default=0.2,
+                   help="the test share, when this run makes the target's test set (its first run, --new-test-set)")
+    r.add_argument("--validation-fraction", type=float, default=0.1,
+                   help="the share of the non-test rows the trainer validates on (0: none)")
+    r.add_argument("--evaluation", default=None, metavar="FILE",
+                   help="a YAML or JSON file: the judge (rubric weights or an LLM), the gate policy (buckets, safety "
+                        "buckets, margins) and a prompt baseline")
+    r.add_argument("--new-test-set", action="store_true",
+                   help="freeze a new test set for the target instead of reusing the one in force (recorded)")
     r.add_argument("--seed", type=int, default=13)
     r.add_argument("--base-model", default=None, help="local path or hub id (default: bundled all-MiniLM-L6-v2)")
     r.add_argument("--timeout", type=float, default=1800)
     r.add_argument("--no-wait", action="store_true")
     r.set_defaults(fn=cmd_run)
     ingest_cmds.add_parser(sub, sys.modules[__name__])
+    import_cmds.add_parser(sub, sys.modules[__name__])
+    eval_cmds.add_parser(sub, sys.modules[__name__])
+    registry_cmds.add_parser(sub, sys.modules[__name__])
     tr = sub.add_parser("train", help="cancel, pause or resume a run's training")
     tr.add_argument("action", choices=("cancel", "pause", "resume"))
     tr.add_argument("run_id")
@@ -627,6 +709,10 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--run", required=True)
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_events)
+    ar = sub.add_parser("artifacts", help="a run's artifacts under readable names; --out copies them to a folder")
+    ar.add_argument("run_id")
+    ar.add_argument("--out", default=None, metavar="DIR", help="copy them here (directories for adapters and exports)")
+    ar.set_defaults(fn=cmd_artifacts)
     rb = sub.add_parser("rebuild", help="drop a projection and rebuild it from run_events")
     rb.add_argument("projection", choices=["timeline"])
     rb.set_defaults(fn=cmd_rebuild)
