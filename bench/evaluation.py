@@ -12,7 +12,7 @@ Each dataset goes through ingest and prep as a user's run does (cleaning on, thr
 2. the classical baseline (TF-IDF + logistic regression, C chosen on the validation split) trained
    on the same train split, scored on the same test rows;
 3. `assess()` — the evaluator's own per-row records, rubric judge and its validation, and the gate
-   (policy gate-v1: delta >= 0.05, p < 0.05, buckets, regressions) — A against the baseline;
+   (policy gate-v2: delta >= 0.05, p < 0.05, buckets, regressions) — A against the baseline;
 4. candidate B: the same target again with another seed, assessed against A as production.
 
 Datasets: Apache JIRA priority (the severity field, buckets by project; a seeded sample of the

@@ -1,4 +1,30 @@
-"""The promotion gate (ARCHITECTURE D13, D16): a pure decision over per-row judge scores and a versioned policy."""
+"""The promotion gate (ARCHITECTURE D13, D16): a pure decision over per-row judge scores and a versioned policy.
+
+H0: mean(candidate - baseline) <= min_delta against H1: >, paired and one-sided, on the same rows.
+Which test runs depends on the scores:
+
+- binary (every score 0 or 1): Tango's score test of p10 - p01 against the margin with Edwards'
+  continuity correction (`tango_score_vs_margin_cc1`). Its exact size is enumerable and stays below
+  alpha (bench/gate.py).
+- continuous (anything else): the candidate is promoted only if BOTH the paired t-test of the deltas
+  against the margin (statsmodels `DescrStatsW.ttest_mean(value=min_delta, alternative="larger")`)
+  AND a studentized bootstrap (bootstrap-t) of the same statistic reject; the reported p-value is
+  the larger of the two (`paired_t_and_bootstrap_t_vs_margin`; each leg's p is in `details`).
+  Why: the t-test alone runs hot when the deltas are left-skewed - a candidate a little better on
+  most rows and much worse on a few - because a sample that happens to hold few of the big losses
+  has both a high mean and a small sd: at true delta = margin it promotes 0.11 / 0.08 / 0.06 of
+  such candidates at n = 50 / 200 / 1000, where alpha is 0.05. The bootstrap-t takes the t
+  statistic's null distribution from the rows themselves, skew included, and brings that to
+  0.005 / 0.046 / 0.049. Alone it runs a little hot on symmetric heavy tails at small n (0.058 at
+  n = 50), where the t-test is conservative; requiring both (an intersection-union test: valid at
+  alpha wherever either leg is) keeps every null shape in bench/gate.py (symmetric, left- and
+  right-skewed, heavy-tailed, bimodal, 5-point scale; n = 50, 200, 1000) at alpha within Monte
+  Carlo error, for about one point of power at n = 50 (0.70 vs 0.71 at true delta 0.10) and none
+  at n >= 200. The bootstrap's resamples come from a fixed seed, so the same deltas always give
+  the same p-value and any decision can be re-derived.
+- every row with the same delta (either kind): no test is needed; p is 0 if the delta clears the
+  margin and 1 otherwise (`...:degenerate_sd0`).
+"""
 
 from __future__ import annotations
 
@@ -23,13 +49,22 @@ SAFETY_REGRESSION = "gate.safety_regression"
 
 BINARY_TEST = "tango_score_vs_margin_cc1"
 PAIRED_T_TEST = "paired_t_vs_margin"
+CONTINUOUS_TEST = "paired_t_and_bootstrap_t_vs_margin"
 DEGENERATE_SUFFIX = ":degenerate_sd0"
 
 # Edwards' McNemar correction (1 on n10 - n01): plain Tango overshoots alpha (0.058 at n=200) when few
 # rows are discordant; with it, enumeration keeps the size <= alpha (bench/gate.py, tests).
 CONTINUITY_CORRECTION = 1.0
-BOOTSTRAP_RESAMPLES = 2000
+# one set of resamples serves the bootstrap-t p-value and the percentile CI; with 1999 the p-value
+# (1 + exceedances) / (B + 1) is a multiple of 1/2000, so p < alpha means at most 98 exceedances
+BOOTSTRAP_RESAMPLES = 1999
 BOOTSTRAP_SEED = 20240601
+_BOOTSTRAP_CHUNK_CELLS = 1_000_000  # resampled rows drawn at once
+# a resample's mean that differs from the sample's by less than this is the sample's mean, and a
+# resample's t within this (relative) of the observed t ties with it and counts against promotion:
+# discrete scores make exact ties common, and rounding must not decide them
+_RESAMPLE_SHIFT_TIE = 1e-12
+_T_TIE = 1e-9
 CI_LEVEL = 0.95
 REGRESSED_ROWS_SHOWN = 20
 # means are correctly rounded sums; the slack only keeps a bucket that sits exactly on a threshold
@@ -41,7 +76,7 @@ SAME_DELTA_SPREAD = 1e-12
 
 @dataclass(frozen=True)
 class GatePolicy:
-    version: str = "gate-v1"
+    version: str = "gate-v2"  # v2: continuous scores need the t-test and a bootstrap-t to reject (v1: the t-test alone)
     min_delta: float = 0.05
     alpha: float = 0.05
     max_bucket_drop: float = 0.05
@@ -233,33 +268,88 @@ def _binary_test(cand: np.ndarray, base: np.ndarray, margin: float) -> dict[str,
     }
 
 
-def _bootstrap_ci(d: np.ndarray, level: float) -> tuple[float, float]:
+def bootstrap_index_chunks(n: int):
+    """The row indices of the gate's bootstrap resamples for n rows, in chunks of (resamples, n):
+    the same for every call, so a decision can be re-derived."""
     rng = np.random.default_rng(BOOTSTRAP_SEED)
-    n = d.size
-    chunk = max(1, 1_000_000 // n)
-    means = []
+    chunk = max(1, _BOOTSTRAP_CHUNK_CELLS // n)
     for start in range(0, BOOTSTRAP_RESAMPLES, chunk):
-        size = min(chunk, BOOTSTRAP_RESAMPLES - start)
-        means.append(d[rng.integers(0, n, size=(size, n))].mean(axis=1))
-    lo, hi = np.quantile(np.concatenate(means), [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
+        yield rng.integers(0, n, size=(min(chunk, BOOTSTRAP_RESAMPLES - start), n))
+
+
+def bootstrap_counts(n: int) -> np.ndarray:
+    """(BOOTSTRAP_RESAMPLES, n): how often each row is drawn into each resample of
+    `bootstrap_index_chunks(n)`; a vectorised replay (bench, tests) sums resamples as counts @ values."""
+    out = []
+    for idx in bootstrap_index_chunks(n):
+        size = idx.shape[0]
+        flat = (idx + n * np.arange(size)[:, None]).ravel()
+        out.append(np.bincount(flat, minlength=size * n).reshape(size, n).astype(np.float64))
+    return np.concatenate(out)
+
+
+def bootstrap_t_p_value(t_obs, s1, s2, n: int):
+    """The one-sided studentized-bootstrap p-value (1 + #{b: T*_b >= t_obs}) / (B + 1), with
+    T*_b = (mean*_b - mean) / se*_b, from the sums over each resample of the centred deltas (s1) and
+    of their squares (s2). Works on arrays: t_obs of shape (...) and s1, s2 of shape (..., B). A
+    resample whose rows all have the same delta has se* = 0 and T* = +-inf by the sign of its shift."""
+    s1 = np.asarray(s1, dtype=np.float64)
+    s2 = np.asarray(s2, dtype=np.float64)
+    t_obs = np.asarray(t_obs, dtype=np.float64)[..., None]
+    shift = s1 / n
+    se = np.sqrt(np.maximum((s2 / n - shift * shift) * (n / (n - 1)), 0.0) / n)
+    shift = np.where(np.abs(shift) <= _RESAMPLE_SHIFT_TIE, 0.0, shift)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_star = np.where(shift == 0.0, 0.0, shift / se)
+    exceed = np.count_nonzero(t_star >= t_obs - _T_TIE * np.maximum(1.0, np.abs(t_obs)), axis=-1)
+    return (1.0 + exceed) / (s1.shape[-1] + 1.0)
+
+
+def observed_t(mean_d: float, t: float, margin: float) -> float:
+    """The t statistic the bootstrap compares with: 0 where the mean delta is the margin up to rounding."""
+    return 0.0 if abs(mean_d - margin) <= _EPS else t
 
 
 def _continuous_test(d: np.ndarray, margin: float) -> dict[str, Any]:
+    n = d.size
     mean_d = _mean(d)
-    ci_low, ci_high = _bootstrap_ci(d, CI_LEVEL)
-    details = {"ci_method": f"paired percentile bootstrap of the mean delta, {BOOTSTRAP_RESAMPLES} resamples, "
-                            f"seed {BOOTSTRAP_SEED}, {CI_LEVEL:.0%}"}
+    centred = d - mean_d
+    s1 = np.empty(BOOTSTRAP_RESAMPLES)
+    s2 = np.empty(BOOTSTRAP_RESAMPLES)
+    done = 0
+    for idx in bootstrap_index_chunks(n):
+        picked = centred[idx]
+        s1[done:done + idx.shape[0]] = picked.sum(axis=1)
+        s2[done:done + idx.shape[0]] = (picked * picked).sum(axis=1)
+        done += idx.shape[0]
+    ci_low, ci_high = (float(x) for x in np.quantile(mean_d + s1 / n, [(1 - CI_LEVEL) / 2, (1 + CI_LEVEL) / 2]))
+    details: dict[str, Any] = {
+        "ci_method": f"paired percentile bootstrap of the mean delta, {BOOTSTRAP_RESAMPLES} resamples, "
+                     f"seed {BOOTSTRAP_SEED}, {CI_LEVEL:.0%}",
+        "df": n - 1,
+    }
     if float(np.ptp(d)) <= SAME_DELTA_SPREAD:
         # the t statistic is 0/0 here (or rounding noise over rounding noise); the data leave no doubt
         # about the mean, so the p-value does not either
-        return {"test": PAIRED_T_TEST + DEGENERATE_SUFFIX, "statistic": None, "p_value": degenerate_p_value(mean_d, margin),
+        return {"test": CONTINUOUS_TEST + DEGENERATE_SUFFIX, "statistic": None,
+                "p_value": degenerate_p_value(mean_d, margin),
                 "ci_low": ci_low, "ci_high": ci_high, "effect_size": None, "effect_size_name": "cohens_dz",
-                "details": {**details, "df": d.size - 1}}
-    t, p, df = DescrStatsW(d).ttest_mean(value=margin, alternative="larger")
-    return {"test": PAIRED_T_TEST, "statistic": float(t), "p_value": float(p), "ci_low": ci_low, "ci_high": ci_high,
-            "effect_size": mean_d / float(np.std(d, ddof=1)), "effect_size_name": "cohens_dz",
-            "details": {**details, "df": float(df)}}
+                "details": details}
+    t, p_t, df = DescrStatsW(d).ttest_mean(value=margin, alternative="larger")
+    p_boot = float(bootstrap_t_p_value(observed_t(mean_d, float(t), margin), s1, s2, n))
+    details.update({
+        "df": float(df),
+        "p_paired_t": float(p_t),
+        "p_bootstrap_t": p_boot,
+        "rule": "promote only if both reject: p = max(p_paired_t, p_bootstrap_t)",
+        "paired_t_method": "statsmodels DescrStatsW.ttest_mean(value=min_delta, alternative='larger')",
+        "bootstrap_t_method": f"one-sided studentized bootstrap: t = (mean - min_delta) / se against "
+                              f"T* = (mean* - mean) / se* over {BOOTSTRAP_RESAMPLES} resamples of the rows, "
+                              f"seed {BOOTSTRAP_SEED}, p = (1 + #{{T* >= t}}) / (B + 1)",
+    })
+    return {"test": CONTINUOUS_TEST, "statistic": float(t), "p_value": max(float(p_t), p_boot),
+            "ci_low": ci_low, "ci_high": ci_high,
+            "effect_size": mean_d / float(np.std(d, ddof=1)), "effect_size_name": "cohens_dz", "details": details}
 
 
 def _bucket_stats(cand, base, d, buckets) -> dict[str, dict[str, float | int]]:
@@ -281,7 +371,8 @@ def decide(candidate: Sequence[float], baseline: Sequence[float], row_ids: Seque
 
     H0: mean(candidate - baseline) <= policy.min_delta against H1: >, paired and one-sided. Binary
     scores (every score 0 or 1) use Tango's score test against the margin with a continuity
-    correction; other scores use the paired t-test of the deltas against the margin.
+    correction; other scores must pass both the paired t-test of the deltas against the margin and
+    a seeded studentized bootstrap of it (see the module docstring).
     """
     cand, base = _validate(candidate, baseline, row_ids, buckets)
     n = cand.size

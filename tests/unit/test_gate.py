@@ -12,12 +12,15 @@ from scipy.stats import t as student_t
 
 from contracts.reason_codes import _CODES
 from services.evaluator.gate import (
+    BOOTSTRAP_RESAMPLES,
     BUCKET_REGRESSED,
     DELTA_BELOW_MARGIN,
     NOT_SIGNIFICANT,
     SAFETY_REGRESSION,
     TOO_MANY_REGRESSIONS,
     GatePolicy,
+    bootstrap_counts,
+    bootstrap_t_p_value,
     decide,
     tango_margin_z,
 )
@@ -44,8 +47,10 @@ def test_clearly_better_continuous_candidate_is_promoted():
     d = decide(cand, base, ids(200), no_buckets(200), POLICY)
     assert d.passed, d.failed
     assert d.failed == ()
-    assert d.score_kind == "continuous" and d.test == "paired_t_vs_margin"
-    assert d.p_value < 1e-6 and d.ci_low > 0.05 and d.ci_low <= d.delta <= d.ci_high
+    assert d.score_kind == "continuous" and d.test == "paired_t_and_bootstrap_t_vs_margin"
+    # both legs reject; the reported p is the larger, here the bootstrap's smallest possible value
+    assert d.p_value == max(d.details["p_paired_t"], d.details["p_bootstrap_t"]) == 1 / (BOOTSTRAP_RESAMPLES + 1)
+    assert d.details["p_paired_t"] < 1e-6 and d.ci_low > 0.05 and d.ci_low <= d.delta <= d.ci_high
     assert d.effect_size_name == "cohens_dz" and d.effect_size > 1
 
 
@@ -81,7 +86,7 @@ def test_constant_improvement_above_margin_is_significant_by_definition():
     base = [0.2, 0.4, 0.5, 0.7, 0.3]
     cand = [b + 0.25 for b in base]
     d = decide(cand, base, ids(5), no_buckets(5), POLICY)
-    assert d.test == "paired_t_vs_margin:degenerate_sd0" and d.p_value == 0.0 and d.passed
+    assert d.test == "paired_t_and_bootstrap_t_vs_margin:degenerate_sd0" and d.p_value == 0.0 and d.passed
 
 
 def test_candidate_better_overall_but_worse_in_one_bucket_names_that_bucket():
@@ -145,7 +150,7 @@ def test_one_regressed_row_in_a_safety_bucket_fails():
     assert decide(cand, base, ids(n), buckets, policy).passed
 
 
-def test_binary_scores_use_the_margin_score_test_and_others_the_paired_t():
+def test_binary_scores_use_the_margin_score_test_and_others_the_t_and_bootstrap_t():
     base = [1, 0, 1, 1, 0, 0, 1, 0] * 10
     cand = [1, 1, 1, 1, 0, 1, 1, 0] * 10
     d = decide(cand, base, ids(80), no_buckets(80), POLICY)
@@ -155,7 +160,7 @@ def test_binary_scores_use_the_margin_score_test_and_others_the_paired_t():
     almost = [float(x) for x in cand]
     almost[0] = 0.99
     d2 = decide(almost, base, ids(80), no_buckets(80), POLICY)
-    assert d2.score_kind == "continuous" and d2.test.startswith("paired_t_vs_margin")
+    assert d2.score_kind == "continuous" and d2.test == "paired_t_and_bootstrap_t_vs_margin"
 
 
 def test_binary_p_value_matches_the_hand_computed_score_statistic():
@@ -200,7 +205,7 @@ def test_the_same_inputs_give_the_same_evidence_and_it_is_json():
     assert first == again
     text = json.dumps(first, allow_nan=False, sort_keys=True)
     assert json.loads(text) == first
-    assert first["policy_sha256"] == policy.sha256() and first["policy_version"] == "gate-v1"
+    assert first["policy_sha256"] == policy.sha256() and first["policy_version"] == "gate-v2"
 
 
 def test_policy_hash_changes_with_any_field():
@@ -213,6 +218,22 @@ def test_policy_hash_changes_with_any_field():
 def test_every_gate_reason_code_is_registered():
     registered = {c.code for c in _CODES}
     assert {DELTA_BELOW_MARGIN, NOT_SIGNIFICANT, BUCKET_REGRESSED, TOO_MANY_REGRESSIONS, SAFETY_REGRESSION} <= registered
+
+
+def _gate_p_continuous(cand: np.ndarray, base: np.ndarray, m: float) -> tuple[np.ndarray, np.ndarray]:
+    """decide()'s continuous p-value, vectorised over replications (rows): max(paired t, bootstrap-t);
+    also the t-test's p alone."""
+    n = cand.shape[1]
+    d = cand - base
+    mean = d.mean(axis=1)
+    tstat = (mean - m) / (d.std(axis=1, ddof=1) / math.sqrt(n))
+    p_t = student_t.sf(tstat, n - 1)
+    counts = bootstrap_counts(n).T
+    centred = d - mean[:, None]
+    p_boot = np.concatenate([
+        bootstrap_t_p_value(tstat[i:i + 500], centred[i:i + 500] @ counts, (centred[i:i + 500] ** 2) @ counts, n)
+        for i in range(0, d.shape[0], 500)])
+    return np.maximum(p_t, p_boot), p_t
 
 
 def test_false_promotion_rate_at_the_margin_stays_within_alpha_for_n_200():
@@ -229,9 +250,7 @@ def test_false_promotion_rate_at_the_margin_stays_within_alpha_for_n_200():
     s = 0.25 + 0.35 * rng.random((reps, n))
     base = s + 0.25 * (rng.random((reps, n)) - 0.5)
     cand = s + m + 0.25 * (rng.random((reps, n)) - 0.5)
-    d = cand - base
-    tstat = (d.mean(axis=1) - m) / (d.std(axis=1, ddof=1) / math.sqrt(n))
-    p = student_t.sf(tstat, n - 1)
+    p, _ = _gate_p_continuous(cand, base, m)
     continuous_rate = float(np.mean(p < POLICY.alpha))
     policy = GatePolicy(max_regressed_share=1.0)
     for k in range(20):
@@ -246,9 +265,57 @@ def test_false_promotion_rate_at_the_margin_stays_within_alpha_for_n_200():
     assert continuous_rate <= POLICY.alpha + tolerance
 
 
+def test_left_skewed_deltas_at_the_margin_are_not_promoted_too_often():
+    """A candidate a bit better on 90% of rows and much worse on 10% (deltas +0.09 / -0.31 +- 0.01,
+    mean exactly the margin): the t-test alone promotes it far more often than alpha, the gate's
+    t-test + bootstrap-t does not (bench/gate.py measures this at n = 50, 200, 1000)."""
+    rng = np.random.default_rng(12)
+    reps, n, m = 4000, 200, POLICY.min_delta
+    base = 0.35 + 0.5 * rng.random((reps, n))
+    d = m + np.where(rng.random((reps, n)) < 0.1, -0.36, 0.04) + 0.02 * (rng.random((reps, n)) - 0.5)
+    cand = base + d
+    p, p_t = _gate_p_continuous(cand, base, m)
+    at_margin = d.mean(axis=1) >= m  # the gate also refuses a mean delta below the margin
+    gate_rate = float(np.mean((p < POLICY.alpha) & at_margin))
+    t_rate = float(np.mean((p_t < POLICY.alpha) & at_margin))
+    policy = GatePolicy(max_regressed_share=1.0)
+    for k in range(20):
+        decision = decide(cand[k], base[k], ids(n), no_buckets(n), policy)
+        assert decision.p_value == pytest.approx(p[k], rel=1e-9, abs=1e-12)
+        assert decision.details["p_paired_t"] == pytest.approx(p_t[k], rel=1e-9, abs=1e-12)
+        assert decision.passed == bool(p[k] < POLICY.alpha and at_margin[k])
+    tolerance = 3 * math.sqrt(0.05 * 0.95 / reps)
+    assert t_rate > POLICY.alpha + tolerance  # the simulation does stress the t-test
+    assert gate_rate <= POLICY.alpha + tolerance
+
+
+def test_a_few_large_regressions_are_not_outvoted_by_many_small_gains():
+    # 48 rows +0.09, 2 rows -0.31: mean +0.074, 4% of rows regress; the t-test alone says p = 0.02
+    base = np.linspace(0.4, 0.6, 50)
+    d = np.full(50, 0.09) + np.linspace(-0.005, 0.005, 50)
+    d[[7, 31]] = -0.31
+    d = d.round(6)
+    dec = decide(base + d, base, ids(50), no_buckets(50), POLICY)
+    assert dec.details["p_paired_t"] < POLICY.alpha <= dec.details["p_bootstrap_t"]
+    assert dec.p_value == dec.details["p_bootstrap_t"] and dec.reason_codes == (NOT_SIGNIFICANT,)
+    assert "paired_t_and_bootstrap_t_vs_margin" in dec.failed[0].message
+
+
+def test_the_bootstrap_p_value_is_the_same_for_the_same_deltas_and_handles_ties():
+    # a 5-point judge scale: deltas are multiples of 0.25 and tie a lot
+    rng = np.random.default_rng(8)
+    base = 0.25 * rng.integers(1, 4, 120)
+    cand = base + 0.25 * rng.choice([-1, 0, 1], 120, p=[0.1, 0.5, 0.4])
+    first = decide(cand, base, ids(120), no_buckets(120), POLICY)
+    again = decide(list(cand), list(base), ids(120), no_buckets(120), POLICY)
+    assert first.p_value == again.p_value and first.details == again.details
+    assert 0 < first.details["p_bootstrap_t"] <= 1 and first.p_value >= first.details["p_paired_t"]
+    json.dumps(first.as_evidence(), allow_nan=False)
+
+
 def test_a_constant_delta_exactly_at_the_margin_is_not_promoted_by_rounding_noise():
     base = [0.1, 0.2, 0.3, 0.45, 0.6, 0.7, 0.8]
     cand = [b + 0.05 for b in base]  # the float deltas differ in the last bits
     d = decide(cand, base, ids(7), no_buckets(7), POLICY)
-    assert d.test == "paired_t_vs_margin:degenerate_sd0" and d.p_value == 1.0 and not d.passed
+    assert d.test == "paired_t_and_bootstrap_t_vs_margin:degenerate_sd0" and d.p_value == 1.0 and not d.passed
     assert d.reason_codes == (NOT_SIGNIFICANT,)
