@@ -14,7 +14,8 @@ import tempfile
 from pathlib import Path
 
 from contracts import subjects
-from contracts.events import ClassificationMetrics, EvalCompleted, EvalFailed, GateDecided, JudgeRef, JudgeValidated
+from contracts.events import (ClassificationMetrics, EvalCompleted, EvalFailed, GateDecided, JudgeRef, JudgeValidated,
+                             Notice)
 from services.common.app import Service
 from services.common.artifacts import ArtifactIntegrityError
 from services.common.delivery import ConsumerSpec, StageContext, StageError
@@ -62,8 +63,9 @@ def _read_rows(ctx: StageContext, ref) -> list[dict]:
 
 
 def score_local_candidate(base_model: str, adapter_dir: Path, rows: list[dict], label_space: list[str], kind: str,
-                          plan) -> Scored:
-    """The candidate adapter's answers on the test rows (a local encoder classifier)."""
+                          plan, name: str = CANDIDATE) -> Scored:
+    """An adapter's answers on the test rows (a local encoder classifier: the candidate, or production's
+    export)."""
     import time
 
     meta = trained_metadata(adapter_dir)
@@ -72,7 +74,7 @@ def score_local_candidate(base_model: str, adapter_dir: Path, rows: list[dict], 
     outputs, latency = predict(base_model, adapter_dir, [r["text"] for r in rows], space,
                                trained_max_length(adapter_dir, plan.max_length), 64, plan.seed, None,
                                multi_label=kind == "multi_label", threshold=float(meta.get("threshold") or 0.5))
-    return Scored(model=CANDIDATE, outputs=outputs, latency_ms=latency, compute_s=time.perf_counter() - t0)
+    return Scored(model=name, outputs=outputs, latency_ms=latency, compute_s=time.perf_counter() - t0)
 
 
 def _check_labels(kind: str, rows: list[dict], space: list[str]) -> None:
@@ -137,10 +139,94 @@ async def score_candidate(ctx: StageContext, p, kind: str, rows: list[dict], tmp
     return scored, space
 
 
+SCORES_BUCKET = "eval_scores"  # (target, version, test-set sha256) -> production's answers on that test set
+
+
+async def _scores_bucket(js):
+    from nats.js.api import KeyValueConfig, StorageType
+    from nats.js.errors import BucketNotFoundError
+
+    try:
+        return await js.key_value(SCORES_BUCKET)
+    except BucketNotFoundError:
+        return await js.create_key_value(KeyValueConfig(
+            bucket=SCORES_BUCKET, history=1, storage=StorageType.FILE,
+            description="production's per-row answers by (target, version, test set): not rescored on every run"))
+
+
+def _scored_json(scored: Scored) -> bytes:
+    return json.dumps({"model": scored.model, "outputs": scored.outputs, "latency_ms": scored.latency_ms,
+                       "tokens": scored.tokens, "compute_s": scored.compute_s, "usd": scored.usd}).encode()
+
+
+async def score_production(ctx: StageContext, p, kind: str, test: list[dict], space: list[str], test_sha: str,
+                           tmp: Path) -> tuple[Scored, dict, list[Notice]] | None:
+    """What serves the target now (the `serving` bucket, D17) scored on the same test rows, or None when
+    nothing does. Its answers are cached by (version, test-set sha256): production is scored once per
+    test set, not on every run."""
+    from contracts.common import ArtifactRef
+    from nats.js.errors import KeyNotFoundError
+
+    from services.common import serving
+
+    entry = await serving.read(ctx.js, p.plan.target)
+    if entry is None:
+        return None
+    name = f"production:v{entry['version']}"
+    info = {"version": entry["version"], "source_run_id": entry.get("source_run_id"), "cached": False}
+    kv = await _scores_bucket(ctx.js)
+    key = f"{p.plan.target}.v{entry['version']}.{test_sha}"
+    try:
+        cached = json.loads((await kv.get(key)).value)
+        data = json.loads(ctx.artifacts.read_bytes(ArtifactRef.model_validate(cached)))
+        if len(data["outputs"]) == len(test):
+            return Scored(**data), info | {"cached": True}, []
+    except (KeyNotFoundError, ArtifactIntegrityError, ValueError, KeyError, TypeError):
+        pass  # not cached (or the cached answers are gone): score now
+    notices: list[Notice] = []
+    if entry.get("hosted_model"):
+        from services.evaluator.adapters.chat import ChatClient, ScoringError, score_with_chat
+
+        hosted = p.plan.hosted
+        try:
+            client = ChatClient("openai_compatible" if hosted and hosted.base_url else "openai", entry["hosted_model"],
+                                base_url=hosted.base_url if hosted else None,
+                                api_key_env=hosted.api_key_env if hosted else "OPENAI_API_KEY")
+            async with ctx.keep_alive():
+                scored = await asyncio.to_thread(lambda: score_with_chat(
+                    client, test, label_space=space, system_prompt=None, few_shot_rows=[], kind=kind, model_name=name))
+        except ScoringError as exc:
+            raise StageError("eval.production_unavailable" if exc.reason_code == "eval.model_not_found" else exc.reason_code,
+                             f"production {name} ({entry['hosted_model']}): {exc.message}") from exc
+    else:
+        try:
+            ref = ArtifactRef(uri=entry["model_uri"], sha256=entry["model_sha256"], size=int(entry.get("model_size") or 0))
+            export_dir = ctx.artifacts.materialize_dir(ref, tmp / "production")
+        except (ArtifactIntegrityError, KeyError, TypeError, ValueError, OSError) as exc:
+            raise StageError("eval.production_unavailable",
+                             f"production {name}: its export cannot be read ({exc}); promote or restore a version "
+                             f"whose artifact exists") from exc
+        prod_space = list(trained_metadata(export_dir).get("label_space") or space)
+        if prod_space != list(space):
+            notices.append(Notice(reason_code="eval.label_space_mismatch",
+                                  message=f"{name} answers in {len(prod_space)} labels, the candidate in {len(space)}: "
+                                          f"rows of a label one of them lacks count as that model's errors"))
+        base_model = resolve_base_model((entry.get("base_model") or {}).get("model") or p.base_model)
+        try:
+            async with ctx.keep_alive():
+                scored = await asyncio.to_thread(score_local_candidate, base_model, export_dir, test, prod_space, kind,
+                                                 p.plan, name)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise StageError("eval.production_unavailable", f"production {name} does not load: {exc}") from exc
+    ref = await asyncio.to_thread(ctx.artifacts.put_bytes, _scored_json(scored))
+    await kv.put(key, ref.model_dump_json().encode())
+    return scored, info, notices
+
+
 async def score_baseline(ctx: StageContext, plan, kind: str, train: list[dict], validation: list[dict],
                          test: list[dict], space: list[str]) -> tuple[Scored, str, dict]:
-    """(the baseline's answers, its kind, what was chosen): the plan's prompt baseline when it has one,
-    else the classical baseline where the rows are text classification."""
+    """(the baseline's answers, its kind, what was chosen) when nothing serves the target yet: the plan's
+    prompt baseline when it has one, else the classical baseline where the rows are text classification."""
     from services.evaluator.adapters.chat import ChatClient, ScoringError, pick_few_shot, score_with_chat
 
     pb = plan.evaluation.prompt_baseline
@@ -219,10 +305,17 @@ async def on_trained(ctx: StageContext) -> None:
     train_rows = _read_rows(ctx, p.train)
     validation_rows = _read_rows(ctx, p.eval) if p.test is not None else []
 
+    test_sha = p.test_set.sha256 if p.test_set is not None else test_ref.sha256
+    notices: list[Notice] = []
     with tempfile.TemporaryDirectory(prefix="tuneline-eval-") as tmp:
         candidate, space = await score_candidate(ctx, p, kind, test_rows, Path(tmp))
-    baseline, baseline_kind, baseline_info = await score_baseline(ctx, plan, kind, train_rows, validation_rows,
-                                                                  test_rows, space)
+        production = await score_production(ctx, p, kind, test_rows, space, test_sha, Path(tmp))
+    if production is not None:
+        baseline, baseline_info, notices = production
+        baseline_kind = "production"
+    else:
+        baseline, baseline_kind, baseline_info = await score_baseline(ctx, plan, kind, train_rows, validation_rows,
+                                                                      test_rows, space)
     judge_scores = judge = validation = None
     if settings.judge.kind == "llm":
         judge_scores, judge, validation = await llm_judgement(ctx, settings, kind, test_rows, space, [candidate, baseline])
@@ -232,7 +325,6 @@ async def on_trained(ctx: StageContext) -> None:
     except ValueError as exc:
         raise StageError("eval.runtime_error", f"judging: {exc}") from exc
     records = await asyncio.to_thread(write_jsonl, ctx.artifacts, a.judged.records)
-    test_sha = p.test_set.sha256 if p.test_set is not None else test_ref.sha256
     await ctx.emit(JudgeValidated(judge=a.judge, test_set_sha256=test_sha, **a.validation), step="judge")
     base_report = a.baseline_report.model_copy(update={"metrics": {**a.baseline_report.metrics, "baseline": baseline_info}})
     await ctx.emit(GateDecided(
@@ -245,7 +337,7 @@ async def on_trained(ctx: StageContext) -> None:
         plan=plan, base_model=p.base_model, adapter=p.adapter, eval=test_ref,
         candidate=_summary(a.candidate_report), base=_summary(base_report), label_space=space,
         baseline_kind=baseline_kind, candidate_report=a.candidate_report, baseline_report=base_report,
-        records=records, test_set_sha256=test_sha, judge=a.judge, gate_passed=a.passed, warnings=a.warnings,
+        records=records, test_set_sha256=test_sha, judge=a.judge, gate_passed=a.passed, warnings=notices + a.warnings,
     ))
 
 

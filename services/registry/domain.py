@@ -302,6 +302,7 @@ def serving_entry(state: TargetState) -> dict[str, Any] | None:
         "version": prod.version,
         "model_uri": (r.get("export") or {}).get("uri"),
         "model_sha256": (r.get("export") or {}).get("sha256"),
+        "model_size": (r.get("export") or {}).get("size"),
         "hosted_model": r.get("fine_tuned_model"),
         "base_model": pin,
         "dataset_version": r.get("dataset_version"),

@@ -6,24 +6,13 @@ from __future__ import annotations
 
 import json
 
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from services.common.logging import get_logger
+from services.common.serving import BUCKET, read, serving_bucket  # noqa: F401 (the registry's readers too)
 from services.registry.domain import TargetState, serving_entry
 
 log = get_logger(__name__)
-
-BUCKET = "serving"
-
-
-async def serving_bucket(js):
-    try:
-        return await js.key_value(BUCKET)
-    except BucketNotFoundError:
-        # history: a gateway (or a person) can see the last few switches of a key at a glance
-        return await js.create_key_value(KeyValueConfig(bucket=BUCKET, history=16, storage=StorageType.FILE,
-                                                        description="target -> the version that serves it"))
 
 
 async def project(js, state: TargetState, attempts: int = 5) -> dict | None:
@@ -56,12 +45,3 @@ async def project(js, state: TargetState, attempts: int = 5) -> dict | None:
         except KeyWrongLastSequenceError:
             continue
     raise RuntimeError(f"serving bucket: key {state.target} kept changing under {attempts} updates")
-
-
-async def read(js, target: str) -> dict | None:
-    kv = await serving_bucket(js)
-    try:
-        entry = await kv.get(target)
-    except KeyNotFoundError:
-        return None
-    return json.loads(entry.value) if entry.value else None

@@ -146,3 +146,54 @@ async def test_a_test_set_with_a_label_the_candidate_never_learned_is_refused(js
     failed_env, failure = events["eval.failed"]
     assert failed_env.reason_code == "eval.label_space_mismatch"
     assert "mixed" in failure.message
+
+
+PROD_MODEL = "ft:gpt-4o-mini-2024-07-18:acme::prod01"
+
+
+async def test_the_candidate_is_compared_with_what_serves_the_target_and_production_is_scored_once(
+        js, nats_server, tmp_path, monkeypatch):
+    from services.common import serving
+
+    def answer(body: dict) -> str:  # production knows two sentiment words, the candidate all of them
+        last = [m for m in body["messages"] if m["role"] == "user"][-1]["content"].split()
+        words = POS if body["model"] == FT_MODEL else POS[:2]
+        return "pos" if any(w in last for w in words) else "neg"
+
+    fake = FakeChatProvider("openai", models=(FT_MODEL, PROD_MODEL), answer=answer)
+    monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
+    real_client = ChatClient
+
+    def client(provider, model, **kw):
+        return real_client(provider, model, http_client=http.Client(transport=fake.transport()), sleep=lambda s: None)
+
+    monkeypatch.setattr(evaluator_app, "_hosted_client", lambda p: client("openai", p.fine_tuned_model))
+    monkeypatch.setattr("services.evaluator.adapters.chat.ChatClient", client)
+    # what the registry projects into `serving` when v3 of the target is production (services/registry/domain.py)
+    kv = await serving.serving_bucket(js)
+    await kv.put("reviews", json.dumps({"target": "reviews", "version": 3, "hosted_model": PROD_MODEL,
+                                        "model_uri": None, "base_model": {"model": "gpt-4o-mini", "sha256": None},
+                                        "rollout_percent": 100, "log_sequence": 1}).encode())
+
+    try:
+        await _production_then_cache(js, nats_server, tmp_path, fake)
+    finally:
+        await kv.delete("reviews")  # the stack is shared with other tests
+
+
+async def _production_then_cache(js, nats_server, tmp_path, fake):
+    events = await _run(js, nats_server, tmp_path, _completed(tmp_path, "run-eval-prod-1"), "eval.completed")
+    _, gate = events["eval.gate_decided"]
+    _, done = events["eval.completed"]
+    assert gate.baseline_kind == done.baseline_kind == "production" and gate.baseline == "production:v3"
+    assert done.baseline_report.metrics["baseline"] == {"version": 3, "source_run_id": None, "cached": False}
+    assert done.candidate_report.metrics["accuracy"] == 1.0 > done.baseline_report.metrics["accuracy"]
+    asked_production = sum(b["model"] == PROD_MODEL for b in fake.bodies)
+    assert asked_production == 120
+
+    # a second candidate on the same frozen test set: production's answers come from the cache
+    events = await _run(js, nats_server, tmp_path, _completed(tmp_path, "run-eval-prod-2"), "eval.completed")
+    _, again = events["eval.completed"]
+    assert again.baseline_kind == "production" and again.baseline_report.metrics["baseline"]["cached"] is True
+    assert sum(b["model"] == PROD_MODEL for b in fake.bodies) == asked_production
+    assert again.baseline_report.judge_mean == done.baseline_report.judge_mean
