@@ -468,18 +468,23 @@ class OpenAIHostedBackend:
             checkpoints=checkpoints,
         )
 
-    def checkpoints(self, job_id: str) -> tuple[HostedCheckpoint, ...]:
-        """The job's checkpoints, oldest step first (empty where the host has no checkpoints endpoint)."""
-        out = []
+    def _checkpoint_items(self, job_id: str) -> list[Any]:
+        """The job's checkpoint objects as the provider lists them (empty where the host has no
+        checkpoints endpoint)."""
         try:
-            items = list(self._paged(f"list checkpoints of job {job_id}",
-                                     lambda **q: self._client.fine_tuning.jobs.checkpoints.list(job_id, **q),
-                                     {"limit": 100}))
+            return list(self._walk(f"list checkpoints of job {job_id}",
+                                   lambda **q: self._client.fine_tuning.jobs.checkpoints.list(job_id, **q),
+                                   {"limit": 100}))
         except HostedTrainingError as exc:
             if exc.retryable:
                 raise
             log.info("hosted.checkpoints_unavailable", provider=self._provider, job_id=job_id, error=exc.message)
-            return ()
+            return []
+
+    def checkpoints(self, job_id: str) -> tuple[HostedCheckpoint, ...]:
+        """The job's checkpoints, oldest step first (empty where the host has no checkpoints endpoint)."""
+        out = []
+        items = self._checkpoint_items(job_id)
         for c in items:
             metrics = getattr(c, "metrics", None)
             valid = getattr(metrics, "valid_loss", None)
@@ -545,15 +550,7 @@ class OpenAIHostedBackend:
     def checkpoint_records(self, job_id: str) -> list[dict[str, Any]]:
         """The job's checkpoints as the provider lists them (every metric), oldest step first; empty where the
         host has no checkpoints endpoint."""
-        try:
-            items = list(self._walk(f"list checkpoints of job {job_id}",
-                                    lambda **q: self._client.fine_tuning.jobs.checkpoints.list(job_id, **q),
-                                    {"limit": 100}))
-        except HostedTrainingError as exc:
-            if exc.retryable:
-                raise
-            log.info("hosted.checkpoints_unavailable", provider=self._provider, job_id=job_id, error=exc.message)
-            return []
+        items = self._checkpoint_items(job_id)
         return sorted((self.job_json(c) for c in items), key=lambda c: c.get("step_number") or 0)
 
     def file_info(self, file_id: str) -> dict[str, Any]:
