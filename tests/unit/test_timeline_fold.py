@@ -427,3 +427,32 @@ def test_a_summary_never_fails_on_a_reason_key_without_a_dot():
     line = summarize("prep.cleaned", {"rows_in": 3, "rows_kept": 1, "dropped_by_reason": {"nodot": 2},
                                       "pii_by_kind": {}, "rows_with_pii": 0}, None)
     assert line == "cleaned 3 rows: kept 1, dropped nodot: 2"
+
+
+def test_evaluation_and_registry_events_read_as_sentences():
+    from contracts.events import (GateDecided, JudgeRef, JudgeValidated, Notice, RolloutSet, VersionPromoted,
+                                  VersionRejected, VersionRolledBack)
+    from tests.factories import ref
+
+    judge = JudgeValidated(judge=JudgeRef(judge_id="rubric:abc", kind="rubric"), test_set_sha256="a" * 64, n_gold=10,
+                           n_wrong=10, accuracy=1.0, cohen_kappa=1.0, gold_mean=1.0, wrong_mean=0.0,
+                           min_agreement=0.8, passed=True)
+    gate = GateDecided(target="t", passed=False, failed=[Notice(reason_code="gate.not_significant", message="p")],
+                       candidate="candidate", baseline="classical:tfidf-logreg", baseline_kind="classical",
+                       records=ref("r"), test_set_sha256="a" * 64, judge_id="rubric:abc",
+                       evidence={"candidate_mean": 0.81, "baseline_mean": 0.78, "delta": 0.03, "p_value": 0.2, "n": 200})
+    lines = {type(p).__name__: summarize(t, p.model_dump(mode="json"), None) for t, p in [
+        ("judge.validated", judge), ("eval.gate_decided", gate),
+        ("registry.promoted", VersionPromoted(target="t", actor="maria", reason="beats prod", version=3, demoted=1)),
+        ("registry.rejected", VersionRejected(target="t", actor="registry", reason="gate failed", version=4,
+                                              failed=[Notice(reason_code="gate.delta_below_margin", message="m")])),
+        ("registry.rolled_back", VersionRolledBack(target="t", actor="op", reason="latency", version=1, demoted=3)),
+        ("registry.rollout_set", RolloutSet(target="t", actor="op", reason="stage", version=3, percent=25,
+                                            previous_percent=100))]}
+    assert lines["JudgeValidated"] == "judge rubric:abc validated: agreement 1.000, kappa 1.000 on 10 gold / 10 wrong"
+    assert lines["GateDecided"] == ("gate failed: gate.not_significant (judge mean 0.810 vs classical:tfidf-logreg "
+                                    "0.780, delta 0.030, p=0.200, n=200)")
+    assert lines["VersionPromoted"] == "t v3 promoted to production (v1 archived) by maria: beats prod"
+    assert lines["VersionRejected"] == "t v4 rejected: gate.delta_below_margin"
+    assert lines["VersionRolledBack"] == "t rolled back to v1 (v3 archived): latency"
+    assert lines["RolloutSet"] == "t v3 rollout 100% -> 25%"
