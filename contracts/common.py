@@ -94,6 +94,10 @@ class CleaningSettings(Frozen):
     quality_threshold: float | None = Field(None, ge=0, le=1)
     outlier_block_threshold: float | None = Field(None, ge=0, le=1)
     synthetic_cap: float | None = Field(None, ge=0, le=1)
+    length_outliers: bool | None = None  # False: no row is dropped as a length outlier (nor the run blocked)
+    # labels with fewer rows than this after cleaning are dropped (cleaning.rare_label); None: none are.
+    # At least 2: every label needs a train and a test row, so 1 would drop nothing.
+    min_per_class: int | None = Field(None, ge=2)
 
 
 class HostedSettings(Frozen):

@@ -16,6 +16,7 @@ from contracts.commands import CommitIngest, DryRunIngest, IntrospectSource
 from contracts.common import FieldMapping, RunPlan
 from contracts.reason_codes import REASON_CODES
 from services.cli.errors import validation_lines
+from services.cli.run_options import with_min_per_class
 
 MAP_HELP = ("field mapping, repeatable KEY=VALUE: shape=multi_field_triage, text=summary,description, "
             "label=priority, heads.component=components, tags=labels, provenance=source, label_space=a,b,c; "
@@ -54,7 +55,8 @@ def parse_map(items: list[str] | None) -> FieldMapping | None:
 
 # command fields -> the option that sets them, for validation messages (see services.cli.errors)
 OPTIONS = {"locator": "LOCATOR", "sample_size": "--sample-size", "mapping": "--map", "force": "--force",
-           "target": "--target", "force_mapping": "--force", "eval_locator": "--eval-locator", "until": "--until"}
+           "target": "--target", "force_mapping": "--force", "eval_locator": "--eval-locator", "until": "--until",
+           ("cleaning", "min_per_class"): "--min-per-class"}
 
 
 def _build(what: str, make):
@@ -167,7 +169,8 @@ def cmd_commit(main, args) -> int:
     mapping = parse_map(args.map)
     plan = _build("commit", lambda: RunPlan(
         locator=main.absolute_locator(args.locator), target=args.target, mapping=mapping, force_mapping=args.force,
-        until=args.until, eval_locator=main.absolute_locator(args.eval_locator) if args.eval_locator else None))
+        until=args.until, eval_locator=main.absolute_locator(args.eval_locator) if args.eval_locator else None,
+        cleaning=with_min_per_class({}, args.min_per_class)))
     run_id = asyncio.run(main.publish_command(CommitIngest(plan=plan), prefix="ingest"))
     print(f"started {run_id} (ingest commit, until {args.until})", flush=True)
     return main.follow_and_print(run_id, args.timeout)
@@ -200,4 +203,6 @@ def add_parser(sub, main) -> None:
     c.add_argument("--force", action="store_true")
     c.add_argument("--eval-locator", default=None, help="an explicit eval dataset (checked for overlap)")
     c.add_argument("--until", default="prep", choices=["ingest", "prep"], help="stop after this stage")
+    c.add_argument("--min-per-class", type=int, default=None, metavar="N",
+                   help="prep drops labels with fewer than N rows after cleaning (cleaning.rare_label)")
     c.set_defaults(fn=lambda a: cmd_commit(main, a))

@@ -74,6 +74,22 @@ def cleaning_problems(cleaning: dict[str, Any]) -> list[str]:
     return problems
 
 
+def with_min_per_class(cleaning: dict[str, Any], min_per_class: int | None) -> dict[str, Any]:
+    """The cleaning knobs with `--min-per-class` among them (clean.min_per_class by its own option)."""
+    return cleaning if min_per_class is None else {**cleaning, "min_per_class": min_per_class}
+
+
+def min_per_class_problems(cleaning: dict[str, Any], min_per_class: int | None) -> list[str]:
+    """What is wrong with `--min-per-class` (the `--set clean.` knobs are cleaning_problems' part)."""
+    if min_per_class is None:
+        return []
+    if cleaning.get("min_per_class", min_per_class) != min_per_class:
+        return [f"--min-per-class {min_per_class} and --set {CLEAN_PREFIX}min_per_class={cleaning['min_per_class']!r} "
+                "disagree; give one of them"]
+    msg = _field_problem(CleaningSettings, "min_per_class", min_per_class)
+    return [f"--min-per-class {min_per_class}: {msg} (a label needs a train and a test row)"] if msg else []
+
+
 TARGET_CHARACTERS = "ASCII letters, digits, '-' and '_'"
 
 

@@ -18,6 +18,9 @@ Order (each step sees only the rows the previous ones kept):
 6. synthetic cap: synthetic rows are dropped in a seeded order until they are at most
    ``synthetic_cap`` of the kept rows (``cleaning.synthetic_cap``).
 
+Prep then drops train rows overlapping the test set (:func:`check_eval_overlap`) and, with
+``min_per_class``, the rows of labels rarer than that (:func:`drop_rare_labels`, ``cleaning.rare_label``).
+
 Speed: what each row needs on its own (normalised text, PII spans, quality, the dedup key's
 signature, sha256, near-dup sketch) is computed first, in one pass over the rows, on two processes
 when the rows are large enough and two CPUs are there (:mod:`services.common.parallel`: the second
@@ -71,6 +74,7 @@ class CleaningPolicy:
     # concatenated logs) worth a look before training.
     outlier_block_threshold: float | None = 0.05
     synthetic_cap: float = 0.30
+    min_per_class: int | None = None  # prep drops labels with fewer rows (drop_rare_labels); None: none
     seed: int = 0
 
 
@@ -568,6 +572,23 @@ def _clean(rows: list[dict], policy: CleaningPolicy, scrubber: Scrubber) -> Clea
         "policy": asdict(policy),
     }
     return CleanResult(kept, dropped, stats, {k: round(v, 4) for k, v in timings.items()})
+
+
+def drop_rare_labels(rows: list[dict], min_per_class: int, keep: frozenset[str] = frozenset()
+                     ) -> tuple[list[dict], list[dict], list[str]]:
+    """Drop the rows of every label with fewer than ``min_per_class`` rows, except the labels in
+    ``keep``. Returns (kept, dropped, the dropped labels sorted); rows keep their order."""
+    counts = Counter(r["label"] for r in rows)
+    rare = {label for label, n in counts.items() if n < min_per_class and label not in keep}
+    kept, dropped = [], []
+    for r in rows:
+        if r["label"] in rare:
+            dropped.append(_drop(r, "cleaning.rare_label", f"label {r['label']!r} has {counts[r['label']]} rows after "
+                                 f"cleaning, fewer than min_per_class {min_per_class}"))
+        else:
+            kept.append(r)
+    assert len(rows) == len(kept) + len(dropped)
+    return kept, dropped, sorted(rare)
 
 
 def check_eval_overlap(train_rows: list[dict], eval_rows: list[dict], policy: CleaningPolicy | None = None

@@ -18,6 +18,10 @@ Accounting, asserted: rows_in (+ eval rows in) = train + validation + test (when
 (every dropped row named with its reason in dropped.jsonl). Near-duplicates are removed before the
 split, so no text or near-copy of it is on two sides.
 
+With the plan's `min_per_class`, labels with fewer rows than that after cleaning and the overlap check
+are dropped before the split (`cleaning.rare_label`, named in a `prep.rare_labels_dropped` warning);
+a label the test set holds (frozen or explicit) is kept: that test set is never changed.
+
 Classification shapes are cleaned by :func:`services.prep.clean.clean`; the others (chat, prompt/
 completion, JSON extraction, preference pairs) by :func:`services.prep.structured.clean_structured`:
 every string of a row normalised and scrubbed, the same dedup, quality, outlier, near-dup and
@@ -39,7 +43,8 @@ from contracts.common import CLASSIFICATION_SHAPES, ArtifactRef, RunPlan
 from contracts.events import CostEstimate, Notice, TestSetRef
 from services.common.artifacts import ArtifactStore
 from services.common.jsonl import gc_paused, write_jsonl, write_lines
-from services.prep.clean import PARALLEL_MIN_CHARS, CleaningBlocked, CleaningPolicy, check_eval_overlap, clean
+from services.prep.clean import (PARALLEL_MIN_CHARS, CleaningBlocked, CleaningPolicy, check_eval_overlap, clean,
+                                 drop_rare_labels)
 from services.prep.formats import (NO_OPENAI_CHAT, OPENAI_CHAT_SHAPES, TRAINING_PRICE_PER_1M, estimate_cost,
                                    estimate_text_tokens, openai_chat_lines, openai_chat_tokens, openai_messages_lines,
                                    openai_messages_tokens, system_prompt)
@@ -89,8 +94,17 @@ def stratified_split(rows: list[dict], eval_fraction: float, seed: int | str) ->
         raise InsufficientData(f"only one label ({next(iter(by_label))!r}): a classifier needs at least two")
     small = sorted(label for label, rs in by_label.items() if len(rs) < MIN_ROWS_PER_CLASS)
     if small:
-        raise InsufficientData(f"labels with fewer than {MIN_ROWS_PER_CLASS} rows after cleaning: {', '.join(small[:10])}")
+        raise InsufficientData(
+            f"{len(small)} label{'s have' if len(small) > 1 else ' has'} fewer than {MIN_ROWS_PER_CLASS} rows after "
+            f"cleaning: {_some(small, {label: len(by_label[label]) for label in small})}; pass --min-per-class "
+            f"{MIN_ROWS_PER_CLASS} to drop such labels (their rows are counted as cleaning.rare_label)")
     return _stratified_holdout(rows, eval_fraction, seed, at_least_one=True)
+
+
+def _some(labels: list[str], rows: dict[str, int] | None = None, shown: int = 10) -> str:
+    """Up to `shown` labels (with their row counts, if given), and how many there are in all when more."""
+    head = ", ".join(f"{label} ({rows[label]})" if rows else str(label) for label in labels[:shown])
+    return head + (f", ... ({len(labels)} in all)" if len(labels) > shown else "")
 
 
 def _stratified_holdout(rows: list[dict], fraction: float, seed: int | str, *, at_least_one: bool
@@ -232,8 +246,29 @@ def policy_for(plan: RunPlan, base: CleaningPolicy) -> CleaningPolicy:
     overrides = {k: v for k, v in {
         "pii_scrub": c.pii_scrub, "pii_block_threshold": c.pii_block_threshold, "near_dup": c.near_dup,
         "quality_threshold": c.quality_threshold, "outlier_block_threshold": c.outlier_block_threshold,
-        "synthetic_cap": c.synthetic_cap}.items() if v is not None}
+        "synthetic_cap": c.synthetic_cap, "min_per_class": c.min_per_class}.items() if v is not None}
+    if c.length_outliers is not None:
+        on = base.outlier_sides if base.outlier_sides != "none" else "both"
+        overrides["outlier_sides"] = on if c.length_outliers else "none"
     return replace(base, seed=plan.seed, **overrides)
+
+
+def rare_label_notice(min_per_class: int, gone: dict[str, int], spared: dict[str, int]) -> Notice | None:
+    """The warning for `min_per_class`: the labels dropped and those kept under the minimum because the
+    test set in force holds them, each with its rows."""
+    if not gone and not spared:
+        return None
+    parts = []
+    if gone:
+        rows = sum(gone.values())
+        parts.append(f"{len(gone)} label{'s' if len(gone) > 1 else ''} with fewer than {min_per_class} rows after "
+                     f"cleaning dropped ({rows} row{'s' if rows > 1 else ''}, cleaning.rare_label): "
+                     f"{_some(sorted(gone), gone)}")
+    if spared:
+        parts.append(f"{len(spared)} label{'s' if len(spared) > 1 else ''} under {min_per_class} rows kept: the test "
+                     f"set holds {'them' if len(spared) > 1 else 'it'}, and a frozen or given test set is never "
+                     f"changed: {_some(sorted(spared), spared)}")
+    return Notice(reason_code="prep.rare_labels_dropped", message=f"--min-per-class {min_per_class}: " + "; ".join(parts))
 
 
 def prepare(rows: list[dict], plan: RunPlan, store: ArtifactStore, *, eval_rows: list[dict] | None = None,
@@ -279,6 +314,22 @@ def _prepare(rows: list[dict], plan: RunPlan, store: ArtifactStore, eval_rows: l
         overlap_check = partial(check_eval_overlap_structured, shape=shape)
     if frozen is not None:
         _check_frozen_rows(frozen, shape, classification)
+    gone: dict[str, int] = {}
+    spared: dict[str, int] = {}
+
+    def without_rare(rs: list[dict], test_rows: list[dict]) -> list[dict]:
+        """`rs` less the labels under min_per_class; a label the test set holds is kept (the test set in
+        force is never changed, and its label needs a train row)."""
+        if not classification or policy.min_per_class is None:
+            return rs
+        counts = Counter(r["label"] for r in rs)
+        held = frozenset(r["label"] for r in test_rows)
+        out, out_dropped, labels = drop_rare_labels(rs, policy.min_per_class, keep=held)
+        dropped.extend(d | {"side": "source"} for d in out_dropped)
+        gone.update((label, counts[label]) for label in labels)
+        spared.update((label, n) for label, n in counts.items() if label in held and n < policy.min_per_class)
+        return out
+
     try:
         scrubber = Scrubber()  # one scrubber: train and an explicit eval set share placeholders
         res = clean_rows(rows, policy=policy, scrubber=scrubber)
@@ -292,16 +343,19 @@ def _prepare(rows: list[dict], plan: RunPlan, store: ArtifactStore, eval_rows: l
             dropped += [d | {"side": "source"} for d in overlap]
             test = eres.kept
             cleaning_stats["eval"] = {k: eres.stats[k] for k in ("rows_in", "kept", "dropped_by_reason")}
+            rest = without_rare(rest, test)
             train, validation = validation_split(rest, plan.validation_fraction, plan.seed, classification)
         elif frozen is not None:
             rest, overlap = overlap_check(kept, frozen.rows, policy=policy)
             dropped += [d | {"side": "source"} for d in overlap]
+            rest = without_rare(rest, frozen.rows)
             if len(rest) < MIN_ROWS:
                 raise InsufficientData(f"{len(rest)} rows after cleaning and the overlap check with the target's test "
                                        f"set; at least {MIN_ROWS} are needed")
             test = frozen.rows
             train, validation = validation_split(rest, plan.validation_fraction, plan.seed, classification)
         else:
+            kept = without_rare(kept, [])
             train, validation, test = three_way_split(kept, plan.eval_fraction, plan.validation_fraction, plan.seed,
                                                       classification)
     except CleaningBlocked as exc:
@@ -310,7 +364,8 @@ def _prepare(rows: list[dict], plan: RunPlan, store: ArtifactStore, eval_rows: l
         raise InsufficientData(f"after cleaning and the overlap check: {len(train)} train rows, {len(test)} test rows")
     missing = sorted({r["label"] for r in test} - {r["label"] for r in train}) if classification else []
     if missing:
-        raise InsufficientData(f"test labels with no train row after the overlap check: {', '.join(missing[:10])}")
+        raise InsufficientData(f"{len(missing)} test label{'s have' if len(missing) > 1 else ' has'} no train row "
+                               f"after the overlap check: {_some(missing)}")
     made_test = frozen is None
     assert rows_in + eval_in == len(train) + len(validation) + (len(test) if made_test else 0) + len(dropped), \
         "prep accounting broken"
@@ -334,7 +389,8 @@ def _prepare(rows: list[dict], plan: RunPlan, store: ArtifactStore, eval_rows: l
         else:
             test_ref, origin = frozen.ref.artifact, frozen.ref.origin
         dropped_ref = write_jsonl(store, sorted(dropped, key=lambda d: (d["side"], d["row_number"])))
-        warnings = sufficiency_warnings(labelled, classification)
+        rare = rare_label_notice(policy.min_per_class, gone, spared) if policy.min_per_class else None
+        warnings = ([rare] if rare else []) + sufficiency_warnings(labelled, classification)
         by_reason = dict(sorted(Counter(d["reason_code"] for d in dropped).items()))
         version = hashlib.sha256(f"{train_ref.sha256}:{eval_ref.sha256}:{test_ref.sha256}".encode()).hexdigest()[:16]
         class_histogram = {

@@ -227,3 +227,33 @@ def test_a_pasted_log_many_times_the_median_is_still_a_length_outlier():
     lengths = [60] * 100 + [60 * 12]
     res = clean(rows_of(_sentences(lengths)), policy(near_dup=False))
     assert [d["row_number"] for d in res.dropped if d["reason_code"] == "cleaning.length_outlier"] == [101]
+
+
+def test_length_outliers_off_in_the_plan_keeps_the_long_rows():
+    from contracts.common import CleaningSettings, RunPlan
+    from services.prep.domain import policy_for
+
+    rows = rows_of(_sentences([60] * 100 + [60 * 12]))
+    plan = RunPlan(locator="jsonl:/x.jsonl", target="t", cleaning=CleaningSettings(length_outliers="off"))
+    off = policy_for(plan, policy(near_dup=False))
+    assert off.outlier_sides == "none"
+    res = clean(rows, off)
+    assert res.stats["dropped_by_reason"] == {} and len(res.kept) == 101
+    on = policy_for(plan.model_copy(update={"cleaning": CleaningSettings(length_outliers=True)}),
+                    policy(near_dup=False, outlier_sides="none"))
+    assert on.outlier_sides == "both"
+    default = policy_for(plan.model_copy(update={"cleaning": CleaningSettings()}), policy(near_dup=False))
+    assert clean(rows, default).stats["dropped_by_reason"] == {"cleaning.length_outlier": 1}  # the rule's default
+
+
+def test_rare_labels_are_dropped_with_their_reason_and_every_row_is_accounted_for():
+    from services.prep.clean import drop_rare_labels
+
+    rows = [{"row_number": i, "text": f"t{i}", "label": label}
+            for i, label in enumerate(["a"] * 5 + ["b"] + ["c"] * 2 + ["d"] * 3 + ["b"], 1)]
+    kept, dropped, labels = drop_rare_labels(rows, 3, keep=frozenset({"c"}))
+    assert labels == ["b"]  # b has 2 rows; c (2 rows) is kept as asked
+    assert [d["row_number"] for d in dropped] == [6, 12]
+    assert {d["reason_code"] for d in dropped} == {"cleaning.rare_label"} and "2 rows" in dropped[0]["detail"]
+    assert [r["row_number"] for r in kept] == [1, 2, 3, 4, 5, 7, 8, 9, 10, 11]
+    assert len(kept) + len(dropped) == len(rows)

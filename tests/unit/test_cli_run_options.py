@@ -76,3 +76,43 @@ def test_split_overrides_and_slug():
     assert split_overrides({"clean.near_dup": False, "epochs": 1}) == ({"epochs": 1}, {"near_dup": False})
     assert target_slug("Équipe Support / EU") == "equipe-support-eu"
     assert target_slug("日本") == "target"
+
+
+@pytest.mark.parametrize("word, value", [("off", False), ("false", False), ("on", True), ("true", True)])
+def test_length_outliers_is_a_cleaning_knob_in_words(word, value):
+    args = main.parser().parse_args(RUN + ["--set", f"clean.length_outliers={word}"])
+    assert main.run_option_problems(args) == []
+    assert main.build_start_run(args).plan.cleaning.length_outliers is value
+
+
+def test_min_per_class_goes_into_the_plan_and_bad_values_are_refused_at_the_prompt(capsys):
+    args = main.parser().parse_args(RUN + ["--min-per-class", "3"])
+    assert main.build_start_run(args).plan.cleaning.min_per_class == 3
+    assert main.build_start_run(main.parser().parse_args(RUN)).plan.cleaning.min_per_class is None
+
+    code, _, err = run_cli(RUN + ["--min-per-class", "1", "--set", "clean.length_outliers=maybe"], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("tuneline run: --set clean.length_outliers='maybe': ") and "boolean" in lines[0]
+    assert lines[1].startswith("tuneline run: --min-per-class 1: ") and "greater than or equal to 2" in lines[1]
+
+    code, _, err = run_cli(RUN + ["--min-per-class", "3", "--set", "clean.min_per_class=4"], capsys)
+    assert code == 2 and "disagree" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(RUN + ["--min-per-class", "two"], capsys)
+    assert code == 2 and "--min-per-class" in err
+
+
+def test_ingest_commit_takes_min_per_class(monkeypatch, capsys):
+    sent = []
+
+    async def publish(cmd, **kw):
+        sent.append(cmd)
+        return "run-1"
+
+    monkeypatch.setattr(main, "publish_command", publish)
+    monkeypatch.setattr(main, "follow_and_print", lambda run_id, timeout: 0)
+    code, _, _ = run_cli(["ingest", "commit", "jsonl:x.jsonl", "--min-per-class", "2"], capsys)
+    assert code == 0 and sent[0].plan.cleaning.min_per_class == 2
+    code, _, err = run_cli(["ingest", "commit", "jsonl:x.jsonl", "--min-per-class", "0"], capsys)
+    assert code == 2 and err.startswith("tuneline ingest commit: --min-per-class: ")

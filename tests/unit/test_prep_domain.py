@@ -465,3 +465,60 @@ def test_an_explicit_eval_set_wins_over_the_frozen_test_set(store):
                   store, eval_rows=ev, frozen_test=_frozen(first, store))
     assert out.test_set is None and out.test_origin == "eval_locator" and out.test_rows == 10
     assert out.test.sha256 != first.test.sha256
+
+
+# --- rare labels (min_per_class) -----------------------------------------------------------------------
+
+
+def _rare(labels: list[str], start: int) -> list[dict]:
+    """One row for each of `labels`, texts unlike the TOPICS rows and each other."""
+    return [{"row_number": start + k, "label": label, "provenance": "human",
+             "text": f"question {k} about {label}: " + " ".join(f"r{k}y{j}{label}" for j in range(9))}
+            for k, label in enumerate(labels)]
+
+
+def test_the_insufficient_data_message_counts_every_rare_label_and_names_the_option():
+    rows = _labelled({"big": 40, "mid": 30, **{f"r{i:02}": 1 for i in range(13)}})
+    with pytest.raises(InsufficientData) as e:
+        stratified_split(rows, 0.2, seed=1)
+    msg = str(e.value)
+    assert msg.startswith("13 labels have fewer than 2 rows after cleaning: r00 (1), r01 (1), ")
+    assert "r09 (1), ... (13 in all)" in msg and "r10" not in msg
+    assert "pass --min-per-class 2 to drop such labels" in msg and e.value.reason_code == "prep.insufficient_data"
+
+
+def test_rare_labels_are_dropped_counted_and_named_with_min_per_class(store):
+    rows = rows_for({"billing": 40, "login": 40, "shipping": 40})
+    rare = _rare([f"rare{i}" for i in range(12)] + ["twice", "twice"], start=1000)
+    with pytest.raises(InsufficientData,
+                       match="12 labels have fewer than 2 rows .* \\(12 in all\\); pass --min-per-class 2"):
+        prepare(rows + rare, plan(), store)
+    out = prepare(rows + rare, plan(cleaning=CleaningSettings(min_per_class=3)), store)
+    dropped = read_jsonl(store, out.dropped)
+    assert out.dropped_by_reason == {"cleaning.rare_label": 14}
+    assert sorted(d["row_number"] for d in dropped) == [r["row_number"] for r in rare]
+    assert out.rows_in == len(rows) + len(rare) == out.train_rows + out.eval_rows + out.test_rows + len(dropped)
+    assert out.label_space == ["billing", "login", "shipping"]
+    notice = next(w for w in out.warnings if w.reason_code == "prep.rare_labels_dropped")
+    assert notice.message.startswith("--min-per-class 3: 13 labels with fewer than 3 rows after cleaning dropped "
+                                     "(14 rows, cleaning.rare_label): rare0 (1), ")
+    assert "... (13 in all)" in notice.message
+    assert out.manifest["counts"]["dropped_by_reason"] == {"cleaning.rare_label": 14}
+
+
+def test_min_per_class_never_changes_a_frozen_test_set_and_keeps_the_labels_it_holds(store):
+    first = prepare(rows_for({"billing": 40, "login": 40, "shipping": 40}), plan(), store)
+    frozen = _frozen(first, store)
+    # a later sample: shipping (which the test set holds) is down to one row, and a new label has one row
+    sample = rows_for({"billing": 30, "login": 30, "shipping": 1}, start=2000, first=500) + _rare(["refunds"], 3000)
+    out = prepare(sample, plan(cleaning=CleaningSettings(min_per_class=2)), store, frozen_test=frozen)
+    assert out.test.sha256 == first.test.sha256 and out.test_rows == first.test_rows
+    assert out.dropped_by_reason == {"cleaning.rare_label": 1}
+    assert [d["row_number"] for d in read_jsonl(store, out.dropped)] == [3000]
+    assert "shipping" in out.label_space and "refunds" not in out.label_space
+    notice = next(w for w in out.warnings if w.reason_code == "prep.rare_labels_dropped")
+    msg = notice.message
+    assert "1 label with fewer than 2 rows after cleaning dropped (1 row, cleaning.rare_label): refunds (1)" in msg
+    assert "1 label under 2 rows kept: the test set holds it, and a frozen or given test set is never changed: " \
+           "shipping (1)" in msg
+    assert out.rows_in == out.train_rows + out.eval_rows + len(read_jsonl(store, out.dropped))
