@@ -1,0 +1,293 @@
+"""`tuneline history TARGET` (the History projection) and `tuneline lineage TARGET VERSION` (from run_events).
+
+History: every fine-tune run of the target, promoted, rejected or abandoned, with what it was trained on, how it
+scored against its baseline, what became of it and who acted, and the command that restores an archived version.
+Lineage: a registered version back to its source, one hop at a time, each hop an event in run_events found by
+the sha256 the hop before names (or, where an event names no artifact of the previous one, by causation id)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from contracts import subjects
+
+
+class NotFound(Exception):
+    def __init__(self, reason_code: str, message: str):
+        super().__init__(message)
+        self.reason_code = reason_code
+
+
+# --- history ------------------------------------------------------------------------------------
+
+
+def _f(x, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _p(x) -> str:
+    return "-" if x is None else f"{x:.2g}" if x < 0.001 else f"{x:.3f}"
+
+
+def _t(at) -> str:
+    return "-" if at is None else f"{at:%Y-%m-%d %H:%M}"
+
+
+def history_text(h: dict) -> str:
+    runs = h["runs"]
+    counts = {o: sum(r["outcome"] == o for r in runs) for o in ("promoted", "rejected", "abandoned", "pending",
+                                                                 "unregistered")}
+    lines = [f"{h['target']}: {len(runs)} fine-tune run(s): " + ", ".join(f"{n} {o}" for o, n in counts.items() if n)
+             + f"  (History at run_events position {h['position']})"]
+    if h.get("stopped"):
+        lines.append(f"  [audit.projection_failed] History STOPPED at position {h['stopped']['error_position']}: "
+                     f"{h['stopped']['error']}")
+    lines.append(f"  {'ver':<5}{'run':<26}{'started':<17}{'ended':<17}{'train':>6} {'dataset':<9}{'acc':>6}"
+                 f"{'judge c/b':>13}{'delta':>8}{'p':>8}  {'status':<11}{'outcome'}")
+    for r in runs:
+        judge = f"{_f(r['candidate_judge_mean'])}/{_f(r['baseline_judge_mean'])}"
+        lines.append(f"  {('v' + str(r['version'])) if r['version'] else '-':<5}{r['run_id'][:25]:<26}{_t(r['started_at']):<17}"
+                     f"{_t(r['ended_at']):<17}{r['train_rows'] if r['train_rows'] is not None else '-':>6} "
+                     f"{r['dataset_semver'] or '-':<9}{_f(r['accuracy']):>6}{judge:>13}{_f(r['delta']):>8}"
+                     f"{_p(r['p_value']):>8}  {r['status']:<11}{r['outcome']}")
+        if r["status"] in ("failed", "cancelled"):
+            lines.append(f"        [{r['reason_code']}] {r['failure']}")
+        if r["rejection_reason"] and r["status"] == "rejected":
+            lines.append(f"        rejected: {r['rejection_reason']}")
+        if r["gate_failed"] and r["status"] != "rejected":
+            lines.append(f"        gate failed: {', '.join(r['gate_failed'])}")
+        for a in r["acts"]:
+            if a.get("demoted"):
+                continue
+            verb = a["type"].split(".", 1)[1]
+            lines.append(f"        {a['at'][:16].replace('T', ' ')} {verb} by {a['actor']}"
+                         + (" [override]" if a.get("override") else "") + (f": {a['reason']}" if a.get("reason") else ""))
+        if r["restore"]:
+            lines.append(f"        archived: {r['restore']}")
+    if h["datasets"]:
+        lines.append("  datasets:")
+        for d in h["datasets"]:
+            lines.append(f"    {d['semver']:<8} {d['dataset_version']}  {d['rows']} rows, {len(d['label_space'])} labels, "
+                         f"manifest {d['manifest_sha256'][:16]}, first run {d['first_run_id']}")
+    return "\n".join(lines)
+
+
+async def read_history(conn, target: str) -> dict:
+    from services.audit.projections.history import target_history
+
+    if not subjects.is_subject_token(target):
+        raise NotFound("audit.history_target_not_found", f"target {target!r} is not a valid name ([A-Za-z0-9_-]+)")
+    h = await target_history(conn, target)
+    if h is None:
+        raise NotFound("audit.history_target_not_found", f"no fine-tune run of target {target} in History "
+                                                   "(`tuneline rebuild history` if the projection is new)")
+    return h
+
+
+def cmd_history(main, args) -> int:
+    async def go():
+        conn = await main._db(main.urls()[1])
+        try:
+            return await read_history(conn, args.target)
+        finally:
+            await conn.close()
+
+    try:
+        h = asyncio.run(go())
+    except NotFound as exc:
+        print(f"tuneline history: [{exc.reason_code}] {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(h, indent=2, default=str) if args.json else history_text(h))
+    return 0
+
+
+# --- lineage ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Hop:
+    hop: str                     # what this link is
+    sha256: str | None           # the artifact that links it to the hop before
+    event_type: str | None       # the event in run_events that produced it
+    event_id: str | None
+    position: int | None
+    by: str                      # "sha256" or "causation" (how it was found), "unresolved"
+    detail: str
+
+
+def _sha(payload: dict, *path: str) -> str | None:
+    v = payload
+    for k in path:
+        v = (v or {}).get(k) if isinstance(v, dict) else None
+    return v if isinstance(v, str) else None
+
+
+def _find(events: list[dict], etype: str, *path: str, sha: str | None) -> dict | None:
+    """The first event of `etype` whose artifact at `path` has this sha256."""
+    if sha is None:
+        return None
+    return next((e for e in events if e["type"] == etype and _sha(e["payload"], *path, "sha256") == sha), None)
+
+
+def _hop(name: str, sha: str | None, e: dict | None, by: str, detail: str) -> Hop:
+    if e is None:
+        return Hop(name, sha, None, None, None, "unresolved", detail)
+    return Hop(name, sha, e["type"], str(e["event_id"]), e["global_position"], by, detail)
+
+
+def lineage_chain(registration: dict, events: list[dict], semver_of: dict[str, str],
+                  read_manifest: Callable[[dict], dict | None] = lambda ref: None) -> list[Hop]:
+    """The hops from a registered version (`registration`: its registry event as a dict with its payload) back
+    to its source, over the source run's events (dicts with type, event_id, causation_id, global_position,
+    payload), oldest first. Pure but for `read_manifest` (the manifest artifact, sha256-checked, or None)."""
+    p = registration["payload"]
+    hops = [_hop("registered version", _sha(p, "export", "sha256"), registration, "sha256",
+                 f"{p['target']} v{p['version']} from run {p['source_run_id']}")]
+    if registration["type"] == "registry.hosted_version_registered":
+        hops.append(Hop("hosted fine-tune", p.get("training_file_sha256"), None, None, None, "hosted",
+                        f"{p['provider']} job {p['hosted_job_id']} -> {p['fine_tuned_model']} on {p['base_model']}; "
+                        f"training file sha256 {p.get('training_file_sha256') or 'not kept by the provider'}"))
+        return hops
+    export_sha = _sha(p, "export", "sha256")
+    export = _find(events, "export.completed", "export", sha=export_sha)
+    hops.append(_hop("export", export_sha, export, "sha256",
+                     f"{export['payload']['format']}, {len(export['payload']['files'])} files" if export else
+                     "no export.completed of this sha256 in the run"))
+    by_id = {str(e["event_id"]): e for e in events}
+    evaluated = by_id.get(str(export["causation_id"])) if export and export.get("causation_id") else None
+    adapter_sha = _sha(evaluated["payload"], "adapter", "sha256") if evaluated else None
+    trained = _find(events, "training.completed", "adapter", sha=adapter_sha)
+    if trained is None and evaluated is not None and evaluated.get("causation_id"):
+        trained = by_id.get(str(evaluated["causation_id"]))  # a hosted candidate: no adapter artifact
+    tp = trained["payload"] if trained else {}
+    hops.append(_hop("adapter", adapter_sha, trained, "sha256" if adapter_sha else "causation",
+                     f"exported from the adapter the evaluation scored (eval.completed {evaluated['event_id']})"
+                     if evaluated else "the export's evaluation is not in the run"))
+    hops.append(_hop("training run", adapter_sha, trained, "sha256" if adapter_sha else "causation",
+                     f"recipe {tp.get('recipe') or '?'} ({tp.get('backend', 'local')}) on {tp.get('base_model')}, "
+                     f"{tp.get('steps')} steps" + (f", hosted job {tp['hosted_job_id']}" if tp.get("hosted_job_id") else "")
+                     if trained else "no training.completed of this adapter in the run"))
+    manifest_sha = _sha(tp, "manifest", "sha256") or _sha(p, "manifest", "sha256")
+    prepared = _find(events, "prep.prepared", "manifest", sha=manifest_sha)
+    pp = prepared["payload"] if prepared else {}
+    version = pp.get("dataset_version") or p.get("dataset_version")
+    registered_as = ("" if not p.get("manifest") else "; the registration names this manifest"
+                     if _sha(p, "manifest", "sha256") == manifest_sha else "; the registration names ANOTHER manifest")
+    hops.append(_hop("dataset and manifest", manifest_sha, prepared, "sha256",
+                     f"dataset {semver_of.get(version, '?')} ({version}): {pp.get('train_rows')} train / "
+                     f"{pp.get('eval_rows')} validation / {pp.get('test_rows')} test rows over {len(pp.get('label_space') or [])} "
+                     f"labels; train {(_sha(pp, 'train', 'sha256') or '?')[:16]}, test {(_sha(pp, 'test', 'sha256') or '?')[:16]}"
+                     + registered_as if prepared else "no prep.prepared of this manifest in the run"))
+    # prep names its source only inside the manifest (source_sha256): read it back where the artifact is here
+    manifest = read_manifest(pp["manifest"]) if prepared else None
+    source_sha = (manifest or {}).get("source_sha256")
+    committed = _find(events, "ingest.committed", "dataset", sha=source_sha)
+    by = "sha256"
+    if committed is None and prepared is not None and prepared.get("causation_id"):
+        committed, by = by_id.get(str(prepared["causation_id"])), "causation"
+    cp = committed["payload"] if committed else {}
+    hops.append(_hop("accepted rows", _sha(cp, "dataset", "sha256") or source_sha, committed, by,
+                     f"{cp.get('rows_accepted')} of {cp.get('rows_read')} rows read from {(cp.get('plan') or {}).get('locator')}"
+                     if committed else "no ingest.committed in the run"))
+    hops.append(_hop("rejected rows", _sha(cp, "rejected", "sha256"), committed, by,
+                     f"{cp.get('rows_rejected')} rejected: " + ", ".join(f"{k} {v}" for k, v in sorted(
+                         (cp.get("rejected_by_reason") or {}).items())) if committed else "-"))
+    cleaned = next((e for e in events if e["type"] == "prep.cleaned" and prepared is not None
+                    and e.get("causation_id") == prepared.get("causation_id")), None)
+    hops.append(_hop("dropped rows (cleaning)", _sha(cleaned["payload"], "dropped", "sha256") if cleaned else None,
+                     cleaned, "causation", (f"{sum((cleaned['payload'].get('dropped_by_reason') or {}).values())} dropped"
+                                            + "".join(f", {k.split('.', 1)[-1]} {v}" for k, v in sorted(
+                                                (cleaned["payload"].get("dropped_by_reason") or {}).items())))
+                     if cleaned else "-"))
+    hops.append(_hop("source", None, committed, by, f"locator {(cp.get('plan') or {}).get('locator')}"
+                     + (f", source {json.dumps(cp.get('source'), sort_keys=True)[:200]}" if cp.get("source") else "")
+                     if committed else "-"))
+    return hops
+
+
+def _manifest_reader(ref: dict) -> dict | None:
+    from contracts.common import ArtifactRef
+    from services.cli.artifacts_cmd import _store_of
+
+    try:
+        r = ArtifactRef.model_validate(ref)
+        doc = json.loads(_store_of(r).read_bytes(r))
+    except Exception:  # noqa: BLE001 - not here, not file://, corrupt: the hop falls back to causation
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+async def read_lineage(conn, target: str, ref: str, read_manifest=_manifest_reader) -> dict:
+    from services.cli.registry_cmds import target_log
+    from services.registry.domain import REGISTRATIONS, Refusal, fold, resolve_version
+
+    if not subjects.is_subject_token(target):
+        raise NotFound("registry.invalid_target", f"target {target!r} is not a valid name ([A-Za-z0-9_-]+)")
+    log = await target_log(conn, target)
+    state = fold(target, log)
+    found = resolve_version(state, ref)
+    if isinstance(found, Refusal):
+        raise NotFound(found.reason_code, str(found.message))
+    registration = next(e for _, e in log if e["type"] in REGISTRATIONS and e["payload"]["version"] == found.number)
+    row = await conn.fetchrow("SELECT global_position, causation_id FROM run_events WHERE event_id = $1::uuid",
+                              registration["event_id"])
+    registration = {**registration, "global_position": row["global_position"] if row else None,
+                    "causation_id": str(row["causation_id"]) if row and row["causation_id"] else None}
+    rows = await conn.fetch("SELECT global_position, event_id, type, causation_id, payload FROM run_events "
+                            "WHERE run_id = $1 ORDER BY global_position", found.source_run_id)
+    events = [{"global_position": r["global_position"], "event_id": str(r["event_id"]), "type": r["type"],
+               "causation_id": str(r["causation_id"]) if r["causation_id"] else None,
+               "payload": json.loads(r["payload"])} for r in rows]
+    semver = {r["dataset_version"]: r["semver"] for r in await conn.fetch(
+        "SELECT dataset_version, semver FROM history_datasets WHERE target = $1", target)}
+    hops = lineage_chain(registration, events, semver, read_manifest)
+    return {"target": target, "version": found.number, "run_id": found.source_run_id,
+            "hops": [asdict(h) for h in hops], "unresolved": [h.hop for h in hops if h.by == "unresolved"]}
+
+
+def lineage_text(lin: dict) -> str:
+    lines = [f"{lin['target']} v{lin['version']} (run {lin['run_id']}), back to its source:"]
+    for h in lin["hops"]:
+        sha = (h["sha256"] or "")[:16] or "-"
+        where = (f"{h['event_type']} @{h['position']}" if h["event_type"] else "not in run_events")
+        lines.append(f"  {h['hop']:<24} {sha:<17} {where:<34} [{h['by']}]")
+        lines.append(f"  {'':<24} {h['detail']}")
+    if lin["unresolved"]:
+        lines.append(f"  [audit.lineage_hop_unresolved] the chain breaks at: {', '.join(lin['unresolved'])}")
+    return "\n".join(lines)
+
+
+def cmd_lineage(main, args) -> int:
+    async def go():
+        conn = await main._db(main.urls()[1])
+        try:
+            return await read_lineage(conn, args.target, args.version)
+        finally:
+            await conn.close()
+
+    try:
+        lin = asyncio.run(go())
+    except NotFound as exc:
+        print(f"tuneline lineage: [{exc.reason_code}] {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(lin, indent=2, default=str) if args.json else lineage_text(lin))
+    return 0
+
+
+def add_parser(sub, main) -> None:
+    from services.cli import replay_cmds
+
+    h = sub.add_parser("history", help="every fine-tune run of a target and what became of it (the History projection)")
+    h.add_argument("target")
+    h.add_argument("--json", action="store_true")
+    h.set_defaults(fn=lambda a: cmd_history(main, a))
+    ln = sub.add_parser("lineage", help="a version back to its source: export, adapter, training, dataset, rows")
+    ln.add_argument("target")
+    ln.add_argument("version", help="a version number, vN, or the run id that produced it")
+    ln.add_argument("--json", action="store_true")
+    ln.set_defaults(fn=lambda a: cmd_lineage(main, a))
+    replay_cmds.add_parser(sub, main)
