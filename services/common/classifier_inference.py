@@ -1,5 +1,6 @@
-"""Batch prediction with an encoder classifier (single- or multi-label), the bare base model or base + LoRA
-adapter: shared by the evaluator (scoring) and the registry (the smoke check before a promotion)."""
+"""Batch prediction with an encoder classifier (single- or multi-label, or a multi-field triage model), the
+bare base model or base + LoRA adapter: shared by the evaluator (scoring) and the registry (the smoke check
+before a promotion)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 LABELS_FILE = "labels.json"
+TRIAGE_TASK = "multi_field_triage"  # labels.json `task` of a multi-head triage adapter (services/trainer/local/tasks.py)
 
 
 def check_adapter_labels(adapter_dir: Path, label_space: Sequence[str]) -> None:
@@ -74,9 +76,13 @@ def predict(
     The head is the one the adapter was trained with (`pooling` from its labels.json); give
     `pooling` to score the bare base model with the same head as a candidate. With adapter_dir None
     the head is freshly initialised from `seed` (deterministic, and close to chance: no baseline).
+    A triage adapter (labels.json task multi_field_triage) answers a dict per text (`predict_triage`).
     """
     import time
 
+    if adapter_dir is not None and trained_metadata(Path(adapter_dir)).get("task") == TRIAGE_TASK:
+        check_adapter_labels(Path(adapter_dir), label_space)
+        return predict_triage(base_model, Path(adapter_dir), texts, max_length, batch_size, seed)
     if len(label_space) < (1 if multi_label else 2):
         raise ValueError(f"need at least {1 if multi_label else 2} labels, got {list(label_space)}")
     if not texts:
@@ -119,5 +125,53 @@ def predict(
                 predictions.extend([label_space[j] for j in row.nonzero().flatten().tolist()] for row in on)
             else:
                 predictions.extend(label_space[i] for i in logits.argmax(dim=-1).tolist())
+            latency_ms.extend([(time.perf_counter() - t0) * 1000 / len(batch)] * len(batch))
+    return predictions, latency_ms
+
+
+def predict_triage(
+    base_model: str,
+    adapter_dir: Path,
+    texts: Sequence[str],
+    max_length: int | None = None,
+    batch_size: int = 64,
+    seed: int = 13,
+) -> tuple[list[dict], list[float]]:
+    """(one answer per text: {"label": ..., each head: ..., "tags": [...]}, the milliseconds each took) from
+    a multi-field triage adapter, its heads rebuilt from labels.json (`heads`, in model order). Latency
+    as in `predict`; `max_length` defaults to the trained one."""
+    import time
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from services.common.encoder_classifier import HeadSpec, MultiHeadClassifier, decode_heads
+
+    meta = trained_metadata(Path(adapter_dir))
+    if meta.get("task") != TRIAGE_TASK or not meta.get("heads"):
+        raise ValueError(f"{adapter_dir} holds no triage adapter (its {LABELS_FILE} lists no heads)")
+    heads = [HeadSpec.from_json(h) for h in meta["heads"]]
+    threshold = float(meta.get("threshold") or 0.5)
+    max_length = int(max_length or meta.get("max_length") or 128)
+    if not texts:
+        return [], []
+    from peft import PeftModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = AutoTokenizer.from_pretrained(base_model)
+        model = PeftModel.from_pretrained(MultiHeadClassifier(base_model, heads), str(adapter_dir))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    model.eval()
+    predictions: list[dict] = []
+    latency_ms: list[float] = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            t0 = time.perf_counter()
+            batch = list(texts[start : start + batch_size])
+            enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
+            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+            predictions.extend(decode_heads(heads, logits.float().cpu(), threshold))
             latency_ms.extend([(time.perf_counter() - t0) * 1000 / len(batch)] * len(batch))
     return predictions, latency_ms

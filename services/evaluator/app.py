@@ -74,7 +74,19 @@ def score_local_candidate(base_model: str, adapter_dir: Path, rows: list[dict], 
     outputs, latency = predict(base_model, adapter_dir, [r["text"] for r in rows], space,
                                trained_max_length(adapter_dir, plan.max_length), 64, plan.seed, None,
                                multi_label=kind == "multi_label", threshold=float(meta.get("threshold") or 0.5))
-    return Scored(model=name, outputs=outputs, latency_ms=latency, compute_s=time.perf_counter() - t0)
+    return Scored(model=name, outputs=_as_kind(outputs, kind), latency_ms=latency, compute_s=time.perf_counter() - t0)
+
+
+def _as_kind(outputs: list, kind: str) -> list:
+    """Answers in the form the rows are scored in, when the model was trained by another recipe than the
+    candidate (e.g. production a single-label model, the candidate a triage model): a label answers a
+    triage row's lead field; a triage answer's lead label (or tags) answers a single-label (multi-label) row."""
+    if kind == "triage":
+        return [o if o is None or isinstance(o, dict) else {"label": o} for o in outputs]
+    if kind in ("single_label", "multi_label"):
+        field = "label" if kind == "single_label" else "tags"
+        return [o.get(field) if isinstance(o, dict) else o for o in outputs]
+    return outputs
 
 
 def _check_labels(kind: str, rows: list[dict], space: list[str]) -> None:
@@ -239,6 +251,15 @@ async def score_baseline(ctx: StageContext, plan, kind: str, train: list[dict], 
         except ScoringError as exc:
             raise StageError(exc.reason_code, f"prompt baseline {pb.model}: {exc.message}") from exc
         return scored, "prompt", {"provider": pb.provider, "model": pb.model, "few_shot": pb.few_shot}
+    if kind == "triage" and all("text" in r for r in test):  # one classical model per field
+        from services.evaluator.adapters.classical import score_classical_triage
+
+        try:
+            async with ctx.keep_alive():
+                scored, info = await asyncio.to_thread(score_classical_triage, train, validation, test, seed=plan.seed)
+        except ValueError as exc:
+            raise StageError("eval.baseline_failed", f"classical baseline: {exc}") from exc
+        return scored, "classical", info
     if kind not in ("single_label", "multi_label") or not all("text" in r for r in test):
         raise StageError("eval.baseline_failed", f"a {kind} candidate has no classical baseline and the target has no "
                                                  f"production version: configure evaluation.prompt_baseline")
@@ -321,7 +342,8 @@ async def on_trained(ctx: StageContext) -> None:
         judge_scores, judge, validation = await llm_judgement(ctx, settings, kind, test_rows, space, [candidate, baseline])
     try:
         a = domain.assess(test_rows, candidate, baseline, kind=kind, label_space=space, settings=settings,
-                          judge_scores=judge_scores, judge=judge, validation=validation)
+                          judge_scores=judge_scores, judge=judge, validation=validation,
+                          severity_field=domain.severity_field(test_rows, kind))
     except ValueError as exc:
         raise StageError("eval.runtime_error", f"judging: {exc}") from exc
     records = await asyncio.to_thread(write_jsonl, ctx.artifacts, a.judged.records)

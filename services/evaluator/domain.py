@@ -16,13 +16,18 @@ from services.evaluator.scoring import (Scored, buckets_of, field_scores, gold_o
                                         wrong_output)
 
 DEGENERATE_SHARE = 0.95  # a model answering one class on this share of the rows predicts nothing
+TRIAGE_TASK = "multi_field_triage"  # the multi-head encoder (services/trainer/local/tasks.py)
+SEVERITY_HEADS = ("severity", "priority")  # triage heads read as a severity scale, by name
 
 
 def kind_of(task: str | None, shape: str | None) -> str:
     """How a candidate's rows are scored: single_label, multi_label, triage (a model answering every
-    field as JSON), json or text. A classifier trained on triage rows answers their lead label."""
+    field: the multi-head encoder, or a chat model answering JSON), json or text. A single-label
+    classifier trained on triage rows answers their lead label."""
     if task == "multi_label_classification":
         return "multi_label"
+    if task == TRIAGE_TASK:
+        return "triage"
     if shape in (None, "single_label_classification"):
         return "single_label"
     if shape == "multi_field_triage":
@@ -32,6 +37,20 @@ def kind_of(task: str | None, shape: str | None) -> str:
     if shape in ("chat_messages", "prompt_completion"):
         return "text"
     raise ValueError(f"no scorer for a {task or 'hosted'} candidate on {shape} rows")
+
+
+def severity_field(rows: Sequence[dict], kind: str) -> str | None:
+    """The triage field whose calibration is reported: a head named severity or priority (any case),
+    else the lead label when every value sits on a known severity scale (metrics.SEVERITY_ORDERS),
+    else none."""
+    if kind != "triage":
+        return None
+    names = {name for r in rows for name in (r.get("heads") or {})}
+    for name in sorted(names):
+        if name.casefold() in SEVERITY_HEADS:
+            return name
+    labels = [r.get("label") for r in rows if r.get("label") is not None]
+    return "label" if labels and metrics.severity_order([str(v) for v in labels]) else None
 
 
 @dataclass(frozen=True)

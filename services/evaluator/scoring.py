@@ -4,7 +4,7 @@ rubric judge's score; pure functions over rows and outputs, no models and no I/O
 A row's output is what the model answered, parsed: a label (single-label), a list of tags
 (multi-label), a dict of fields (triage, JSON extraction), or None when the answer could not be
 parsed (it scores 0 everywhere). Field scores are in [0, 1]: 1/0 for a label or a head, the Jaccard
-overlap for a tag set.
+overlap for a tag set. A triage row's field with no gold value (no component) is not scored.
 """
 
 from __future__ import annotations
@@ -101,6 +101,8 @@ def field_scores(gold: Any, output: Any, kind: str) -> dict[str, float]:
     out = output if isinstance(output, Mapping) else {}
     scores = {}
     for name, want in gold.items():
+        if want is None and kind == "triage":
+            continue  # an unlabelled field (no component) is no class: nothing judges it, as in triage_report
         got = out.get(name)
         if isinstance(want, list):
             scores[name] = _jaccard(want, got) if isinstance(got, list) else 0.0

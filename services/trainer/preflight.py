@@ -58,7 +58,8 @@ from services.trainer.recipes import Recipe, resolve_base_model
 MODES = ("strict", "fail_open")
 BACKENDS = ("local", "openai", "anthropic")
 FIT_MARGIN = 0.85  # the estimate must stay under this share of the available bytes
-CLASSIFICATION_TASKS = ("sequence_classification", "multi_label_classification")
+# the triage model is the same encoder with a head per field; its estimate counts the lead label's head
+CLASSIFICATION_TASKS = ("sequence_classification", "multi_label_classification", "multi_field_triage")
 
 # minimum versions: what the trainer's code paths need (peft's modules_to_save + TaskType.SEQ_CLS,
 # transformers' chat templates and meta-device from_config, torch's device context manager)

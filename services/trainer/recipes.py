@@ -15,6 +15,11 @@ Why these defaults (measured on this project's data, see the issue notes):
   which this model never trained: services/common/encoder_classifier.py has the measurements.
   Evaluate once per epoch, keep the best by macro-F1, stop after 2 evaluations without improvement.
 - multi-label: the same encoder with one sigmoid per label (BCE), a 0.5 threshold, micro-F1.
+- multi-field triage: the same encoder, mean-pooled, with one head per field (softmax for the lead
+  label and each single-valued head, sigmoid for tags) trained together on the weighted sum of the
+  heads' losses (`head_weights`, 1 each by default); a row without a value for a head (no component)
+  is masked out of that head's loss. Best checkpoint by the mean of the heads' F1 (macro for the
+  softmax heads, micro for tags). The bench that compares it with one model per field: bench/triage.py.
 - chat SFT: LoRA on the attention and MLP projections of a causal LM, rate 2e-4 (the usual
   range for LoRA SFT), loss on assistant tokens only, the model's own chat template.
 - QLoRA: the chat SFT recipe on a 4-bit NF4 base; needs CUDA and bitsandbytes (preflight checks).
@@ -30,7 +35,7 @@ from services.common.models import DEFAULT_CLASSIFICATION_BASE, resolve_base_mod
 
 __all__ = ["DEFAULT_CLASSIFICATION_BASE", "RECIPES", "Recipe", "RecipeError", "resolve_base_model", "resolve_recipe"]
 
-Task = Literal["sequence_classification", "multi_label_classification", "chat_sft"]
+Task = Literal["sequence_classification", "multi_label_classification", "multi_field_triage", "chat_sft"]
 Method = Literal["lora", "qlora"]
 
 
@@ -73,6 +78,8 @@ class Recipe(BaseModel):
     min_delta: float = Field(0.0, ge=0)
     checkpoint_every_steps: int | None = Field(None, ge=1)  # None: at every evaluation
     multi_label_threshold: float = Field(0.5, gt=0, lt=1)
+    # multi_field_triage: each head's weight in the summed loss (field name -> weight; a field not named: 1)
+    head_weights: dict[str, float] = Field(default_factory=dict)
     # divergence: a loss this many times the first step's loss (or NaN/inf) stops the run
     divergence_factor: float = Field(10.0, gt=1)
     # where it may run
@@ -88,6 +95,12 @@ class Recipe(BaseModel):
             raise ValueError("target_modules is empty: LoRA would train nothing")
         if self.pooling != "cls" and self.task == "chat_sft":
             raise ValueError("pooling applies to classification heads; chat_sft has none")
+        if self.task == "multi_field_triage" and self.pooling != "mean":
+            raise ValueError("the triage heads read the mean-pooled embedding: pooling must be mean")
+        if self.head_weights and self.task != "multi_field_triage":
+            raise ValueError("head_weights apply to the multi_field_triage task only")
+        if any(w < 0 for w in self.head_weights.values()):
+            raise ValueError(f"head_weights must not be negative: {self.head_weights}")
         return self
 
     def steps_for(self, train_rows: int) -> int:
@@ -124,6 +137,13 @@ RECIPES: dict[str, Recipe] = {
             batch_size=16, max_length=128, epochs=5.0, patience=2, pooling="mean", **_ENCODER,
         ),
         Recipe(
+            name="triage-lora-minilm",
+            description="multi-field triage: one encoder (LoRA on all-MiniLM-L6-v2), one head per field "
+                        "(softmax per label field, sigmoid for tags), losses summed with head_weights",
+            task="multi_field_triage", base_model=DEFAULT_CLASSIFICATION_BASE, learning_rate=1e-3,
+            batch_size=16, max_length=128, epochs=5.0, patience=2, pooling="mean", **_ENCODER,
+        ),
+        Recipe(
             name="chat-sft-lora",
             description="chat SFT on a causal LM with its chat template, loss on assistant tokens only",
             task="chat_sft", base_model="Qwen/Qwen2.5-0.5B-Instruct", learning_rate=2e-4, batch_size=8,
@@ -142,7 +162,7 @@ RECIPES: dict[str, Recipe] = {
 # The recipe a dataset shape gets when the plan names none.
 DEFAULT_FOR_SHAPE: dict[str, str] = {
     "single_label_classification": "seqcls-lora-minilm",
-    "multi_field_triage": "seqcls-lora-minilm",
+    "multi_field_triage": "triage-lora-minilm",
     "chat_messages": "chat-sft-lora",
     "prompt_completion": "chat-sft-lora",
     "json_extraction": "chat-sft-lora",
@@ -182,9 +202,13 @@ def resolve_recipe(name: str | None, shape: str, overrides: dict[str, Any] | Non
 
 def _check_task_fits_shape(recipe: Recipe, shape: str) -> None:
     classification = shape in ("single_label_classification", "multi_field_triage")
-    if recipe.task in ("sequence_classification", "multi_label_classification") and not classification:
+    encoder_tasks = ("sequence_classification", "multi_label_classification", "multi_field_triage")
+    if recipe.task in encoder_tasks and not classification:
         raise RecipeError(f"recipe {recipe.name!r} classifies text; a {shape} dataset needs a chat_sft recipe")
     if recipe.task == "chat_sft" and shape not in ("chat_messages", "prompt_completion", "json_extraction"):
         raise RecipeError(f"recipe {recipe.name!r} is chat SFT; a {shape} dataset needs a classification recipe")
     if recipe.task == "multi_label_classification" and shape != "multi_field_triage":
         raise RecipeError(f"recipe {recipe.name!r} trains on tags, which only a multi_field_triage mapping carries")
+    if recipe.task == "multi_field_triage" and shape != "multi_field_triage":
+        raise RecipeError(f"recipe {recipe.name!r} trains one head per triage field; a {shape} dataset has one label: "
+                          f"use seqcls-lora-minilm")

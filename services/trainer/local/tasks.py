@@ -3,6 +3,9 @@ how a batch is padded, how the model is scored mid-training, and what is saved b
 
 - SequenceClassification: single-label (cross-entropy over `label`, scored by macro-F1) or
   multi-label (one sigmoid per label over `tags`, BCE, a threshold, scored by micro-F1).
+- MultiFieldTriage: one encoder, one head per field of a triage row (`label`, each of `heads`,
+  `tags`), the weighted sum of the heads' losses with missing values masked, scored by the mean of
+  the heads' F1.
 - ChatSFT: a causal LM on conversations rendered with the model's own chat template, with the
   loss on assistant tokens only (every other token's label is -100), scored by eval loss.
 
@@ -157,6 +160,188 @@ def micro_f1(y_true: list[list[str]], y_pred: list[list[str]]) -> float:
     return 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0
 
 
+TRIAGE_TASK = "multi_field_triage"
+LABEL_FIELD, TAGS_FIELD = "label", "tags"
+
+
+def head_value(v):
+    """The value a softmax head learns from a row's head: a label, the first of several (e.g. a report
+    filed under two components), or None (no value: masked out of that head's loss)."""
+    if isinstance(v, list):
+        v = next((x for x in v if x is not None and str(x) != ""), None)
+    return None if v is None or str(v) == "" else str(v)
+
+
+def head_spaces_of(rows: Sequence[dict]) -> dict[str, list[str]]:
+    """Each triage head's label space from the rows (sorted values; heads with no value anywhere omitted)."""
+    values: dict[str, set[str]] = {}
+    for r in rows:
+        for name, v in (r.get("heads") or {}).items():
+            got = values.setdefault(name, set())
+            if (hv := head_value(v)) is not None:
+                got.add(hv)
+    return {name: sorted(vs) for name, vs in sorted(values.items()) if vs}
+
+
+class MultiFieldTriage:
+    """One encoder, one head per field of a triage row: softmax for the lead `label` and each of
+    `heads`, one sigmoid per tag for `tags` (when the run has tags), trained together.
+
+    The loss is the sum of the heads' losses weighted by the recipe's `head_weights` (1 each); a row
+    without a value for a head (no component) is masked out of that head's loss and still trains the
+    others. Head label spaces come from `head_spaces`, or from the train and validation rows when not
+    given (the trainer knows the rows, not the manifest); a value outside a given space is masked
+    like a missing one. Scored mid-training by the mean of the heads' F1 on the validation rows
+    (macro-F1 over each softmax head's rows with a value, micro-F1 for tags)."""
+
+    metric_name = "mean_head_f1"
+
+    def __init__(self, label_space: Sequence[str], tag_space: Sequence[str] = (),
+                 head_spaces: dict[str, Sequence[str]] | None = None, eval_batch_size: int = 64):
+        if len(label_space) < 2:
+            raise ValueError(f"triage needs at least 2 labels for its lead field, got {list(label_space)}")
+        if len(set(label_space)) != len(label_space):
+            raise ValueError(f"label_space has duplicates: {list(label_space)}")
+        self.label_space = list(label_space)
+        self.tag_space = list(tag_space)
+        self.head_spaces = {k: list(v) for k, v in head_spaces.items()} if head_spaces is not None else None
+        self.eval_batch_size = eval_batch_size
+        self.heads = None  # list[HeadSpec], fixed by validate()
+        self.tokenizer = None
+        self.recipe: Recipe | None = None
+
+    def _specs(self):
+        from services.common.encoder_classifier import HeadSpec
+
+        heads = [HeadSpec(LABEL_FIELD, tuple(self.label_space))]
+        for name, space in (self.head_spaces or {}).items():
+            if name in (LABEL_FIELD, TAGS_FIELD):
+                raise ValueError(f"a triage head may not be named {name!r}: the lead label and the tags use that name")
+            heads.append(HeadSpec(name, tuple(space)))
+        if self.tag_space:
+            heads.append(HeadSpec(TAGS_FIELD, tuple(self.tag_space), multi_label=True))
+        return heads
+
+    def validate(self, train_rows: list[dict], eval_rows: list[dict]) -> None:
+        unknown = sorted({r["label"] for r in train_rows + eval_rows} - set(self.label_space))
+        if unknown:
+            raise ValueError(f"labels not in label_space: {unknown[:10]}")
+        if self.head_spaces is None:
+            self.head_spaces = head_spaces_of(train_rows + eval_rows)
+        self.heads = self._specs()
+
+    def weights(self, recipe: Recipe) -> list[float]:
+        names = [h.name for h in self.heads]
+        unknown = sorted(set(recipe.head_weights) - set(names))
+        if unknown:
+            raise ValueError(f"head_weights name field(s) {unknown} that this run has no head for; heads: {names}")
+        weights = [float(recipe.head_weights.get(n, 1.0)) for n in names]
+        if not any(weights):
+            raise ValueError(f"head_weights {recipe.head_weights} give every head weight 0: nothing would be learned")
+        return weights
+
+    def build_model(self, recipe: Recipe):
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoTokenizer
+
+        from services.common.encoder_classifier import MultiHeadClassifier, multi_head_modules
+
+        assert self.heads is not None, "validate first: it fixes the heads"
+        self.recipe = recipe
+        path = resolve_base_model(recipe.base_model)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        base = MultiHeadClassifier(path, self.heads, weights=self.weights(recipe))
+        config = LoraConfig(
+            task_type=None, r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+            target_modules=list(recipe.target_modules),
+            modules_to_save=multi_head_modules(self.heads),  # every head is new: trained in full, saved
+        )
+        return get_peft_model(base, config)
+
+    def encode(self, rows: list[dict]) -> dict:
+        import torch
+
+        assert self.tokenizer is not None and self.recipe is not None, "build_model first"
+        enc = self.tokenizer([r["text"] for r in rows], truncation=True, max_length=self.recipe.max_length)
+        single = [h for h in self.heads if not h.multi_label]
+        index = {h.name: {lab: i for i, lab in enumerate(h.labels)} for h in single}
+        labels = torch.full((len(rows), len(single)), IGNORE_INDEX, dtype=torch.long)
+        for i, r in enumerate(rows):
+            for j, h in enumerate(single):
+                v = r.get("label") if h.name == LABEL_FIELD else head_value((r.get("heads") or {}).get(h.name))
+                labels[i, j] = index[h.name].get(v, IGNORE_INDEX) if v is not None else IGNORE_INDEX
+        out = {"input_ids": enc["input_ids"], "labels": labels, "rows": rows}
+        if self.tag_space:
+            tag_index = {t: i for i, t in enumerate(self.tag_space)}
+            tags = torch.zeros((len(rows), len(self.tag_space)), dtype=torch.float)
+            for i, r in enumerate(rows):
+                for t in r.get(TAGS_FIELD) or []:
+                    if t in tag_index:
+                        tags[i, tag_index[t]] = 1.0
+            out["tag_labels"] = tags
+        return out
+
+    def collate(self, enc: dict, idx: list[int]) -> dict:
+        ids = [enc["input_ids"][i] for i in idx]
+        batch = {"input_ids": _pad(ids, self.tokenizer.pad_token_id or 0), "attention_mask": _attention(ids),
+                 "labels": enc["labels"][idx]}
+        if "tag_labels" in enc:
+            batch["tag_labels"] = enc["tag_labels"][idx]
+        return batch
+
+    def predict(self, model, enc: dict) -> tuple[list[dict], float]:
+        """(one answer per row: {field: label, ..., "tags": [...]}, mean loss) over an encoded split."""
+        import torch
+
+        from services.common.encoder_classifier import decode_heads
+
+        model.eval()
+        device = next(model.parameters()).device
+        n = len(enc["input_ids"])
+        preds: list[dict] = []
+        loss_sum = 0.0
+        with torch.inference_mode():
+            for start in range(0, n, self.eval_batch_size):
+                idx = list(range(start, min(n, start + self.eval_batch_size)))
+                batch = {k: v.to(device) for k, v in self.collate(enc, idx).items()}
+                out = model(**batch)
+                loss_sum += float(out.loss) * len(idx)
+                preds.extend(decode_heads(self.heads, out.logits.float().cpu(), self.recipe.multi_label_threshold))
+        return preds, loss_sum / max(1, n)
+
+    def head_f1(self, rows: list[dict], preds: list[dict]) -> dict[str, float]:
+        """Each head's F1 on the rows: macro over a softmax head's rows with a value, micro for tags."""
+        from services.common.metrics import macro_f1
+
+        out = {}
+        for h in self.heads:
+            if h.multi_label:
+                out[h.name] = micro_f1([[t for t in r.get(TAGS_FIELD) or [] if t in h.labels] for r in rows],
+                                       [p[h.name] for p in preds])
+                continue
+            pairs = [(v, p[h.name]) for r, p in zip(rows, preds)
+                     if (v := r.get("label") if h.name == LABEL_FIELD else head_value((r.get("heads") or {}).get(h.name)))
+                     in h.labels]
+            if pairs:
+                out[h.name] = macro_f1([t for t, _ in pairs], [q for _, q in pairs], list(h.labels))
+        return out
+
+    def evaluate(self, model, enc: dict, recipe: Recipe) -> EvalResult:
+        preds, loss = self.predict(model, enc)
+        f1 = self.head_f1(enc["rows"], preds)
+        return EvalResult(self.metric_name, sum(f1.values()) / len(f1) if f1 else 0.0, loss)
+
+    def write_metadata(self, out_dir: Path, recipe: Recipe) -> None:
+        (Path(out_dir) / METADATA_FILE).write_text(json.dumps({
+            "task": TRIAGE_TASK, "label_space": self.label_space,
+            # every head in model order: the evaluator and export rebuild the model from this list
+            "heads": [h.as_json() for h in self.heads],
+            "head_weights": dict(zip([h.name for h in self.heads], self.weights(recipe))),
+            "base_model": str(recipe.base_model), "max_length": recipe.max_length, "pooling": "mean",
+            "threshold": recipe.multi_label_threshold if self.tag_space else None,
+        }, indent=2))
+
+
 class ChatSFT:
     """A causal LM learning the assistant turns of conversations, on the model's chat template."""
 
@@ -292,4 +477,6 @@ def task_for(recipe: Recipe, label_space: Sequence[str] | None = None, tag_space
         return SequenceClassification(label_space or [])
     if recipe.task == "multi_label_classification":
         return SequenceClassification(tag_space or [], multi_label=True)
+    if recipe.task == TRIAGE_TASK:
+        return MultiFieldTriage(label_space or [], tag_space or [])
     return ChatSFT()
