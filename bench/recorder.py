@@ -7,7 +7,12 @@ Each round records the stream into a fresh database and COPYs the same rows into
 round of each side is compared (as bench/ingest.py does), since one round of either varies by a
 third or more from run to run on a shared 2-core machine.
 
-Prints a table and writes bench/results/recorder.json as {"name", "figure", "unit", "baseline", "ratio"}.
+The hash chain's cost (D19; goal: at most 10% of the recorder's throughput) in the same run: each round
+also records the stream with the chain off (rows without hashes), and the best round with the chain is
+compared with the best without, both timed to the last row recorded (the projection is not waited for).
+
+Prints a table and writes bench/results/recorder.json and bench/results/recorder_chain.json as
+{"name", "figure", "unit", "baseline", "ratio"}.
 """
 
 from __future__ import annotations
@@ -83,24 +88,31 @@ class CpuMeter:
 
 
 
-async def measure_recorder(nats_url: str, dsn: str, tmp: Path, n: int, meter: CpuMeter) -> tuple[float, dict]:
+async def measure_recorder(nats_url: str, dsn: str, tmp: Path, n: int, meter: CpuMeter, *,
+                           chained: bool = True, until_projected: bool = True) -> tuple[float, dict]:
+    """Seconds (and CPU) until the stream is recorded, and projected unless `until_projected` is False."""
     settings = AuditSettings(nats_url=nats_url, database_url=dsn, data_dir=tmp / "data", projector_poll_s=0.05)
     svc = AuditService(settings)
     conn = await asyncpg.connect(dsn)
     await svc.connect()  # migration, pool, NATS: set-up, not throughput
+    svc.recorder.chained = chained
+    done = ("SELECT position FROM projection_checkpoints WHERE projection='timeline'" if until_projected
+            else "SELECT max(global_position) FROM run_events")
     cpu_before = meter.read()
     start = time.perf_counter()
     svc.start_workers()
     try:
-        while await conn.fetchval("SELECT position FROM projection_checkpoints WHERE projection='timeline'") != n:
-            await asyncio.sleep(0.01)
+        while await conn.fetchval(done) != n:
+            await asyncio.sleep(0.005)
         elapsed = time.perf_counter() - start
         cpu = spent(cpu_before, meter.read())
     finally:
         await svc._shutdown()
         await svc.broker.stop()
     assert await conn.fetchval("SELECT count(*) FROM run_events") == n
-    assert await conn.fetchval("SELECT count(*) FROM timeline_entries") == n
+    assert await conn.fetchval("SELECT count(*) FROM run_events WHERE hash IS NULL") == (0 if chained else n)
+    if until_projected:
+        assert await conn.fetchval("SELECT count(*) FROM timeline_entries") == n
     await conn.close()
     return elapsed, cpu
 
@@ -121,9 +133,10 @@ async def measure_copy(dsn: str, events, meter: CpuMeter) -> tuple[float, dict]:
     return elapsed, cpu
 
 
-async def measure(server, pg, tmp: Path, n: int, rounds: int) -> tuple[list[tuple[float, dict]], list[tuple[float, dict]]]:
+async def measure(server, pg, tmp: Path, n: int, rounds: int) -> tuple[list, list, dict[bool, list]]:
     """Each round records the whole stream into a fresh database (a new durable consumer reads it
-    from the start) and COPYs the same rows into another fresh database; rounds alternate the two."""
+    from the start) and COPYs the same rows into another fresh database; rounds alternate the two.
+    Then, per round, the recorder alone with the chain and without it, in alternating order."""
     events = make_events(n)
     nc = await nats.connect(server.url)
     js = nc.jetstream()
@@ -131,16 +144,26 @@ async def measure(server, pg, tmp: Path, n: int, rounds: int) -> tuple[list[tupl
     await publish_all(js, events)
     meter = CpuMeter(postmaster_pid(pg.pgdata), server.pid)
     recorder_s, copy_s = [], []
-    for i in range(rounds):
+    chain_s: dict[bool, list] = {True: [], False: []}
+
+    async def fresh_consumer() -> None:
         try:
             await js.delete_consumer(subjects.STREAM, CONSUMER)
         except nats.js.errors.NotFoundError:
             pass
+
+    for i in range(rounds):
+        await fresh_consumer()
         recorder_s.append(await measure_recorder(server.url, await fresh_database(pg.url, f"bench_recorder_{i}"), tmp, n,
                                                  meter))
         copy_s.append(await measure_copy(await fresh_database(pg.url, f"bench_copy_{i}"), events, meter))
+        for chained in ((True, False) if i % 2 == 0 else (False, True)):
+            await fresh_consumer()
+            dsn = await fresh_database(pg.url, f"bench_chain_{int(chained)}_{i}")
+            chain_s[chained].append(await measure_recorder(server.url, dsn, tmp, n, meter, chained=chained,
+                                                           until_projected=False))
     await nc.close()
-    return recorder_s, copy_s
+    return recorder_s, copy_s, chain_s
 
 
 def main(n: int, rounds: int = 3) -> dict:
@@ -148,14 +171,21 @@ def main(n: int, rounds: int = 3) -> dict:
     server = start_nats(tmp / "nats")
     pg = start_postgres(tmp / "pg")
     try:
-        recorder_runs, copy_runs = asyncio.run(measure(server, pg, tmp, n, rounds))
+        recorder_runs, copy_runs, chain_runs = asyncio.run(measure(server, pg, tmp, n, rounds))
     finally:
         server.stop()
         stop_postgres(pg.pgdata)
         shutil.rmtree(tmp, ignore_errors=True)
     (recorder_s, recorder_cpu), (copy_s, copy_cpu) = (min(runs, key=lambda r: r[0]) for runs in (recorder_runs, copy_runs))
     figure, baseline = n / recorder_s, n / copy_s
-    return {"name": "recorder_bus_to_run_events_plus_timeline", "figure": round(figure, 1), "unit": "events/s",
+    (with_s, with_cpu), (without_s, without_cpu) = (min(chain_runs[c], key=lambda r: r[0]) for c in (True, False))
+    chain_result = {"name": "recorder_with_hash_chain_vs_without", "figure": round(n / with_s, 1), "unit": "events/s",
+                    "baseline": round(n / without_s, 1), "ratio": round(without_s / with_s, 3),
+                    "with_chain_runs_s": [round(x, 3) for x, _ in chain_runs[True]],
+                    "without_chain_runs_s": [round(x, 3) for x, _ in chain_runs[False]],
+                    "with_chain_cpu_s": with_cpu, "without_chain_cpu_s": without_cpu,
+                    "timing": "best of rounds, both sides, until the last row is recorded"}
+    return {"chain": chain_result, "name": "recorder_bus_to_run_events_plus_timeline", "figure": round(figure, 1), "unit": "events/s",
             "baseline": round(baseline, 1), "ratio": round(figure / baseline, 3),
             "events": n, "recorder_s": round(recorder_s, 3), "copy_s": round(copy_s, 3),
             "rounds": rounds, "recorder_runs_s": [round(x, 3) for x, _ in recorder_runs],
@@ -163,6 +193,17 @@ def main(n: int, rounds: int = 3) -> dict:
             "recorder_cpu_s": recorder_cpu, "copy_cpu_s": copy_cpu, "cpus": os.cpu_count(),
             "baseline_name": "asyncpg COPY of the same rows into run_events",
             "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus".strip()}
+
+
+def print_chain(chain: dict, events: int, rounds: int) -> None:
+    print(f"{chain['name']:<44} {chain['figure']:>12,.0f} {chain['baseline']:>12,.0f} {chain['unit']:<9} "
+          f"{chain['ratio']:>6.2f}  >= 0.90 {'ok' if chain['ratio'] >= 0.9 else 'MISSED'}")
+    print(f"  {events} events, best of {rounds} rounds, to the last row recorded: with the chain "
+          f"{chain['with_chain_runs_s']}s, without {chain['without_chain_runs_s']}s; the chain costs "
+          f"{(1 - chain['ratio']) * 100:.1f}% of the recorder's throughput")
+    for side in ("with_chain", "without_chain"):
+        cpu = chain[f"{side}_cpu_s"]
+        print(f"  CPU seconds in the best round {side.replace('_', ' ')}: " + ", ".join(f"{k} {v}" for k, v in cpu.items()))
 
 
 def print_table(result: dict) -> None:
@@ -188,4 +229,7 @@ if __name__ == "__main__":
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "recorder.json").write_text(json.dumps(
         {k: result[k] for k in ("name", "figure", "unit", "baseline", "ratio")}, indent=2) + "\n")
+    (RESULTS / "recorder_chain.json").write_text(json.dumps(
+        {k: result["chain"][k] for k in ("name", "figure", "unit", "baseline", "ratio")}, indent=2) + "\n")
     print_table(result)
+    print_chain(result["chain"], result["events"], result["rounds"])

@@ -1,4 +1,4 @@
-"""Audit service: the recorder (bus -> run_events) and the timeline projector (run_events -> views)."""
+"""Audit service: the recorder (bus -> run_events) and the projectors (run_events -> the timeline and History)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from nats.js.api import AckPolicy
 from contracts import subjects
 from services.audit.db import app_pool
 from services.audit.migrate import migrate
-from services.audit.projections import timeline
+from services.audit.projections import history, timeline
 from services.audit.pull import RawBatchPuller
 from services.audit.recorder import CONSUMER, Recorder
 from services.audit.settings import AuditSettings
@@ -57,6 +57,7 @@ class AuditService(Service):
         config.max_ack_pending = self.settings.recorder_batch * 4
         info = await self.js.add_consumer(subjects.STREAM, config)
         self._acked = info.ack_floor.stream_seq if info.ack_floor else 0
+        self.recorder.settled_up_to(self._acked)  # the hash chain waits for no position at or below it
         puller = RawBatchPuller(self.settings.nats_url, subjects.STREAM, CONSUMER, batch=self.settings.recorder_batch,
                                 wait_s=self.settings.recorder_fetch_timeout_s)
         await puller.start()
@@ -155,18 +156,25 @@ class AuditService(Service):
         The loops also end on `_stopping`: asyncio.wait_for on Python 3.11 swallows a cancellation
         that arrives as the awaited event fires (a commit's wake-up at shutdown), and a projector
         that went on would hold its pooled connection, and pool.close() would wait for it forever."""
+        stopped: set[str] = set()  # projections stopped on an error (recorded); the others go on
         while not self._stopping:
             try:
                 async with self.pool.acquire() as conn:
                     while not self._stopping:
                         self._wake.clear()  # before catching up: a commit during catch_up wakes the next round
-                        await timeline.catch_up(conn, self.settings.projector_batch)
+                        for projection in (timeline, history):
+                            if projection.NAME in stopped:
+                                continue
+                            try:
+                                await projection.catch_up(conn, self.settings.projector_batch)
+                            except timeline.ProjectionError:
+                                stopped.add(projection.NAME)  # recorded in projection_checkpoints
+                        if len(stopped) == 2:
+                            return  # the recorder goes on
                         try:
                             await asyncio.wait_for(self._wake.wait(), self.settings.projector_poll_s)
                         except TimeoutError:
                             pass
-            except timeline.ProjectionError:
-                return  # recorded in projection_checkpoints; the recorder goes on
             except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
                 log.warning("projector_reconnecting", error=repr(exc))
                 await asyncio.sleep(1.0)

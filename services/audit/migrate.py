@@ -54,6 +54,7 @@ async def migrate(dsn: str, schema_dir: Path = SCHEMA_DIR) -> MigrationReport:
                 continue
             await _retrying_role_races(conn, lambda: _apply_file(conn, sql, f.name, sha))
             applied.append(f.name)
+        await _hash_unchained_rows(conn)
         await _retrying_role_races(conn, lambda: _set_app_password(conn))
         return MigrationReport(applied, skipped)
     finally:
@@ -64,6 +65,15 @@ async def migrate(dsn: str, schema_dir: Path = SCHEMA_DIR) -> MigrationReport:
 async def _apply_file(conn: asyncpg.Connection, sql: str, name: str, sha: str) -> None:
     await conn.execute(sql)
     await conn.execute("INSERT INTO schema_migrations (filename, sha256) VALUES ($1, $2)", name, sha)
+
+
+async def _hash_unchained_rows(conn: asyncpg.Connection) -> None:
+    """Rows recorded before run_events had a hash chain get theirs here, in position order (D19): the
+    chain then starts at position 1 whatever the database's age. A no-op once every row has one."""
+    from services.audit.chain import backfill
+
+    async with conn.transaction():
+        await backfill(conn)
 
 
 async def _retrying_role_races(conn: asyncpg.Connection, step) -> None:

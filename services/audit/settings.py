@@ -14,3 +14,6 @@ class AuditSettings(ServiceSettings):
     recorder_fetch_timeout_s: float = 2.0
     projector_batch: int = 2000
     projector_poll_s: float = 1.0
+    # The recorder acks a whole batch after its commit and sends no heartbeat while it commits: a slow
+    # commit must not have its messages redelivered under it.
+    ack_wait_s: float = 30.0

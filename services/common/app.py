@@ -108,15 +108,18 @@ class Service:
     async def _align_consumers(self) -> None:
         """A durable consumer made before redeliveries became unlimited keeps its server limit (the
         subscriber does not update an existing consumer): lift it, so that a stack upgraded in place
-        cannot drop a message either (see consumer_config)."""
+        cannot drop a message either (see consumer_config); likewise its ack_wait, so that an upgraded
+        stack recovers from a killed worker as quickly as a new one."""
         for durable in self._durables:
             try:
                 info = await self.js.consumer_info(subjects.STREAM, durable)
             except NotFoundError:
                 continue  # the subscriber creates it with consumer_config
-            if info.config.max_deliver != -1:
-                await self.js.add_consumer(subjects.STREAM, info.config.evolve(max_deliver=-1))
-                log.info("consumer_updated", durable=durable, max_deliver=-1, was=info.config.max_deliver)
+            wanted = consumer_config(self.settings)
+            if info.config.max_deliver != -1 or info.config.ack_wait != wanted.ack_wait:
+                await self.js.add_consumer(subjects.STREAM, info.config.evolve(max_deliver=-1, ack_wait=wanted.ack_wait))
+                log.info("consumer_updated", durable=durable, max_deliver=-1, ack_wait=wanted.ack_wait,
+                         was=(info.config.max_deliver, info.config.ack_wait))
 
     def run(self) -> None:
         import asyncio

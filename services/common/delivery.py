@@ -70,6 +70,15 @@ class StageContext:
     raw: Msg
     _kept_alive: bool = field(default=False, init=False, repr=False)
 
+    @property
+    def delivery(self) -> int:
+        """Which delivery of the trigger this is: 1 the first, more after a worker died or a handler failed
+        (1 for a message without JetStream metadata, as tests hand handlers)."""
+        try:
+            return self.raw.metadata.num_delivered
+        except Exception:  # noqa: BLE001 - not a JetStream message
+            return 1
+
     def envelope_for(
         self,
         payload: BaseModel,
@@ -189,7 +198,10 @@ async def handle_delivery(
 
     with message_context(env, consumer=spec.durable, delivery=md.num_delivered):
         try:
-            await handler(ctx)
+            # Every handler heartbeats while it runs, so ack_wait can be short: a message whose worker
+            # died comes back within ack_wait (seconds), one whose worker lives never does.
+            async with ctx.keep_alive():
+                await handler(ctx)
         except StageError as exc:
             log.warning("stage_failed", reason_code=exc.reason_code, error=str(exc)[:MAX_FAILURE_MESSAGE])
             if spec.failure_type is not None:

@@ -20,9 +20,11 @@ class ServiceSettings(BaseSettings):
     data_dir: Path = Field(Path(".tuneline"), validation_alias=AliasChoices("TUNELINE_DATA_DIR"))
     log_level: str = Field("INFO", validation_alias=AliasChoices("TUNELINE_LOG_LEVEL"))
     # Delivery policy (D4): bounded deliveries, nack backoff, and how long a message may go
-    # without an ack or an in-progress heartbeat before the server redelivers it.
+    # without an ack or an in-progress heartbeat before the server redelivers it. Every handler
+    # heartbeats every ack_wait/3 (handle_delivery), so this is how long a dead worker's message waits
+    # for another worker: short, so that a stage restarted after a kill resumes within seconds.
     max_deliver: int = 5
-    ack_wait_s: float = 30.0
+    ack_wait_s: float = 6.0
     nack_backoff_s: tuple[float, ...] = (1.0, 5.0, 15.0, 30.0)
 
     @property

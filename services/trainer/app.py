@@ -34,6 +34,7 @@ from contracts.events import (
     TrainingFailed,
     TrainingPaused,
     TrainingProgressed,
+    TrainingRestarted,
     TrainingResumed,
     TrainingStarted,
 )
@@ -115,6 +116,10 @@ def make_on_prepared(settings: TrainerSettings, controls: ControlRegistry):
             return
         p = ctx.payload
         plan = p.plan
+        if ctx.delivery > 1 and plan.backend == "local":  # the first thing a new attempt says (see train_locally)
+            await ctx.emit(TrainingRestarted(delivery=ctx.delivery,
+                                             resumed_from_step=checkpoint_step(work_dir_for(settings, ctx.envelope.event_id))),
+                           step=f":restarted-{ctx.delivery}")
         shape = plan.mapping.shape if plan.mapping else "single_label_classification"
         try:
             recipe = resolve_recipe(plan.recipe, shape, plan.training_overrides())
@@ -161,10 +166,15 @@ async def train_locally(ctx: StageContext, settings: TrainerSettings, recipe: Re
     resume_at = checkpoint_step(work_dir)
     tag_space = sorted({t for r in rows + eval_rows for t in r.get("tags") or []})
     task = task_for(recipe, p.label_space, tag_space)
+    # Every attempt leaves its own trace (training.restarted, then its events): after the first delivery, the
+    # ids of an attempt's events name its delivery, so a trainer killed before its first checkpoint, retraining from step 0, does not publish
+    # the first attempt's ids again (and have its events dropped as duplicates). The first attempt keeps
+    # the ids it always had.
+    attempt = f":delivery-{ctx.delivery}" if ctx.delivery > 1 else ""
     await ctx.emit(TrainingStarted(plan=p.plan, base_model=recipe.base_model, max_steps=recipe.steps_for(len(rows)),
                                    train_rows=len(rows), recipe=recipe.name, backend="local",
                                    resumed_from_step=resume_at),
-                   step=f":from-{resume_at or 0}")  # a resumed attempt is a new event, not a duplicate
+                   step=f":from-{resume_at or 0}{attempt}")
     emitter = OrderedEmitter(ctx)
     emit_from_thread = emitter.emit
     pauses = {"n": 0}
@@ -172,21 +182,21 @@ async def train_locally(ctx: StageContext, settings: TrainerSettings, recipe: Re
     def on_progress(pr: Progress) -> None:
         emit_from_thread(TrainingProgressed(
             step=pr.step, max_steps=pr.max_steps, epoch=pr.epoch, loss=pr.loss, learning_rate=pr.learning_rate,
-            examples_per_s=pr.examples_per_s, eta_s=pr.eta_s, eval_loss=pr.eval_loss), f":{pr.step}")
+            examples_per_s=pr.examples_per_s, eta_s=pr.eta_s, eval_loss=pr.eval_loss), f":{pr.step}{attempt}")
 
     def on_checkpoint(c: Checkpointed) -> None:
         emit_from_thread(TrainingCheckpointed(
             step=c.step, max_steps=c.max_steps, epoch=c.epoch, metric_name=c.metric_name, metric=c.metric,
-            eval_loss=c.eval_loss, is_best=c.is_best, checkpoint=str(c.path), sha256=c.sha256), f":ckpt-{c.step}")
+            eval_loss=c.eval_loss, is_best=c.is_best, checkpoint=str(c.path), sha256=c.sha256), f":ckpt-{c.step}{attempt}")
 
     def on_pause(step: int) -> None:
         pauses["n"] += 1
         emit_from_thread(TrainingPaused(step=step, requested_by=control.requested_by or "unknown"),
-                         f":paused-{step}-{pauses['n']}")
+                         f":paused-{step}-{pauses['n']}{attempt}")
 
     def on_resume(step: int) -> None:
         emit_from_thread(TrainingResumed(step=step, requested_by=control.requested_by or "unknown"),
-                         f":resumed-{step}-{pauses['n']}")
+                         f":resumed-{step}-{pauses['n']}{attempt}")
 
     def on_warning(code: str, message: str) -> None:
         log.warning("training_warning", reason_code=code, error=message)

@@ -63,9 +63,9 @@ def prepared(data_dir: Path, tiny_bert: str, run_id: str, **overrides) -> object
     return envelope(payload, run_id=run_id, producer="prep")
 
 
-def start_trainer(nats_url: str, data_dir: Path, log_path: Path) -> subprocess.Popen:
+def start_trainer(nats_url: str, data_dir: Path, log_path: Path, ack_wait_s: str | None = "4") -> subprocess.Popen:
     env = {**os.environ, "NATS_URL": nats_url, "TUNELINE_DATA_DIR": str(data_dir),
-           "TUNELINE_TRAINER_ACK_WAIT_S": "4", "TUNELINE_TRAINER_PROGRESS_EVERY_S": "0",
+           **({"TUNELINE_TRAINER_ACK_WAIT_S": ack_wait_s} if ack_wait_s else {}), "TUNELINE_TRAINER_PROGRESS_EVERY_S": "0",
            "TUNELINE_TRAINER_NACK_BACKOFF_S": "[0.5]", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "services.trainer"], cwd=ROOT, env=env,
                             stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
@@ -125,15 +125,58 @@ async def test_sigkill_mid_run_resumes_from_the_last_checkpoint(js, nats_server,
     completed = done[0]
     started = await events(js, "training.started", "run-crash")
     assert [s.resumed_from_step for s in started] == [None, completed.resumed_from_step]
+    restarted = await events(js, "training.restarted", "run-crash")
+    assert [(r.delivery, r.resumed_from_step) for r in restarted] == [(2, completed.resumed_from_step)]
     # it resumed at (or after) the last checkpoint announced before the kill: those steps were not repeated
     assert completed.resumed_from_step >= killed_after > 0
     assert completed.steps == 120
     assert completed.best_step is not None and completed.adapter is not None
-    # nothing was lost: every step has its progress event exactly once
+    # nothing was lost: every step has its progress event; the only steps reported twice are those the
+    # second attempt trained again (after its checkpoint, up to where the first one was killed)
     progress = [p.step for p in await events(js, "training.progress", "run-crash")]
-    assert sorted(progress) == list(range(1, 121))
+    assert sorted(set(progress)) == list(range(1, 121))
+    repeated = {step for step in progress if progress.count(step) > 1}
+    assert all(completed.resumed_from_step < step <= max(progressed_before) for step in repeated)
     assert max(progressed_before) >= killed_after
     assert not (data_dir / "trainer" / "work" / str(env.event_id)).exists()  # checkpoints cleaned after completion
+
+
+async def test_a_trainer_killed_before_its_first_checkpoint_retrains_visibly_and_resumes_within_seconds(
+        js, nats_server, tiny_bert, tmp_path):
+    """A trainer killed before its first checkpoint retrains from step 0 on redelivery: that attempt is in the
+    audit trail (training.restarted naming the delivery, its own training.started and progress events),
+    not dropped as duplicates of the first attempt's. With the default ack_wait and the handler's heartbeats,
+    the restarted trainer's next event comes within 10 s of its restart (it took ~30 s with ack_wait 30 s)."""
+    data_dir = tmp_path / "data"
+    env = prepared(data_dir, tiny_bert, "run-early-kill", eval_every_steps=1000)  # no checkpoint before the end
+    first = start_trainer(nats_server.url, data_dir, tmp_path / "trainer1.log", ack_wait_s=None)
+    try:
+        await publish(js, env, subjects.subject_for("prep.prepared", kind="event"))
+        await wait_for(lambda: _at_least(js, "training.progress", "run-early-kill", 3), timeout=120)
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    reported_before = len(await events(js, "training.progress", "run-early-kill"))
+    restarted_at = time.monotonic()
+    second = start_trainer(nats_server.url, data_dir, tmp_path / "trainer2.log", ack_wait_s=None)
+    try:
+        restarted = await wait_for(lambda: _at_least(js, "training.restarted", "run-early-kill", 1), timeout=60,
+                                   interval=0.2)
+        recovery_s = time.monotonic() - restarted_at
+        done = await wait_for(lambda: _at_least(js, "training.completed", "run-early-kill", 1), timeout=240)
+    finally:
+        stop(second)
+    print(f"recovery: the restarted trainer's first event {recovery_s:.1f} s after its restart")
+    assert recovery_s < 10
+    assert [(r.delivery, r.resumed_from_step) for r in restarted] == [(2, None)]
+    started = await events(js, "training.started", "run-early-kill")
+    assert [s.resumed_from_step for s in started] == [None, None]  # both attempts, from step 0
+    progress = [p.step for p in await events(js, "training.progress", "run-early-kill")]
+    assert progress[:reported_before] == list(range(1, reported_before + 1))
+    assert progress[reported_before:] == list(range(1, 121))  # the second attempt, every step of it
+    assert done[0].steps == 120 and done[0].resumed_from_step is None
 
 
 async def _at_least(js, type_name: str, run_id: str, n: int):

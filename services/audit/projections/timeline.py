@@ -44,7 +44,8 @@ _SUCCEEDED = {
 _ENDS_A_RUN_ALWAYS = {"registry.version_registered", "ingest.introspected", "ingest.dry_run_completed",
                       "registry.hosted_version_registered"}
 _STARTS_A_RUN = {"run.start", "ingest.commit", "ingest.introspect", "ingest.dry_run"}
-_RUNNING = {"preflight.passed", "training.started", "training.progress", "training.checkpointed", "training.resumed"}
+_RUNNING = {"preflight.passed", "training.started", "training.progress", "training.checkpointed", "training.resumed",
+            "training.restarted"}
 # Events that fail their stage and the run without a `.failed` name.
 _FAILS = {"preflight.blocked"}
 
@@ -200,6 +201,14 @@ def summarize(event_type: str, payload: dict, reason_code: str | None) -> str:
         case "training.checkpointed":
             metric = f" {p['metric_name']} {_fmt(p['metric'])}" if p.get("metric_name") else ""
             return f"checkpoint at step {p['step']}{metric}" + (" (best so far)" if p.get("is_best") else "")
+        case "training.restarted":
+            at = (f"from its checkpoint at step {p['resumed_from_step']}" if p.get("resumed_from_step")
+                  else "from step 0 (no checkpoint)")
+            return f"training restarted on delivery {p['delivery']} of its trigger, {at}"
+        case "projection.replayed":
+            diff = sum(p["differences"].values())
+            return (f"projection {p['projection']} v{p['version']} rebuilt by {p['requested_by']} up to position "
+                    f"{p['to_position']}: {'identical' if not diff else f'{diff} rows differ'}, {p['outcome']}")
         case "training.paused" | "training.resumed":
             at = f" at step {p['step']}" if p.get("step") is not None else ""
             return f"{event_type.split('.')[1]} by {p['requested_by']}{at}"
@@ -259,6 +268,10 @@ def summarize(event_type: str, payload: dict, reason_code: str | None) -> str:
             return f"{p['target']} {verb} v{p['version']}{demoted}" + (f": {p['reason']}" if p.get("reason") else "")
         case "registry.rollout_set":
             return f"{p['target']} v{p['version']} rollout {p['previous_percent']}% -> {p['percent']}%"
+        case "gate.replayed":
+            return (f"gate replay asked by {p['requested_by']} (policy {p['policy_sha256'][:12]}"
+                    + (f", target {p['target']}" if p.get("target") else "") + f"): {len(p['flipped'])} of "
+                    f"{p['replayed']} decisions flip, {p.get('unreplayable', 0)} not replayable")
         case "registry.command_refused":
             return f"[{reason_code}] {p['command']} on {p['target']} refused"
         case "bus.message_dead_lettered":
@@ -496,8 +509,10 @@ async def _apply(conn: asyncpg.Connection, b: TimelineBatch, checkpoint: int) ->
     )
 
 
-async def catch_up(conn: asyncpg.Connection, batch_size: int = 2000) -> int:
-    """Apply every event past the checkpoint, one transaction per batch; returns events applied.
+async def catch_up(conn: asyncpg.Connection, batch_size: int = 2000, *, until: int | None = None,
+                   on_batch=None) -> int:
+    """Apply every event past the checkpoint (up to `until`, if given), one transaction per batch; returns
+    events applied. `on_batch(events, checkpoint)` is called after each batch commits.
 
     Stops on an error, recording the failing position, rather than skipping the event (D8).
     """
@@ -511,6 +526,8 @@ async def catch_up(conn: asyncpg.Connection, batch_size: int = 2000) -> int:
                     "SELECT position FROM projection_checkpoints WHERE projection = $1 FOR UPDATE", NAME
                 )
                 rows, checkpoint = await _next_batch(conn, position, batch_size)
+                if until is not None and checkpoint > until:
+                    rows, checkpoint = [r for r in rows if r["global_position"] <= until], max(until, position)
                 if checkpoint == position:
                     return applied
                 # The projection is rebuilt from run_events at will and its checkpoint commits with its
@@ -529,6 +546,8 @@ async def catch_up(conn: asyncpg.Connection, batch_size: int = 2000) -> int:
             await _record_error(conn, position + 1, repr(exc))
             raise ProjectionError(position + 1, repr(exc)) from exc
         applied += len(rows)
+        if on_batch is not None:
+            on_batch(len(rows), checkpoint)
 
 
 async def _record_error(conn: asyncpg.Connection, position: int, error: str) -> None:

@@ -1,0 +1,1 @@
+GRANT SELECT ON projection_versions TO tuneline_app;
