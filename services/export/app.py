@@ -44,8 +44,8 @@ async def on_evaluated(ctx: StageContext) -> None:
             raise StageError("export.smoke_failed", str(exc)) from exc
         export = ctx.artifacts.put_dir(out)
     gate = await find_gate_verdict(ctx.js, ctx.envelope.causation_id, ctx.raw.metadata.sequence.stream)
-    dataset_version, manifest = await find_lineage(ctx.js, ctx.artifacts, ctx.envelope.causation_id,
-                                                   ctx.raw.metadata.sequence.stream)
+    dataset_version, dataset_manifest = await find_lineage(ctx.js, ctx.artifacts, ctx.envelope.causation_id,
+                                                           ctx.raw.metadata.sequence.stream)
     if gate is None and p.gate_passed is not None and ctx.envelope.causation_id is not None:
         gate = GateVerdict(event_id=str(gate_event_id(ctx.envelope.causation_id)), passed=p.gate_passed,
                            test_set_sha256=p.test_set_sha256)
@@ -55,7 +55,7 @@ async def on_evaluated(ctx: StageContext) -> None:
         # (v5) what the registry validates, smoke-checks and serves on (services/registry)
         gate=gate, records=p.records, test=p.eval if p.records is not None else None,
         test_set_sha256=p.test_set_sha256, label_space=p.label_space,
-        dataset_version=dataset_version, manifest=manifest,  # lineage, from the run's training.completed
+        dataset_version=dataset_version, manifest=dataset_manifest,  # lineage, from the run's training.completed
     ))
 
 
