@@ -197,3 +197,23 @@ async def _production_then_cache(js, nats_server, tmp_path, fake):
     assert again.baseline_kind == "production" and again.baseline_report.metrics["baseline"]["cached"] is True
     assert sum(b["model"] == PROD_MODEL for b in fake.bodies) == asked_production
     assert again.baseline_report.judge_mean == done.baseline_report.judge_mean
+
+
+async def test_a_production_version_whose_export_is_gone_fails_by_name_and_records_nothing_else(
+        js, nats_server, tmp_path, provider):
+    from services.common import serving
+
+    kv = await serving.serving_bucket(js)
+    gone = "0" * 64
+    await kv.put("reviews", json.dumps({"target": "reviews", "version": 7, "hosted_model": None,
+                                        "model_uri": f"file:///nowhere/{gone}", "model_sha256": gone, "model_size": 10,
+                                        "base_model": {"model": "all-MiniLM-L6-v2", "sha256": None},
+                                        "rollout_percent": 100, "log_sequence": 9}).encode())
+    try:
+        events = await _run(js, nats_server, tmp_path, _completed(tmp_path, "run-eval-prod-gone"), "eval.failed")
+    finally:
+        await kv.delete("reviews")
+    failed_env, failure = events["eval.failed"]
+    assert failed_env.reason_code == "eval.production_unavailable"
+    assert "production:v7" in failure.message
+    assert not {"judge.validated", "eval.gate_decided", "eval.completed"} & set(events)
