@@ -15,7 +15,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NATS_CONF = REPO_ROOT / "infra" / "nats" / "nats-server.conf"
-SERVICES = ("ingest", "prep", "trainer", "evaluator", "export", "registry", "audit")
+SERVICES = ("ingest", "prep", "trainer", "evaluator", "export", "registry", "audit", "api")
+API_PORT = 8321  # the HTTP API and web page (services/api), when free
 DB_NAME = "tuneline"
 
 
@@ -288,6 +289,31 @@ def start_service(name: str, data_dir: Path, env: dict[str, str]) -> int:
     return popen.pid
 
 
+def api_port(recorded: dict | None) -> int:
+    """The API's port: TUNELINE_API_PORT, else the one stack.json recorded (a restarted API keeps its
+    address), else 8321 when free, else any free port."""
+    if os.environ.get("TUNELINE_API_PORT"):
+        return int(os.environ["TUNELINE_API_PORT"])
+    if (recorded or {}).get("port"):
+        return int(recorded["port"])
+    return API_PORT if not port_open("127.0.0.1", API_PORT) else free_port()
+
+
+def http_ready(url: str, timeout: float = 30.0) -> bool:
+    """Whether `url` answers 200 within `timeout` (the API has no durable consumer to wait for)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
 def state_path(data_dir: Path) -> Path:
     return data_dir / "stack.json"
 
@@ -308,7 +334,8 @@ def write_state(data_dir: Path, state: dict) -> None:
 # --- the settings the services run with ---------------------------------------------------------------
 # Services read their settings once, at start: `up` records them in stack.json so that a later `up` on
 # a running stack can say which ones the environment has changed since (the services keep the old).
-NOT_SERVICE_SETTINGS = ("TUNELINE_DATA_DIR",)  # names the stack itself, not one of its settings
+NOT_SERVICE_SETTINGS = ("TUNELINE_DATA_DIR", "TUNELINE_API_PORT")  # name the stack itself (its data dir, the
+# API's address recorded in stack.json), not one of its settings
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 RESTART_HINT = "run `tuneline down && tuneline up` to apply"
 

@@ -1,0 +1,192 @@
+"""The API's read side: runs, their timeline, events, training curve, evaluation; targets and what served
+them; failure clusters; a run's live stream."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import StreamingResponse
+
+from contracts.subjects import is_subject_token
+from services.api import reads
+from services.api.auth import Principal, reader
+from services.api.live import run_stream
+from services.cli.eval_cmds import decision_in_words, render, report_of
+from services.common import registry_log
+
+router = APIRouter(prefix="/api", tags=["read"])
+
+MAX_PAGE = 500
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"page size, at most {MAX_PAGE}")]
+Status = Literal["running", "paused", "succeeded", "failed"]
+Stage = Literal["ingest", "prep", "trainer", "evaluator", "export", "registry"]
+Severity = Literal["info", "warning", "error", "critical"]
+Name = Annotated[str, Query(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
+
+
+def utc(at: datetime | None) -> datetime | None:
+    return at if at is None or at.tzinfo else at.replace(tzinfo=UTC)
+
+
+def check_range(since: datetime | None, until: datetime | None) -> None:
+    if since and until and utc(since) >= utc(until):
+        raise HTTPException(422, [{"loc": ["query", "until"], "msg": "until must be after since",
+                                   "type": "value_error"}])
+
+
+async def _conn(request: Request):
+    async with request.app.state.pool.acquire() as conn:
+        yield conn
+
+
+Conn = Depends(_conn)
+
+
+async def _known_run(conn, run_id: str) -> None:
+    if not await reads.run_exists(conn, run_id):
+        raise HTTPException(404, f"no run {run_id} is recorded")
+
+
+@router.get("/runs", summary="Runs, newest first, from the timeline projection")
+async def list_runs(target: Name | None = None, status: Status | None = None, stage: Stage | None = None,
+                    since: datetime | None = None, until: datetime | None = None, reason_code: Name | None = None,
+                    limit: Limit = 50, offset: Annotated[int, Query(ge=0)] = 0,
+                    _: Principal = Depends(reader), conn=Conn) -> dict:
+    check_range(since, until)
+    runs = await reads.list_runs(conn, target=target, status=status, stage=stage, since=utc(since), until=utc(until),
+                                 reason_code=reason_code, limit=limit, offset=offset)
+    return {"runs": runs, "limit": limit, "offset": offset}
+
+
+@router.get("/runs/{run_id}", summary="A run's timeline: its stages and entries")
+async def run_timeline(run_id: str, _: Principal = Depends(reader), conn=Conn) -> dict:
+    tl = await reads.run_timeline(conn, run_id)
+    if tl is None:
+        raise HTTPException(404, f"no run {run_id} in the timeline")
+    return tl
+
+
+async def _events(conn, run_id, after, limit, type, severity, reason_code) -> dict:
+    found = await reads.events(conn, run_id=run_id, after=after, limit=limit, type=type, severity=severity,
+                               reason_code=reason_code)
+    return {"events": found, "next_after": found[-1]["global_position"] if len(found) == limit else None}
+
+
+@router.get("/runs/{run_id}/events", summary="A run's events from run_events, paged by global position")
+async def run_events(run_id: str, after: Annotated[int, Query(ge=0)] = 0, limit: Limit = 100,
+                     type: Name | None = None, severity: Severity | None = None, reason_code: Name | None = None,
+                     _: Principal = Depends(reader), conn=Conn) -> dict:
+    await _known_run(conn, run_id)
+    return await _events(conn, run_id, after, limit, type, severity, reason_code)
+
+
+@router.get("/events", summary="Every run's events (the event explorer), paged by global position")
+async def all_events(run_id: Name | None = None, after: Annotated[int, Query(ge=0)] = 0, limit: Limit = 100,
+                     type: Name | None = None, severity: Severity | None = None, reason_code: Name | None = None,
+                     _: Principal = Depends(reader), conn=Conn) -> dict:
+    return await _events(conn, run_id, after, limit, type, severity, reason_code)
+
+
+@router.get("/runs/{run_id}/curve", summary="Training loss per step and the mid-training evaluations")
+async def run_curve(run_id: str, _: Principal = Depends(reader), conn=Conn) -> dict:
+    await _known_run(conn, run_id)
+    return reads.curve(await reads.run_events(conn, run_id, reads.CURVE_TYPES))
+
+
+@router.get("/runs/{run_id}/evaluation", summary="The run's evaluation report and gate decision")
+async def run_evaluation(run_id: str, _: Principal = Depends(reader), conn=Conn) -> dict:
+    await _known_run(conn, run_id)
+    report = report_of(await reads.run_events(conn, run_id, ("eval.completed", "eval.gate_decided",
+                                                             "judge.validated", "eval.failed")))
+    if report is None:
+        raise HTTPException(404, f"no evaluation recorded for run {run_id}")
+    return {"report": report, "decision": decision_in_words(report), "text": render(report)}
+
+
+@router.get("/runs/{run_id}/stream", summary="The run's events live, as Server-Sent Events",
+            response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}},
+                             "description": "one `data:` JSON per event (position, type, stage, status); "
+                                            "`id:` is the global position"}})
+async def run_live(request: Request, run_id: str, after: Annotated[int | None, Query(ge=0)] = None,
+                   _: Principal = Depends(reader)):
+    async with request.app.state.pool.acquire() as conn:
+        first = await conn.fetchval("SELECT min(global_position) FROM run_events WHERE run_id = $1", run_id)
+    if first is None:
+        raise HTTPException(404, f"no run {run_id} is recorded")
+    last_seen = request.headers.get("last-event-id")
+    if after is None:
+        after = int(last_seen) if last_seen and last_seen.isdigit() else first - 1
+    body = run_stream(request.app.state.js, request.app.state.feeds, run_id, after, request.app.state.settings.sse_ping_s)
+    return StreamingResponse(body, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# --- targets -------------------------------------------------------------------------------------------
+
+
+def _target(target: str) -> str:
+    if not is_subject_token(target):
+        raise HTTPException(422, [{"loc": ["path", "target"], "msg": "a target is [A-Za-z0-9_-]+",
+                                   "type": "value_error"}])
+    return target
+
+
+def version_rows(state) -> list[dict]:
+    return [{"version": n, "status": v.status, "source_run_id": v.source_run_id,
+             "registered_at": reads.iso(v.registered_at), "rejection": v.rejection,
+             "gate": None if v.gate is None else {"passed": v.gate.passed, "delta": v.gate.delta,
+                                                  "p_value": v.gate.p_value, "n": v.gate.n,
+                                                  "event_id": v.gate.event_id},
+             "ever_production": v.ever_production}
+            for n, v in sorted(state.versions.items(), reverse=True)]
+
+
+async def target_view(conn, target: str) -> dict:
+    """A target's versions and registry log (its History until the History projection serves it)."""
+    try:
+        state, events = await registry_log.target_state(conn, target)
+    except registry_log.TargetNotFound:
+        if not await reads.target_known(conn, target):
+            raise HTTPException(404, f"no target {target}: no run named it and the registry has no log for it")
+        return {"target": target, "last_sequence": 0, "production": None, "rollout_percent": None,
+                "versions": [], "log": []}
+    prod = state.production
+    return {"target": target, "last_sequence": state.last_sequence,
+            "production": None if prod is None else {"version": prod.version, "since": reads.iso(prod.since),
+                                                     "by": prod.actor, "reason": prod.reason,
+                                                     "event_type": prod.event_type, "override": prod.override},
+            "rollout_percent": state.rollout_percent if prod else None, "versions": version_rows(state),
+            "log": [{"position": seq, "type": e["type"], "occurred_at": reads.iso(e["occurred_at"]),
+                     "version": e["payload"].get("version"), "actor": e["payload"].get("actor"),
+                     "reason": e["payload"].get("reason")} for seq, e in reversed(events)]}
+
+
+@router.get("/targets", summary="Every target runs named or the registry keeps a log for")
+async def list_targets(_: Principal = Depends(reader), conn=Conn) -> dict:
+    return {"targets": await reads.targets(conn)}
+
+
+@router.get("/targets/{target}", summary="A target's versions and registry log")
+async def get_target(target: str, _: Principal = Depends(reader), conn=Conn) -> dict:
+    return await target_view(conn, _target(target))
+
+
+@router.get("/targets/{target}/serving", summary="What served the target now, or at a time (`at`), and why")
+async def get_serving(target: str, at: datetime | None = None, _: Principal = Depends(reader), conn=Conn) -> dict:
+    _target(target)
+    try:
+        return await registry_log.serving_at(conn, target, utc(at))
+    except registry_log.TargetNotFound as exc:
+        raise HTTPException(404, str(exc)) from None
+    except registry_log.InvalidTime as exc:
+        raise HTTPException(422, [{"loc": ["query", "at"], "msg": str(exc), "type": "value_error"}]) from None
+
+
+@router.get("/failures", summary="Failures and warnings grouped by stage and reason code")
+async def failures(since: datetime | None = None, until: datetime | None = None, target: Name | None = None,
+                   _: Principal = Depends(reader), conn=Conn) -> dict:
+    check_range(since, until)
+    return {"clusters": await reads.failure_clusters(conn, since=utc(since), until=utc(until), target=target)}
