@@ -1,6 +1,8 @@
-"""Validation errors as the CLI shows them."""
+"""Validation errors and refusals as the CLI shows them."""
 
 from __future__ import annotations
+
+import sys
 
 from pydantic import ValidationError
 
@@ -24,3 +26,9 @@ def validation_lines(exc: ValidationError, prefix: str, options: dict | None = N
         where = option + (f" ({'.'.join(str(p) for p in rest)})" if rest else "")
         lines.append(f"{prefix}: {where}: {err['msg']}")
     return lines
+
+
+def refused(prefix: str, reason_code: str, message: object) -> int:
+    """A refusal as the CLI shows it, one line on stderr with its reason code; returns the exit status (2)."""
+    print(f"{prefix}: [{reason_code}] {message}", file=sys.stderr)
+    return 2

@@ -7,13 +7,13 @@ the sha256 the hop before names (or, where an event names no artifact of the pre
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from contracts import subjects
+from services.cli.db import read_db
+from services.cli.errors import refused
 
 
 class NotFound(Exception):
@@ -89,18 +89,10 @@ async def read_history(conn, target: str) -> dict:
 
 
 def cmd_history(main, args) -> int:
-    async def go():
-        conn = await main._db(main.urls()[1])
-        try:
-            return await read_history(conn, args.target)
-        finally:
-            await conn.close()
-
     try:
-        h = asyncio.run(go())
+        h = read_db(main, lambda conn: read_history(conn, args.target))
     except NotFound as exc:
-        print(f"tuneline history: [{exc.reason_code}] {exc}", file=sys.stderr)
-        return 2
+        return refused("tuneline history", exc.reason_code, exc)
     print(json.dumps(h, indent=2, default=str) if args.json else history_text(h))
     return 0
 
@@ -222,8 +214,9 @@ def _manifest_reader(ref: dict) -> dict | None:
 
 
 async def read_lineage(conn, target: str, ref: str, read_manifest=_manifest_reader) -> dict:
-    from services.cli.registry_cmds import target_log
-    from services.registry.domain import REGISTRATIONS, Refusal, fold, resolve_version
+    from services.common.registry_log import target_log
+    from services.common.registry_state import REGISTRATIONS, fold
+    from services.registry.domain import Refusal, resolve_version
 
     if not subjects.is_subject_token(target):
         raise NotFound("registry.invalid_target", f"target {target!r} is not a valid name ([A-Za-z0-9_-]+)")
@@ -262,18 +255,10 @@ def lineage_text(lin: dict) -> str:
 
 
 def cmd_lineage(main, args) -> int:
-    async def go():
-        conn = await main._db(main.urls()[1])
-        try:
-            return await read_lineage(conn, args.target, args.version)
-        finally:
-            await conn.close()
-
     try:
-        lin = asyncio.run(go())
+        lin = read_db(main, lambda conn: read_lineage(conn, args.target, args.version))
     except NotFound as exc:
-        print(f"tuneline lineage: [{exc.reason_code}] {exc}", file=sys.stderr)
-        return 2
+        return refused("tuneline lineage", exc.reason_code, exc)
     print(json.dumps(lin, indent=2, default=str) if args.json else lineage_text(lin))
     return 0
 

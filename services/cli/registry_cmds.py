@@ -13,16 +13,15 @@ import getpass
 import json
 import os
 import sys
-from datetime import UTC, datetime
+from datetime import datetime
 
-from nats.js.api import DeliverPolicy
 from pydantic import ValidationError
 
-from contracts import subjects
 from contracts.commands import PromoteVersion, RejectVersion, RestoreVersion, RollBackTarget, SetRollout
-from contracts.envelope import Envelope
-from contracts.registry import message_type_of, upcast
-from services.cli.errors import validation_lines
+from services.cli.db import read_db
+from services.cli.errors import refused, validation_lines
+from services.common import registry_log
+from services.common.commands import envelope_of, publish_and_wait
 from services.common.ids import new_run_id
 
 
@@ -45,38 +44,14 @@ def default_actor() -> str:
 async def send(js, cmd, timeout: float = 120.0) -> tuple[dict, object]:
     """Publish `cmd` expecting the target's current last sequence; returns (the answering envelope as a
     dict, the target's state after it). Raises Refused for registry.command_refused."""
-    from services.common.bus import publish
     from services.registry.log import read_target
 
     before = await read_target(js, cmd.target)
     if cmd.expected_sequence is None:
         cmd = cmd.model_copy(update={"expected_sequence": before.last_sequence})
-    mt = message_type_of(cmd)
-    run_id = f"registry-{new_run_id()}"
-    env = Envelope(type=mt.name, schema_version=mt.version, run_id=run_id, correlation_id=run_id, producer="cli",
-                   payload=cmd.model_dump(mode="json"))
-    answer: asyncio.Future = asyncio.get_running_loop().create_future()
-
-    async def on_msg(msg) -> None:
-        try:
-            got = json.loads(msg.data)
-        except ValueError:
-            return
-        if isinstance(got, dict) and got.get("causation_id") == str(env.event_id) and not answer.done():
-            answer.set_result(got)
-
-    # A JetStream consumer of what the stream stores from now on, made before publishing (the answer cannot
-    # pass by): not a core subscription, which also hears a losing append that the stream refused (10071).
-    sub = await js.subscribe(f"{subjects.EVENTS}.>", cb=on_msg, stream=subjects.STREAM, ordered_consumer=True,
-                             deliver_policy=DeliverPolicy.NEW)
-    try:
-        await publish(js, env, subjects.subject_for(env.type, kind="command"))
-        try:
-            got = await asyncio.wait_for(answer, timeout)
-        except TimeoutError:
-            raise TimeoutError(f"no answer from the registry within {timeout:.0f}s; is it up? (`tuneline status`)") from None
-    finally:
-        await sub.unsubscribe()
+    got = await publish_and_wait(js, envelope_of(cmd, f"registry-{new_run_id()}", "cli"), timeout)
+    if got is None:
+        raise TimeoutError(f"no answer from the registry within {timeout:.0f}s; is it up? (`tuneline status`)")
     if got["type"] == "registry.command_refused" or got.get("reason_code"):  # or registry.failed, a dead letter
         raise Refused(got.get("reason_code") or "registry.invalid_transition",
                       (got.get("payload") or {}).get("message") or got["type"])
@@ -120,8 +95,7 @@ def _act(main, args, make) -> int:
     try:
         got, state = asyncio.run(go())
     except Refused as exc:
-        print(f"tuneline {args.command}: [{exc.reason_code}] {exc}", file=sys.stderr)
-        return 2
+        return refused(f"tuneline {args.command}", exc.reason_code, exc)
     except TimeoutError as exc:
         print(f"tuneline {args.command}: {exc}", file=sys.stderr)
         return 1
@@ -173,73 +147,22 @@ def cmd_flag(main, args) -> int:
 # --- what served a target at a time ---------------------------------------------------------------
 
 
-def _like_escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-async def target_log(conn, target: str) -> list[tuple[int, dict]]:
-    """The target's registry events from run_events, in log order, payloads upcast."""
-    prefix = subjects.registry_target_filter(target)[:-1]
-    rows = await conn.fetch(
-        "SELECT global_position, event_id, type, schema_version, occurred_at, payload FROM run_events "
-        "WHERE subject LIKE $1 ESCAPE '\\' ORDER BY global_position", _like_escape(prefix) + "%")
-    out = []
-    for r in rows:
-        payload = json.loads(r["payload"])
-        try:
-            payload = upcast(r["type"], r["schema_version"], payload)
-        except (KeyError, ValueError):
-            continue  # a type this build does not know: not part of the aggregate
-        out.append((r["global_position"], {"event_id": str(r["event_id"]), "type": r["type"],
-                                           "occurred_at": r["occurred_at"], "payload": payload}))
-    return out
-
-
 async def serving_at(conn, target: str, at: datetime | None = None, now: datetime | None = None) -> dict:
     """What served `target` at `at` (default now), folded from run_events up to that time: the serving entry
     and the gate evidence behind it. Raises Refused for a target with no events or a time outside its log."""
-    from services.registry.domain import fold, serving_entry
-
-    now = now or datetime.now(UTC)
-    at = at or now
-    if at > now:
-        raise Refused("registry.invalid_time", f"--at {at.isoformat()} is in the future (now {now.isoformat()})")
-    events = await target_log(conn, target)
-    if not events:
-        raise Refused("registry.target_not_found", f"target {target} has no registry events")
-    first = events[0][1]["occurred_at"]
-    if at < first:
-        raise Refused("registry.invalid_time", f"--at {at.isoformat()}: target {target} did not exist yet "
-                                               f"(its first event is at {first.isoformat()})")
-    state = fold(target, [(seq, e) for seq, e in events if e["occurred_at"] <= at])
-    entry = serving_entry(state)
-    out = {"target": target, "at": at.isoformat(), "serving": entry, "evidence": None,
-           "versions": len(state.versions)}
-    if entry and entry.get("gate_event_id"):
-        row = await conn.fetchrow("SELECT payload FROM run_events WHERE event_id = $1::uuid", entry["gate_event_id"])
-        if row is not None:
-            e = json.loads(row["payload"])
-            ev = e.get("evidence") or {}
-            out["evidence"] = {"gate_event_id": entry["gate_event_id"], "passed": e.get("passed"),
-                               "delta": ev.get("delta"), "p_value": ev.get("p_value"), "n": ev.get("n"),
-                               "test_set_sha256": e.get("test_set_sha256"), "baseline": e.get("baseline")}
-        else:  # the verdict the registration copied (the gate event itself not recorded here)
-            g = state.versions[entry["version"]].gate
-            if g is not None:
-                out["evidence"] = {"gate_event_id": g.event_id, "passed": g.passed, "delta": g.delta,
-                                   "p_value": g.p_value, "n": g.n, "test_set_sha256": g.test_set_sha256,
-                                   "baseline": g.baseline}
-    return out
+    try:
+        return await registry_log.serving_at(conn, target, at, now)
+    except registry_log.TargetNotFound as exc:
+        raise Refused("registry.target_not_found", str(exc)) from None
+    except registry_log.InvalidTime as exc:
+        raise Refused("registry.invalid_time", f"--at {exc}") from None
 
 
 def parse_time(text: str | None) -> datetime | None:
-    if text in (None, "", "now"):
-        return None
     try:
-        at = datetime.fromisoformat(text)
-    except ValueError:
-        raise Refused("registry.invalid_time", f"--at {text!r} is not a time (ISO 8601, e.g. 2026-05-01T12:00:00Z)") from None
-    return at if at.tzinfo else at.replace(tzinfo=UTC)
+        return registry_log.parse_time(text)
+    except registry_log.InvalidTime as exc:
+        raise Refused("registry.invalid_time", f"--at {exc}") from None
 
 
 def serving_text(answer: dict) -> str:
@@ -268,21 +191,12 @@ def serving_text(answer: dict) -> str:
 
 
 def cmd_serving(main, args) -> int:
-    async def go():
-        conn = await main._db(main.urls()[1])
-        try:
-            return await serving_at(conn, args.target, parse_time(args.at))
-        finally:
-            await conn.close()
-
     try:
-        answer = asyncio.run(go())
+        answer = read_db(main, lambda conn: serving_at(conn, args.target, parse_time(args.at)))
     except Refused as exc:
-        print(f"tuneline serving: [{exc.reason_code}] {exc}", file=sys.stderr)
-        return 2
+        return refused("tuneline serving", exc.reason_code, exc)
     except ValueError as exc:  # not a target name
-        print(f"tuneline serving: [registry.invalid_target] {exc}", file=sys.stderr)
-        return 2
+        return refused("tuneline serving", "registry.invalid_target", exc)
     print(json.dumps(answer, indent=2, default=str) if args.json else serving_text(answer))
     return 0
 

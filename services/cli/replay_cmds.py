@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,10 +17,11 @@ from pydantic import ValidationError
 
 from contracts import subjects
 from contracts.common import GateSettings
-from contracts.envelope import Envelope
+from contracts.envelope import Severity
 from contracts.events import GateReplayed, ReplayedDecision
-from contracts.registry import message_type_of
-from services.cli.errors import validation_lines
+from services.cli.db import read_db
+from services.cli.errors import refused, validation_lines
+from services.common.commands import envelope_of
 
 
 EVALUATION_KEYS = {"judge", "gate", "prompt_baseline", "local_usd_per_hour"}
@@ -197,15 +197,13 @@ def replay_text(results: list[Replayed], policy_path: str) -> str:
     return "\n".join(lines)
 
 
-async def publish_replayed(main, event: GateReplayed) -> str:
-    """Record that the replay was asked (the CLI is its producer; its own run id, like a registry command's)."""
+async def publish_replayed(main, event, *, severity: Severity = Severity.INFO, reason_code: str | None = None) -> str:
+    """Record that a replay was asked (gate.replayed, projection.replayed): the CLI is its producer, with its
+    own run id like a registry command's."""
     from services.common.bus import publish
     from services.common.ids import new_run_id
 
-    mt = message_type_of(event)
-    run_id = f"replay-{new_run_id()}"
-    env = Envelope(type=mt.name, schema_version=mt.version, run_id=run_id, correlation_id=run_id, producer="cli",
-                   payload=event.model_dump(mode="json"))
+    env = envelope_of(event, f"replay-{new_run_id()}", "cli", severity=severity, reason_code=reason_code)
     nc, js = await main._js(main.urls()[0])
     try:
         await publish(js, env, subjects.subject_for(env.type, kind="event"))
@@ -219,25 +217,14 @@ def cmd_replay_gate(main, args) -> int:
     try:
         settings, policy = load_policy(args.policy)
     except PolicyInvalid as exc:
-        print(f"{prefix}: [audit.replay_policy_invalid] {exc}", file=sys.stderr)
-        return 2
+        return refused(prefix, "audit.replay_policy_invalid", exc)
     if args.target is not None and not subjects.is_subject_token(args.target):
-        print(f"{prefix}: [registry.invalid_target] target {args.target!r} is not a valid name ([A-Za-z0-9_-]+)",
-              file=sys.stderr)
-        return 2
-
-    async def decisions():
-        conn = await main._db(main.urls()[1])
-        try:
-            return await past_decisions(conn, args.target)
-        finally:
-            await conn.close()
-
-    found = asyncio.run(decisions())
+        return refused(prefix, "registry.invalid_target",
+                       f"target {args.target!r} is not a valid name ([A-Za-z0-9_-]+)")
+    found = read_db(main, lambda conn: past_decisions(conn, args.target))
     if not found:
-        print(f"{prefix}: [audit.history_target_not_found] no gate decision recorded"
-              + (f" for target {args.target}" if args.target else ""), file=sys.stderr)
-        return 2
+        return refused(prefix, "audit.history_target_not_found",
+                       "no gate decision recorded" + (f" for target {args.target}" if args.target else ""))
     results = replay_all(found, policy, list(settings.bucket_fields))
     event = replay_event(settings, policy, args.target, args.actor, results)
     event_id = asyncio.run(publish_replayed(main, event))

@@ -13,26 +13,9 @@ import asyncio
 import json
 import sys
 
-from contracts import subjects
-from contracts.envelope import Envelope, Severity
+from contracts.envelope import Severity
 from contracts.events import ProjectionReplayed
-from contracts.registry import message_type_of
-
-
-async def publish_replayed(main, event: ProjectionReplayed, *, severity: Severity, reason_code: str | None) -> str:
-    from services.common.bus import publish
-    from services.common.ids import new_run_id
-
-    mt = message_type_of(event)
-    run_id = f"replay-{new_run_id()}"
-    env = Envelope(type=mt.name, schema_version=mt.version, run_id=run_id, correlation_id=run_id, producer="cli",
-                   severity=severity, reason_code=reason_code, payload=event.model_dump(mode="json"))
-    nc, js = await main._js(main.urls()[0])
-    try:
-        await publish(js, env, subjects.subject_for(env.type, kind="event"))
-    finally:
-        await nc.close()
-    return str(env.event_id)
+from services.cli.replay_cmds import publish_replayed
 
 
 def _rebuild(dsn: str, args, show_progress: bool):

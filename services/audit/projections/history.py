@@ -22,10 +22,9 @@ import asyncpg
 
 from contracts.common import STAGES as PLAN_STAGES
 from services.audit import exactjson
-from services.audit.projections.timeline import ProjectionError, _next_batch, consumer_stage, fails
-from services.common.logging import get_logger
-
-log = get_logger(__name__)
+from services.audit.projections import checkpoints
+from services.audit.projections.checkpoints import ProjectionError
+from services.audit.projections.timeline import consumer_stage, fails
 
 NAME = "history"
 
@@ -250,10 +249,6 @@ def _lifecycle(state: HistoryState, etype: str, at: datetime, pos: int, p: dict)
 # --- storage ------------------------------------------------------------------------------------
 
 
-async def _ensure_checkpoint(conn: asyncpg.Connection) -> None:
-    await conn.execute("INSERT INTO projection_checkpoints (projection) VALUES ($1) ON CONFLICT DO NOTHING", NAME)
-
-
 def _row_from_db(r) -> dict:
     row = dict(r)
     row["acts"] = json.loads(row["acts"]) if isinstance(row["acts"], str) else list(row["acts"] or [])
@@ -307,8 +302,7 @@ async def _write(conn: asyncpg.Connection, state: HistoryState, checkpoint: int)
     if state.dirty_datasets:
         records = [tuple(state.datasets[t][v][c] for c in DATASET_COLUMNS) for t, v in sorted(state.dirty_datasets)]
         await conn.copy_records_to_table("history_datasets", records=records, columns=DATASET_COLUMNS)
-    await conn.execute("UPDATE projection_checkpoints SET position = $2, updated_at = now(), error_position = NULL, "
-                       "error = NULL WHERE projection = $1", NAME, checkpoint)
+    await checkpoints.advance(conn, NAME, checkpoint)
 
 
 async def _apply_batch(conn: asyncpg.Connection, rows: list, checkpoint: int) -> None:
@@ -318,62 +312,14 @@ async def _apply_batch(conn: asyncpg.Connection, rows: list, checkpoint: int) ->
 
 async def catch_up(conn: asyncpg.Connection, batch_size: int = 2000) -> int:
     """Apply every event past the checkpoint, one transaction per batch; stops on an error (D8)."""
-    await _ensure_checkpoint(conn)
-    applied = 0
-    while True:
-        try:
-            async with conn.transaction():
-                position = await conn.fetchval(
-                    "SELECT position FROM projection_checkpoints WHERE projection = $1 FOR UPDATE", NAME)
-                rows, checkpoint = await _next_batch(conn, position, batch_size)
-                if checkpoint == position:
-                    return applied
-                await conn.execute("SET LOCAL synchronous_commit = off")  # rebuildable: see the timeline's catch_up
-                await _apply_batch(conn, rows, checkpoint)
-        except ProjectionError as exc:
-            await _record_error(conn, exc.position, str(exc))
-            raise
-        except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError):
-            raise
-        except Exception as exc:
-            position = await conn.fetchval("SELECT position FROM projection_checkpoints WHERE projection = $1", NAME)
-            await _record_error(conn, position + 1, repr(exc))
-            raise ProjectionError(position + 1, repr(exc)) from exc
-        applied += len(rows)
-
-
-async def _record_error(conn: asyncpg.Connection, position: int, error: str) -> None:
-    await conn.execute("UPDATE projection_checkpoints SET error_position = $2, error = $3, updated_at = now() "
-                       "WHERE projection = $1", NAME, position, error[:2000])
-    log.error("projection_stopped", projection=NAME, error_position=position, error=error[:500],
-              reason_code="audit.projection_failed")
+    return await checkpoints.catch_up(conn, NAME, _apply_batch, batch_size)
 
 
 async def rebuild(conn: asyncpg.Connection, batch_size: int = 5000, *, until: int | None = None) -> int:
     """Drop the rows and replay run_events from position 0 (up to `until`) in one transaction; readers see
     the old rows until the commit and the live projector waits on the checkpoint's row lock."""
-    await _ensure_checkpoint(conn)
-    applied = 0
-    async with conn.transaction():
-        live = await conn.fetchrow(
-            "SELECT error_position, error FROM projection_checkpoints WHERE projection = $1 FOR UPDATE", NAME)
-        await conn.execute("DELETE FROM history_runs")
-        await conn.execute("DELETE FROM history_datasets")
-        position = 0
-        await conn.execute("UPDATE projection_checkpoints SET position = 0 WHERE projection = $1", NAME)
-        while True:
-            rows, checkpoint = await _next_batch(conn, position, batch_size)
-            if until is not None and checkpoint > until:
-                rows, checkpoint = [r for r in rows if r["global_position"] <= until], until
-            if checkpoint == position:
-                break
-            await _apply_batch(conn, rows, checkpoint)
-            position = checkpoint
-            applied += len(rows)
-        if until is not None and live["error_position"] is not None and live["error_position"] > until:
-            await conn.execute("UPDATE projection_checkpoints SET error_position = $2, error = $3 WHERE projection = $1",
-                               NAME, live["error_position"], live["error"])
-    return applied
+    return await checkpoints.rebuild(conn, NAME, ("history_runs", "history_datasets"), _apply_batch, batch_size,
+                                     until=until)
 
 
 async def snapshot(conn: asyncpg.Connection) -> dict[str, list[tuple]]:

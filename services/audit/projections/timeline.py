@@ -13,9 +13,8 @@ from datetime import datetime
 import asyncpg
 
 from services.audit import exactjson
-from services.common.logging import get_logger
-
-log = get_logger(__name__)
+from services.audit.projections import checkpoints
+from services.audit.projections.checkpoints import ProjectionError
 
 NAME = "timeline"
 
@@ -313,12 +312,6 @@ class TimelineBatch:
     last_position: int = 0
 
 
-class ProjectionError(RuntimeError):
-    def __init__(self, position: int, message: str):
-        super().__init__(f"position {position}: {message}")
-        self.position = position
-
-
 def fold(rows: list) -> TimelineBatch:
     """Fold run_events rows (in position order) into the rows this batch writes."""
     b = TimelineBatch()
@@ -370,11 +363,6 @@ def fold(rows: list) -> TimelineBatch:
     return b
 
 
-_READ = """
-SELECT global_position, event_id, type, run_id, correlation_id, occurred_at, severity, reason_code, payload
-FROM run_events WHERE global_position > $1 ORDER BY global_position LIMIT $2
-"""
-
 _UPSERT_RUN = """
 INSERT INTO timeline_runs AS t (run_id, correlation_id, target, locator, status, started_at, updated_at,
                                 last_position, reason_code, failure)
@@ -408,40 +396,6 @@ ON CONFLICT (run_id, stage) DO UPDATE SET
 
 _ENTRY_COLUMNS = ("global_position", "run_id", "event_id", "type", "stage", "severity", "reason_code",
                   "occurred_at", "summary")
-
-
-def contiguous_checkpoint(checkpoint: int, positions: list[int], skipped: set[int]) -> int:
-    """The highest position up to which every position is either recorded or skipped.
-
-    The recorder can commit positions out of order (a redelivered message arrives after later
-    ones); applying past a hole would skip that event forever, so the projection stops at it and
-    waits. A hole that never fills is a gap, reported by `tuneline status`.
-    """
-    present = set(positions) | skipped
-    while checkpoint + 1 in present:
-        checkpoint += 1
-    return checkpoint
-
-
-_SKIPPED_AFTER = """
-SELECT global_position FROM run_event_skipped_positions
-WHERE global_position > $1 AND global_position <= $2
-"""
-
-
-async def _next_batch(conn: asyncpg.Connection, position: int, batch_size: int) -> tuple[list, int]:
-    """Rows to apply after `position` (a contiguous run of positions) and the checkpoint after them."""
-    rows = await conn.fetch(_READ, position, batch_size)
-    upper = rows[-1]["global_position"] if rows else position + batch_size
-    skipped = {r[0] for r in await conn.fetch(_SKIPPED_AFTER, position, upper)}
-    checkpoint = contiguous_checkpoint(position, [r["global_position"] for r in rows], skipped)
-    return [r for r in rows if r["global_position"] <= checkpoint], checkpoint
-
-
-async def _ensure_checkpoint(conn: asyncpg.Connection) -> None:
-    await conn.execute(
-        "INSERT INTO projection_checkpoints (projection) VALUES ($1) ON CONFLICT DO NOTHING", NAME
-    )
 
 
 def _columns(rows: list[tuple]) -> list[list]:
@@ -502,11 +456,7 @@ async def _apply(conn: asyncpg.Connection, b: TimelineBatch, checkpoint: int) ->
         await conn.copy_records_to_table("timeline_stages", records=new_stages, columns=_STAGE_COLUMNS)
     if continued_stages:
         await conn.execute(_UPSERT_STAGE, *_columns(continued_stages))
-    await conn.execute(
-        "UPDATE projection_checkpoints SET position = $2, updated_at = now(), error_position = NULL, error = NULL"
-        " WHERE projection = $1",
-        NAME, checkpoint,
-    )
+    await checkpoints.advance(conn, NAME, checkpoint)
 
 
 async def catch_up(conn: asyncpg.Connection, batch_size: int = 2000, *, until: int | None = None,
@@ -516,47 +466,7 @@ async def catch_up(conn: asyncpg.Connection, batch_size: int = 2000, *, until: i
 
     Stops on an error, recording the failing position, rather than skipping the event (D8).
     """
-    await _ensure_checkpoint(conn)
-    applied = 0
-    while True:
-        try:
-            async with conn.transaction():
-                # The row lock serialises this projector with a concurrent rebuild.
-                position = await conn.fetchval(
-                    "SELECT position FROM projection_checkpoints WHERE projection = $1 FOR UPDATE", NAME
-                )
-                rows, checkpoint = await _next_batch(conn, position, batch_size)
-                if until is not None and checkpoint > until:
-                    rows, checkpoint = [r for r in rows if r["global_position"] <= until], max(until, position)
-                if checkpoint == position:
-                    return applied
-                # The projection is rebuilt from run_events at will and its checkpoint commits with its
-                # rows, so a crash that loses the last few of these transactions (whole, as an
-                # asynchronous commit can) only sends the projector back a few batches. So it does not
-                # wait for the WAL flush at commit; the recorder's transactions, which precede acks, do.
-                await conn.execute("SET LOCAL synchronous_commit = off")
-                await _apply(conn, fold(rows), checkpoint)
-        except ProjectionError as exc:
-            await _record_error(conn, exc.position, str(exc))
-            raise
-        except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError):
-            raise  # the connection, not the projection: the caller reconnects and resumes
-        except Exception as exc:
-            position = await conn.fetchval("SELECT position FROM projection_checkpoints WHERE projection = $1", NAME)
-            await _record_error(conn, position + 1, repr(exc))
-            raise ProjectionError(position + 1, repr(exc)) from exc
-        applied += len(rows)
-        if on_batch is not None:
-            on_batch(len(rows), checkpoint)
-
-
-async def _record_error(conn: asyncpg.Connection, position: int, error: str) -> None:
-    await conn.execute(
-        "UPDATE projection_checkpoints SET error_position = $2, error = $3, updated_at = now() WHERE projection = $1",
-        NAME, position, error[:2000],
-    )
-    log.error("projection_stopped", projection=NAME, error_position=position, error=error[:500],
-              reason_code="audit.projection_failed")
+    return await checkpoints.catch_up(conn, NAME, _apply_batch, batch_size, until=until, on_batch=on_batch)
 
 
 async def rebuild(conn: asyncpg.Connection, batch_size: int = 5000, *, until: int | None = None) -> int:
@@ -570,28 +480,12 @@ async def rebuild(conn: asyncpg.Connection, batch_size: int = 5000, *, until: in
     rebuild timeline`); the live projector then goes on from there. An error the live projector
     stopped on beyond `until` stays recorded.
     """
-    await _ensure_checkpoint(conn)
-    applied = 0
-    async with conn.transaction():
-        live = await conn.fetchrow(
-            "SELECT error_position, error FROM projection_checkpoints WHERE projection = $1 FOR UPDATE", NAME)
-        for table in ("timeline_entries", "timeline_stages", "timeline_runs"):
-            await conn.execute(f"DELETE FROM {table}")
-        position = 0
-        await conn.execute("UPDATE projection_checkpoints SET position = 0 WHERE projection = $1", NAME)
-        while True:
-            rows, checkpoint = await _next_batch(conn, position, batch_size)
-            if until is not None and checkpoint > until:
-                rows, checkpoint = [r for r in rows if r["global_position"] <= until], until
-            if checkpoint == position:
-                break
-            await _apply(conn, fold(rows), checkpoint)
-            position = checkpoint
-            applied += len(rows)
-        if until is not None and live["error_position"] is not None and live["error_position"] > until:
-            await conn.execute("UPDATE projection_checkpoints SET error_position = $2, error = $3 WHERE projection = $1",
-                               NAME, live["error_position"], live["error"])
-    return applied
+    return await checkpoints.rebuild(conn, NAME, ("timeline_entries", "timeline_stages", "timeline_runs"),
+                                     _apply_batch, batch_size, until=until)
+
+
+async def _apply_batch(conn: asyncpg.Connection, rows: list, checkpoint: int) -> None:
+    await _apply(conn, fold(rows), checkpoint)
 
 
 async def snapshot(conn: asyncpg.Connection) -> dict[str, list[tuple]]:
