@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help install test test-slow demo bench schemas docs up down status clean
+.PHONY: help install test test-slow demo bench schemas docs api-docs screenshots up down status clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -41,6 +41,7 @@ bench: install ## benchmarks: print a table, write bench/results/*.json
 	$(PY) -m bench.nlbse
 	$(PY) -m bench.gate
 	$(PY) -m bench.evaluation
+	$(PY) -m bench.triage
 	$(PY) -m bench.registry
 
 schemas: install ## write JSON Schema snapshots for new contract versions
@@ -48,6 +49,12 @@ schemas: install ## write JSON Schema snapshots for new contract versions
 
 docs: install ## regenerate docs/reason-codes.md from the taxonomy
 	$(PY) -m contracts.reason_codes > docs/reason-codes.md
+
+api-docs: install ## regenerate docs/openapi.json and docs/asyncapi.json from the code
+	$(PY) -m services.api.docs
+
+screenshots: install ## drive the web page in headless Chromium against a real stack; writes docs/screenshots/*.png
+	TUNELINE_SCREENSHOTS=1 $(PY) -m pytest -m e2e tests/e2e/test_web.py -p no:randomly
 
 up: install ## start the embedded stack (or use NATS_URL / DATABASE_URL)
 	$(VENV)/bin/tuneline up

@@ -329,6 +329,17 @@ class TrainingResumed(Frozen):
     hosted_job_id: str | None = None
 
 
+@register("training.restarted", kind="event")
+class TrainingRestarted(Frozen):
+    """A trigger came back to a trainer (its delivery count above 1: the trainer before died, or its handler
+    failed) and training starts again, from a checkpoint or from step 0. The events of this attempt carry
+    ids of their own (the delivery is part of them), so none is taken for a duplicate of the last attempt's."""
+
+    delivery: int = Field(ge=2)
+    resumed_from_step: int | None = None   # None: no checkpoint, training starts from step 0
+    backend: str = "local"
+
+
 @register("training.completed", kind="event", version=4, upcasters=PLAN_V4)
 class TrainingCompleted(Frozen):
     plan: RunPlan
@@ -748,6 +759,57 @@ class RegistryCommandRefused(Frozen):
     message: str
     state: dict[str, Any] = Field(default_factory=dict)
     smoke: SmokeCheck | None = None
+
+
+# --- replay (D13, D16): counterfactual policies over past evidence ---------------------------
+
+
+class ReplayedDecision(Frozen):
+    """One past gate decision under the replayed policy: what it was and what it would have been."""
+
+    gate_event_id: str
+    run_id: str
+    target: str
+    was_passed: bool
+    now_passed: bool | None = None      # None: not replayable (see `unreplayable`)
+    now_failed: list[str] = Field(default_factory=list)   # reason codes under the replayed policy
+    unreplayable: str | None = None     # why (records unreadable, a bucket field the records lack)
+
+
+@register("gate.replayed", kind="event")
+class GateReplayed(Frozen):
+    """Someone asked what past gate decisions would have been under another policy (`tuneline replay gate`).
+    Read-only: it changes no version. Published on its own subject (not a target's registry subject, whose
+    expected sequence it must not move), by the CLI that ran the replay; `flipped` lists only the
+    decisions that would change."""
+
+    policy: dict[str, Any]               # the replayed policy in full
+    policy_sha256: str
+    target: str | None = None            # None: every target
+    requested_by: str = Field(min_length=1, max_length=128)
+    decisions: int = Field(ge=0)         # past gate decisions looked at
+    replayed: int = Field(ge=0)          # of those, re-derived under the policy
+    flipped: list[ReplayedDecision] = Field(default_factory=list)
+    unreplayable: int = Field(0, ge=0)
+
+
+@register("projection.replayed", kind="event")
+class ProjectionReplayed(Frozen):
+    """An operator rebuilt a projection blue/green (`tuneline replay projection NAME`, D8): version `version`
+    built from run_events beside the live one up to `to_position`, compared with it row by row, and made
+    the live one (when identical, or when asked) or kept aside. Published by the CLI that ran it."""
+
+    projection: str = Field(min_length=1, max_length=64)
+    requested_by: str = Field(min_length=1, max_length=128)
+    to_position: int = Field(ge=0)
+    events: int = Field(ge=0)             # run_events rows replayed into the new version
+    live_version: int = Field(ge=1)       # the version readers used when the replay began
+    version: int = Field(ge=1)            # the version it built
+    differences: dict[str, int] = Field(default_factory=dict)  # per table: rows only in one version or changed
+    outcome: Literal["switched", "kept_aside", "failed"]
+    forced: bool = False                  # switched although the versions differ (--switch)
+    error: str | None = None
+    wall_s: float = Field(ge=0)
 
 
 # --- bus ------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ _CODES = [
     ReasonCode("prep.artifact_unreadable", "prep", "The committed dataset artifact is missing or fails its sha256 check."),
     ReasonCode("prep.few_rows_for_class", "prep", "Warning: a class has fewer than 50 rows."),
     ReasonCode("prep.few_rows_total", "prep", "Warning: the dataset has fewer than 500 rows in all."),
+    ReasonCode("prep.rare_labels_dropped", "prep", "Warning: labels with fewer rows than the plan's min_per_class (--min-per-class) were dropped; the warning names them and any kept because the test set in force holds them."),
     ReasonCode("prep.eval_source_failed", "prep", "The explicit eval dataset could not be read or mapped."),
     ReasonCode("prep.test_set_unreadable", "prep", "The target's frozen test set artifact is missing or fails its sha256 check (use --new-test-set)."),
     ReasonCode("prep.test_set_conflict", "prep", "Another run froze the target's test set at the same time; retried.", retryable=True),
@@ -69,6 +70,7 @@ _CODES = [
     ReasonCode("cleaning.empty_after_cleaning", "prep", "Row dropped: nothing is left of its text (or of a message or field it needs) after normalisation."),
     ReasonCode("cleaning.synthetic_cap", "prep", "Row dropped: synthetic rows above the cap on the synthetic share."),
     ReasonCode("cleaning.eval_overlap", "prep", "Row dropped from train: it equals or nearly equals a row of the explicit eval set."),
+    ReasonCode("cleaning.rare_label", "prep", "Row dropped: its label has fewer rows than the plan's min_per_class (--min-per-class) after cleaning."),
     # Training.
     ReasonCode("training.runtime_error", "trainer", "Training raised an error."),
     ReasonCode("training.oom", "trainer", "Training ran out of memory."),
@@ -136,6 +138,14 @@ _CODES = [
     ReasonCode("audit.projection_failed", "audit", "A projection stopped on an event it could not apply."),
     ReasonCode("audit.unstorable_value", "audit", "The message decodes but holds a value PostgreSQL cannot store (a NUL character, a date before year 1 in UTC); dead-lettered by the recorder."),
     ReasonCode("audit.duplicate_event", "audit", "An event already recorded arrived again at a new stream position (re-published after the dedup window)."),
+    # History, lineage and replay (read from run_events).
+    ReasonCode("audit.history_target_not_found", "audit", "The History projection holds no fine-tune run of the target (or the target name is not valid)."),
+    ReasonCode("audit.lineage_hop_unresolved", "audit", "Warning: a lineage hop names a sha256 that no recorded event produced (the chain breaks there)."),
+    ReasonCode("audit.projection_differs", "audit", "Warning: a projection rebuilt from run_events differs from the live version at the same position (kept aside unless --switch)."),
+    ReasonCode("audit.projection_replay_failed", "audit", "A blue/green rebuild of a projection stopped on an error; the live version is unchanged."),
+    ReasonCode("audit.replay_policy_invalid", "audit", "The gate policy file does not parse, is not a mapping, or holds an unknown key or a value out of range."),
+    ReasonCode("audit.replay_records_unreadable", "audit", "Warning: a past decision's per-row records artifact is missing or fails its sha256 check, so it cannot be replayed."),
+    ReasonCode("audit.replay_bucket_field_unrecorded", "audit", "Warning: the replayed policy buckets by a field the past decision's records do not carry, so it cannot be replayed."),
 ]
 
 REASON_CODES: dict[str, ReasonCode] = {c.code: c for c in _CODES}

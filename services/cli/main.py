@@ -15,7 +15,7 @@ from contracts.commands import StartRun
 from contracts.common import HostedSettings, RunPlan
 from contracts.envelope import Envelope
 from contracts.registry import message_type_of
-from services.cli import eval_cmds, import_cmds, ingest_cmds, registry_cmds, stack
+from services.cli import audit_cmds, eval_cmds, history_cmds, import_cmds, ingest_cmds, registry_cmds, stack, token_cmds
 from services.cli.errors import validation_lines
 from services.cli.render import entry_line, timeline_text
 from services.common.ids import new_run_id
@@ -186,6 +186,9 @@ def cmd_up(args) -> int:
     stack.write_state(root, state)
 
     env = stack.service_env(root, state["nats"]["url"], state["postgres"]["url"])
+    env.setdefault("TUNELINE_API_PORT", str(stack.api_port(old.get("api"))))
+    state["api"] = {"url": f"http://127.0.0.1:{env['TUNELINE_API_PORT']}", "port": int(env["TUNELINE_API_PORT"])}
+    stack.write_state(root, state)
     settings = stack.service_settings(env)
     # services kept running keep the settings they started with: say which ones the environment changed
     drift = [] if restarted or not alive else stack.settings_drift(old.get("settings"), settings)
@@ -219,11 +222,17 @@ def cmd_up(args) -> int:
             stack.write_state(root, state)
     state["services"] = {n: state["services"][n] for n in stack.SERVICES}
     stack.write_state(root, state)
-    missing = asyncio.run(_wait_ready(state["nats"]["url"], [DURABLES[s] for s in stack.SERVICES]))
+    missing = asyncio.run(_wait_ready(state["nats"]["url"], [DURABLES[s] for s in stack.SERVICES if s in DURABLES]))
+    if not stack.http_ready(state["api"]["url"] + "/api/health"):
+        missing.append("api")  # no durable consumer: ready when it answers
     for name in stack.SERVICES:
-        ok = DURABLES[name] not in missing and stack.service_alive(state["services"][name]["pid"], name)
+        ok = DURABLES.get(name, name) not in missing and stack.service_alive(state["services"][name]["pid"], name)
         how = "started" if name in started_now else "running"
         print(f"{name:<13} {'up' if ok else 'NOT READY'} pid {state['services'][name]['pid']} ({how})")
+    from services.common.tokens import ensure_admin
+
+    admin = asyncio.run(ensure_admin(state["postgres"]["url"]))
+    print(f"web page and API {state['api']['url']}" + (f"  admin token (shown once): {admin}" if admin else ""))
     for line in drift:
         print(line, file=sys.stderr)
     if missing:
@@ -376,9 +385,10 @@ RUN_OPTIONS = {
 def build_start_run(args) -> StartRun:
     """The StartRun command for `tuneline run`'s options; raises pydantic's ValidationError on bad input."""
     from services.cli.ingest_cmds import parse_map
-    from services.cli.run_options import split_overrides
+    from services.cli.run_options import split_overrides, with_min_per_class
 
     overrides, cleaning = split_overrides(parse_settings(args.set))
+    cleaning = with_min_per_class(cleaning, getattr(args, "min_per_class", None))
     plan = RunPlan(locator=absolute_locator(args.locator), target=args.target, text_field=args.text_field,
                    label_field=args.label_field, mapping=parse_map(args.map), force_mapping=args.force,
                    eval_locator=absolute_locator(args.eval_locator) if args.eval_locator else None,
@@ -488,11 +498,13 @@ def follow_and_print(run_id: str, timeout: float) -> int:
 def run_option_problems(args) -> list[str]:
     """What is wrong with `tuneline run`'s target, recipe and `--set` options, one line each; checked
     before publishing, so a typo fails at the prompt rather than in the trainer minutes later."""
-    from services.cli.run_options import cleaning_problems, recipe_problems, split_overrides, target_problem
+    from services.cli.run_options import (cleaning_problems, min_per_class_problems, recipe_problems, split_overrides,
+                                          target_problem)
 
     overrides, cleaning = split_overrides(parse_settings(args.set))
     problems = [p for p in [target_problem(args.target)] if p]
-    return problems + recipe_problems(args.recipe, overrides) + cleaning_problems(cleaning)
+    return (problems + recipe_problems(args.recipe, overrides) + cleaning_problems(cleaning)
+            + min_per_class_problems(cleaning, args.min_per_class))
 
 
 def cmd_run(args) -> int:
@@ -601,20 +613,21 @@ def artifacts_line(run_id: str, events: list[dict]) -> str | None:
             f"`tuneline artifacts {run_id} --out DIR` copies them out under these names")
 
 
-async def _rebuild() -> tuple[int, bool, int | None]:
-    """Rebuild the timeline and compare it with the live projection at the same position: under the
-    checkpoint's row lock (the live projector waits), the live rows are read, then the rebuild replays
-    run_events up to the live checkpoint only, so events recorded meanwhile cannot make it differ."""
-    from services.audit.projections import timeline
+async def _rebuild(name: str = "timeline") -> tuple[int, bool, int | None]:
+    """Rebuild a projection (the timeline, History) and compare it with the live one at the same position:
+    under the checkpoint's row lock (the live projector waits), the live rows are read, then the rebuild
+    replays run_events up to the live checkpoint only, so events recorded meanwhile cannot make it differ."""
+    from services.audit.projections import history, timeline
 
+    projection = {"timeline": timeline, "history": history}[name]
     conn = await _db(urls()[1])
     try:
         async with conn.transaction():
             position = await conn.fetchval(
-                "SELECT position FROM projection_checkpoints WHERE projection = $1 FOR UPDATE", timeline.NAME)
-            before = await timeline.snapshot(conn)
-            n = await timeline.rebuild(conn, until=position)
-            after = await timeline.snapshot(conn)
+                "SELECT position FROM projection_checkpoints WHERE projection = $1 FOR UPDATE", projection.NAME)
+            before = await projection.snapshot(conn)
+            n = await projection.rebuild(conn, until=position)
+            after = await projection.snapshot(conn)
         return n, before == after, position
     finally:
         await conn.close()
@@ -624,12 +637,12 @@ def cmd_rebuild(args) -> int:
     from services.audit.projections.timeline import ProjectionError
 
     try:
-        n, same, position = asyncio.run(_rebuild())
+        n, same, position = asyncio.run(_rebuild(args.projection))
     except ProjectionError as exc:
         print(f"rebuild stopped: {exc} (nothing changed)", file=sys.stderr)
         return 1
     upto = "" if position is None else f" up to position {position}, the live projection's checkpoint"
-    print(f"timeline rebuilt from run_events{upto}: {n} events replayed; "
+    print(f"{args.projection} rebuilt from run_events{upto}: {n} events replayed; "
           f"{'identical to the live projection' if same else 'DIFFERS from the previous projection'}")
     return 0 if same else 1
 
@@ -668,7 +681,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--eval-locator", default=None, help="an explicit eval dataset instead of a split")
     r.add_argument("--recipe", default=None, help="a named recipe (`tuneline recipes`); default: the dataset shape's")
     r.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                   help="override a recipe field (--set epochs=3) or a cleaning knob (--set clean.near_dup=false)")
+                   help="override a recipe field (--set epochs=3) or a cleaning knob (--set clean.near_dup=false, "
+                        "--set clean.length_outliers=off)")
+    r.add_argument("--min-per-class", type=int, default=None, metavar="N",
+                   help="drop labels with fewer than N rows after cleaning (counted as cleaning.rare_label) instead "
+                        "of failing the run; a label the target's test set holds is kept")
     r.add_argument("--backend", choices=("local", "openai", "anthropic"), default="local")
     r.add_argument("--hosted-model", default="gpt-4o-mini-2024-07-18", help="hosted backends: the base model")
     r.add_argument("--hosted-base-url", default=None, help="an OpenAI-compatible fine-tuning host")
@@ -693,6 +710,9 @@ def parser() -> argparse.ArgumentParser:
     import_cmds.add_parser(sub, sys.modules[__name__])
     eval_cmds.add_parser(sub, sys.modules[__name__])
     registry_cmds.add_parser(sub, sys.modules[__name__])
+    token_cmds.add_parser(sub, sys.modules[__name__])
+    history_cmds.add_parser(sub, sys.modules[__name__])
+    audit_cmds.add_parser(sub, sys.modules[__name__])
     tr = sub.add_parser("train", help="cancel, pause or resume a run's training")
     tr.add_argument("action", choices=("cancel", "pause", "resume"))
     tr.add_argument("run_id")
@@ -714,7 +734,7 @@ def parser() -> argparse.ArgumentParser:
     ar.add_argument("--out", default=None, metavar="DIR", help="copy them here (directories for adapters and exports)")
     ar.set_defaults(fn=cmd_artifacts)
     rb = sub.add_parser("rebuild", help="drop a projection and rebuild it from run_events")
-    rb.add_argument("projection", choices=["timeline"])
+    rb.add_argument("projection", choices=["timeline", "history"])
     rb.set_defaults(fn=cmd_rebuild)
     sub.add_parser("migrate", help="apply infra/postgres/*.sql").set_defaults(fn=cmd_migrate)
     sd = sub.add_parser("sample-data", help="write the generated demo dataset")
