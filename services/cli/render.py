@@ -26,9 +26,11 @@ def timeline_text(tl: dict) -> str:
     lines.append("  stage      status      took     last event")
     prev_end = run["started_at"]
     for s in tl["stages"]:
-        end = s["ended_at"] or s["started_at"]
-        took = (end - prev_end).total_seconds() if end and prev_end else 0.0
-        lines.append(f"  {s['stage']:<10} {s['status']:<11} {took:6.1f}s  {s['detail']}")
+        if s["ended_at"] and prev_end:
+            took = f"{(s['ended_at'] - prev_end).total_seconds():6.1f}s"
+        else:
+            took = f"{'-':>7}"  # a stage still going has taken nothing yet: its time is not known
+        lines.append(f"  {s['stage']:<10} {s['status']:<11} {took}  {s['detail']}")
         if s["ended_at"]:
             prev_end = s["ended_at"]
     lines.append("")
