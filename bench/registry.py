@@ -8,6 +8,8 @@ how soon the `serving` bucket follows a promotion.
   from the log afterwards (a round that appended other than one event, a promotion that did not demote
   what was production, a state with other than one production version);
 - `serving --at` latency: run_events folded up to a time, on a target with `--versions` versions;
+- `history` latency: the History projection's read for that target (what `tuneline history` does), once the
+  projection has caught up on those versions' events;
 - KV lag: from a promotion's stream timestamp to its `serving` entry's (both server clocks).
 
 Prints a table and writes bench/results/registry.json.
@@ -37,6 +39,7 @@ from services.audit.app import AuditService
 from services.audit.db import app_dsn, connect_as_app
 from services.audit.migrate import migrate
 from services.audit.settings import AuditSettings
+from services.cli.history_cmds import read_history
 from services.cli.registry_cmds import Refused, send, serving_at
 from services.cli.stack import start_nats, start_postgres, stop_postgres
 from services.common.bus import declare_streams, publish
@@ -125,7 +128,7 @@ def half_applied(events: list[dict], target: str) -> int:
 
 
 async def long_target(js, conn, versions: int) -> dict:
-    """A target with `versions` versions, each promoted an hour after the last; serving --at timed."""
+    """A target with `versions` versions, each promoted an hour after the last; serving --at and history timed."""
     t = "bench-long"
     t0 = datetime(2025, 1, 1, tzinfo=UTC)
     last = 0
@@ -151,8 +154,23 @@ async def long_target(js, conn, versions: int) -> dict:
         timings.append((time.perf_counter() - s0) * 1000)
         assert answer["serving"]["version"] == v, (answer["serving"]["version"], v)
     timings.sort()
+
+    async def projected():  # History is projected from run_events by the audit service's projector
+        return await conn.fetchval("SELECT coalesce(max(position), 0) >= $1 FROM projection_checkpoints "
+                                   "WHERE projection = 'history'", last)
+
+    await wait(projected, timeout=300)
+    history = []
+    for _ in range(20):
+        s0 = time.perf_counter()
+        answer = await read_history(conn, t)
+        history.append((time.perf_counter() - s0) * 1000)
+        assert len(answer["runs"]) == versions, len(answer["runs"])
+        assert sum(r["status"] == "production" for r in answer["runs"]) == 1
+    history.sort()
     return {"versions": versions, "events": 2 * versions, "serving_at_ms_median": statistics.median(timings),
-            "serving_at_ms_p95": timings[int(0.95 * (len(timings) - 1))]}
+            "serving_at_ms_p95": timings[int(0.95 * (len(timings) - 1))],
+            "history_ms_median": statistics.median(history), "history_ms_p95": history[int(0.95 * (len(history) - 1))]}
 
 
 async def kv_lag(js, n: int = 20) -> dict:
@@ -242,6 +260,8 @@ if __name__ == "__main__":
         ("median round (3 commands answered)", round(r["round_s_median"] * 1000, 1), "ms"),
         (f"serving --at on {lg['versions']} versions, median", round(lg["serving_at_ms_median"], 1), "ms"),
         (f"serving --at on {lg['versions']} versions, p95", round(lg["serving_at_ms_p95"], 1), "ms"),
+        (f"history on {lg['versions']} versions, median", round(lg["history_ms_median"], 1), "ms"),
+        (f"history on {lg['versions']} versions, p95", round(lg["history_ms_p95"], 1), "ms"),
         ("KV lag promoted -> serving bucket, median", round(k["kv_lag_ms_median"], 2), "ms"),
         ("KV lag promoted -> serving bucket, max", round(k["kv_lag_ms_max"], 2), "ms"),
     ]

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from contracts.subjects import is_subject_token
 from services.api import reads
@@ -103,6 +103,23 @@ async def run_evaluation(run_id: str, _: Principal = Depends(reader), conn=Conn)
     if report is None:
         raise HTTPException(404, f"no evaluation recorded for run {run_id}")
     return {"report": report, "decision": decision_in_words(report), "text": render(report)}
+
+
+@router.get("/runs/{run_id}/bundle", summary="A support bundle for the run, as one zip",
+            response_class=Response,
+            responses={200: {"content": {"application/zip": {}},
+                             "description": "the run's events, the ids that find its logs, its manifest and "
+                                            "artifact references, environment versions; secrets masked"}})
+async def run_bundle(request: Request, run_id: str, _: Principal = Depends(reader), conn=Conn) -> Response:
+    from services.common.bundle import build_bundle, nats_server_version
+
+    settings = request.app.state.settings
+    bundle = await build_bundle(conn, run_id, nats_server=nats_server_version(request.app.state.nc),
+                                urls=(settings.database_url, settings.nats_url))
+    if bundle is None:
+        raise HTTPException(404, f"no run {run_id} is recorded")
+    return Response(bundle.data, media_type="application/zip",
+                    headers={"Content-Disposition": f'attachment; filename="{bundle.filename}"'})
 
 
 @router.get("/runs/{run_id}/stream", summary="The run's events live, as Server-Sent Events",

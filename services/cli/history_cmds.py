@@ -203,11 +203,11 @@ def lineage_chain(registration: dict, events: list[dict], semver_of: dict[str, s
 
 def _manifest_reader(ref: dict) -> dict | None:
     from contracts.common import ArtifactRef
-    from services.cli.artifacts_cmd import _store_of
+    from services.common.run_artifacts import store_of
 
     try:
         r = ArtifactRef.model_validate(ref)
-        doc = json.loads(_store_of(r).read_bytes(r))
+        doc = json.loads(store_of(r).read_bytes(r))
     except Exception:  # noqa: BLE001 - not here, not file://, corrupt: the hop falls back to causation
         return None
     return doc if isinstance(doc, dict) else None

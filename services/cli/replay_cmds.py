@@ -138,11 +138,11 @@ async def past_decisions(conn, target: str | None) -> list[dict]:
 def read_records(ref: dict) -> list[dict]:
     """The records artifact, sha256-checked (raises ArtifactIntegrityError, OSError)."""
     from contracts.common import ArtifactRef
-    from services.cli.artifacts_cmd import _store_of
+    from services.common.run_artifacts import store_of
     from services.common.jsonl import loads_jsonl
 
     r = ArtifactRef.model_validate(ref)
-    return loads_jsonl(_store_of(r).read_bytes(r))
+    return loads_jsonl(store_of(r).read_bytes(r))
 
 
 def replay_all(decisions: list[dict], policy, bucket_fields: list[str], read=read_records) -> list[Replayed]:
