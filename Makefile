@@ -43,6 +43,7 @@ bench: install ## benchmarks: print a table, write bench/results/*.json
 	$(PY) -m bench.evaluation
 	$(PY) -m bench.triage
 	$(PY) -m bench.registry
+	$(PY) -m bench.api
 
 schemas: install ## write JSON Schema snapshots for new contract versions
 	$(PY) -m contracts.snapshots

@@ -15,14 +15,13 @@ from contracts.commands import StartRun
 from contracts.common import HostedSettings, RunPlan
 from contracts.envelope import Envelope
 from contracts.registry import message_type_of
-from services.cli import audit_cmds, eval_cmds, history_cmds, import_cmds, ingest_cmds, registry_cmds, stack, token_cmds
+from services.cli import (audit_cmds, eval_cmds, follow, history_cmds, import_cmds, ingest_cmds, registry_cmds, stack,
+                          token_cmds)
 from services.cli.errors import validation_lines
-from services.cli.render import entry_line, timeline_text
+from services.cli.render import timeline_text
 from services.common.ids import new_run_id
 from services.common.logging import configure_logging
 from services.common.redact import url_passwords
-
-TERMINAL = ("succeeded", "failed")
 
 
 def data_dir() -> Path:
@@ -457,42 +456,9 @@ def cmd_recipes(args) -> int:
     return 0
 
 
-async def _follow(run_id: str, timeout: float) -> dict | None:
-    from services.audit.projections.timeline import run_timeline
-
-    _, db_url = urls()
-    conn = await _db(db_url)
-    try:
-        seen = 0
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            tl = await run_timeline(conn, run_id)
-            if tl:
-                for e in tl["entries"][seen:]:
-                    print(entry_line(e), flush=True)
-                seen = len(tl["entries"])
-                if tl["run"]["status"] in TERMINAL:
-                    return tl
-            await asyncio.sleep(0.5)
-        return await run_timeline(conn, run_id)
-    finally:
-        await conn.close()
-
-
 def follow_and_print(run_id: str, timeout: float) -> int:
-    tl = asyncio.run(_follow(run_id, timeout))
-    print()
-    if tl is None:
-        print(f"{run_id}: no event recorded within {timeout:.0f}s; is the stack up? (`tuneline status`)")
-        return 2
-    print(timeline_text(tl))
-    events = asyncio.run(_events(run_id))
-    if line := artifacts_line(run_id, events):
-        print(line)
-    report = eval_cmds.report_of(events)
-    if report and eval_cmds.decision_in_words(report):
-        print(eval_cmds.decision_in_words(report) + f"  (tuneline eval show {run_id})")
-    return 0 if tl["run"]["status"] == "succeeded" else 1
+    """Follow a run from the bus to its end (services/cli/follow.py); the exit status says how it ended."""
+    return follow.follow_and_print(sys.modules[__name__], run_id, timeout)
 
 
 def run_option_problems(args) -> list[str]:
@@ -713,6 +679,9 @@ def parser() -> argparse.ArgumentParser:
     token_cmds.add_parser(sub, sys.modules[__name__])
     history_cmds.add_parser(sub, sys.modules[__name__])
     audit_cmds.add_parser(sub, sys.modules[__name__])
+    from services.cli import bundle_cmd
+    bundle_cmd.add_parser(sub, sys.modules[__name__])
+    follow.add_parser(sub, sys.modules[__name__])
     tr = sub.add_parser("train", help="cancel, pause or resume a run's training")
     tr.add_argument("action", choices=("cancel", "pause", "resume"))
     tr.add_argument("run_id")
