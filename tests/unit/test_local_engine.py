@@ -274,3 +274,11 @@ def test_deadline_stops_as_timed_out_and_keeps_the_checkpoint(tiny_bert, tmp_pat
     assert failure_reason(RuntimeError("CUDA out of memory. Tried to allocate")) == "training.oom"
     assert failure_reason(OSError("no such model")) == "training.base_model_unavailable"
     assert failure_reason(ValueError("bad")) == "training.runtime_error"
+
+
+def test_patience_running_out_at_the_last_step_is_not_an_early_stop(tiny_bert, tmp_path):
+    # a learning rate too small to change the metric: the second evaluation, at the last step, does not improve
+    out = train(SequenceClassification(LABEL_SPACE),
+                cls_recipe(tiny_bert, max_steps=2, eval_every_steps=1, patience=1, learning_rate=1e-12),
+                rows(), rows(), tmp_path / "w", tmp_path / "a")
+    assert out.steps == 2 and not out.stopped_early

@@ -402,7 +402,9 @@ def train(
                     atomic_write_bytes(work_dir / BEST, _torch_bytes({"step": st.step, "trainable": trainable_state()}))
                 else:
                     st.evals_without_improvement += 1
-                if recipe.patience is not None and st.evals_without_improvement >= recipe.patience:
+                # patience running out at the schedule's last step stops nothing: the schedule is complete
+                if (recipe.patience is not None and st.evals_without_improvement >= recipe.patience
+                        and st.step < max_steps):
                     stopped_early = True
 
             now = time.perf_counter()
