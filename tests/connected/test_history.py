@@ -244,3 +244,32 @@ async def test_export_reads_the_dataset_version_and_manifest_back_from_the_train
     assert await find_lineage(js, store, other.event_id, last) == (None, gone)  # recorded as far as known
     assert await find_lineage(js, store, uuid.uuid4(), last) == (None, None)
     assert await find_lineage(js, store, None, last) == (None, None)
+
+
+async def test_a_version_registered_twice_across_batches_does_not_stop_the_projection(
+        js, nats_server, database, tmp_path):
+    # the registry never numbers two runs alike, but anyone on the bus may: History follows the registry's
+    # fold (the later registration is the version) instead of stopping on its unique index
+    from services.common.bus import publish
+
+    envs = _run("dup-1", 1, "d1", 160) + _run("dup-2", 1, "d2", 200)
+    for env in envs:
+        await publish(js, env, _publish_subject(env))
+    svc = await start_audit(nats_server, database, tmp_path, projector_batch=7)  # the two runs in other batches
+    conn = await connect_as_app(database)
+    try:
+        last = lambda: conn.fetchval("SELECT max(global_position) FROM run_events")  # noqa: E731
+        await wait_for(lambda: _at_last(conn, last))
+        rows = {r["run_id"]: r for r in await conn.fetch("SELECT run_id, version FROM history_runs")}
+        assert rows["dup-2"]["version"] == 1 and rows["dup-1"]["version"] is None
+        live = await history.snapshot(conn)
+        await history.rebuild(conn, batch_size=1)
+        assert await history.snapshot(conn) == live
+    finally:
+        await conn.close()
+        await stop_audit(svc)
+
+
+async def _at_last(conn, last):
+    position = await last()
+    return position is not None and await _at(conn, position)

@@ -98,3 +98,10 @@ def test_a_run_that_stops_after_prep_is_no_fine_tune_but_its_dataset_is_numbered
                                   train_rows=5, eval_rows=1, dataset_version="dp"), run_id="run-p", producer="prep")]
     s = fold(HistoryState(), _rows(envs))
     assert s.runs == {} and s.datasets[p.target]["dp"]["semver"] == "1.0.0"
+
+
+def test_a_second_registration_of_one_version_takes_it_over_as_the_registry_fold_does():
+    # the registry never numbers two runs alike, but anyone may publish on its subjects; History must not stop
+    state = fold(HistoryState(), _rows(_run("run-1", 1, "d1", 160) + _run("run-2", 1, "d2", 200)))
+    assert state.runs["run-2"]["version"] == 1 and state.runs["run-1"]["version"] is None
+    assert state.versions[(plan().target, 1)] == "run-2"

@@ -201,6 +201,11 @@ def _registered(state: HistoryState, etype: str, at: datetime, pos: int, p: dict
     if row["target"] != target:
         return  # registered on another target than its plan's: not this history's row to change
     _touch(state, row, at, pos)
+    earlier = state.versions.get((target, version))
+    if earlier is not None and earlier != run_id and earlier in state.runs:
+        # a second registration of one version number (the registry never writes one; anyone on the bus
+        # may): like the registry's fold, the later one is the version, and the earlier run is unlinked
+        _touch(state, state.runs[earlier], at, pos)["version"] = None
     state.versions[(target, version)] = run_id
     gate = p.get("gate") or {}
     row.update(version=version, ended_at=at, reason_code=None, failure=None,
@@ -268,6 +273,8 @@ async def load(conn: asyncpg.Connection, rows: list) -> HistoryState:
                 targets.add((p.get("plan") or {}).get("target"))
             elif r["type"] in _REGISTRATIONS:
                 run_ids.add(p.get("source_run_id"))
+                if p.get("version") is not None:  # the run holding that number before, if any
+                    keys.add((p.get("target"), int(p["version"])))
             else:
                 for v in (p.get("version"), p.get("demoted")):
                     if v is not None:
@@ -295,7 +302,8 @@ _UPSERT_RUN = "INSERT INTO history_runs ({cols}) VALUES ({values}) ON CONFLICT (
 
 
 async def _write(conn: asyncpg.Connection, state: HistoryState, checkpoint: int) -> None:
-    runs = [state.runs[k] for k in sorted(state.dirty_runs)]
+    # rows that lost their version number first: the (target, version) index is checked row by row
+    runs = sorted((state.runs[k] for k in state.dirty_runs), key=lambda r: (r["version"] is not None, r["run_id"]))
     if runs:  # a batch touches a few runs: one prepared statement, executed per row
         await conn.executemany(_UPSERT_RUN, [tuple(json.dumps(r[c], sort_keys=True) if c == "acts" else r[c]
                                                    for c in RUN_COLUMNS) for r in runs])
