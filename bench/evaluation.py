@@ -148,22 +148,27 @@ def main() -> None:
     ap.add_argument("--jira-rows", type=int, default=2400)
     ap.add_argument("--epochs", type=float, default=3.0)
     ap.add_argument("--nlbse-repo", default="facebook/react")
+    ap.add_argument("--datasets", default="jira,nlbse", help="which of jira, nlbse to run (comma-separated)")
     a = ap.parse_args()
     from contracts.common import FieldMapping
 
     rows: list[dict] = []
     t0 = time.perf_counter()
-    if JIRA.exists():
-        mapping = FieldMapping(shape="multi_field_triage", text=["summary", "description"], label="priority",
-                               heads={"project": "project"})
-        rows += run_dataset("jira-priority", jira_rows(a.jira_rows), mapping, "jira-priority", ["project"], a.epochs)
-    else:
-        print(f"skipping JIRA: {JIRA} is absent")
-    if NLBSE.exists():
-        mapping = FieldMapping(text=["text"], label="label")
-        rows += run_dataset(f"nlbse:{a.nlbse_repo}", nlbse_rows(a.nlbse_repo), mapping, "nlbse", [], 10.0)
-    else:
-        print(f"skipping NLBSE: {NLBSE} is absent")
+    chosen = set(a.datasets.split(","))
+    if "jira" in chosen:
+        if JIRA.exists():
+            mapping = FieldMapping(shape="multi_field_triage", text=["summary", "description"], label="priority",
+                                   heads={"project": "project"})
+            rows += run_dataset("jira-priority", jira_rows(a.jira_rows), mapping, "jira-priority", ["project"],
+                                a.epochs)
+        else:
+            print(f"skipping JIRA: {JIRA} is absent")
+    if "nlbse" in chosen:
+        if NLBSE.exists():
+            mapping = FieldMapping(text=["text"], label="label")
+            rows += run_dataset(f"nlbse:{a.nlbse_repo}", nlbse_rows(a.nlbse_repo), mapping, "nlbse", [], 10.0)
+        else:
+            print(f"skipping NLBSE: {NLBSE} is absent")
     if not rows:
         return
     print()
