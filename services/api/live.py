@@ -10,8 +10,7 @@ import json
 
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from contracts import subjects
-from services.common.commands import drop_consumer
+from services.common.commands import drop_consumer, subscribe_run
 
 # The stage an event belongs to and the status it puts the stage in, for the page's stepper. The timeline
 # projection owns the full rules; a live view needs only these, and must not wait for the projection.
@@ -67,18 +66,11 @@ async def run_stream(js, feeds: LiveFeeds, run_id: str, after: int, ping_s: floa
     ping_s while idle."""
     queue: asyncio.Queue = asyncio.Queue(maxsize=1000)
 
-    async def on_msg(msg) -> None:
-        try:
-            env = json.loads(msg.data)
-        except ValueError:
-            return
-        if isinstance(env, dict) and env.get("run_id") == run_id:
-            await queue.put(live_item(msg.metadata.sequence.stream, env))
+    async def on_event(seq: int, env: dict) -> None:
+        await queue.put(live_item(seq, env))
 
     config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1)
-    # the whole stream, commands too (a run's first event is its run.start)
-    sub = await js.subscribe(f"{subjects.ROOT}.>", cb=on_msg, stream=subjects.STREAM, ordered_consumer=True,
-                             config=config)
+    sub = await subscribe_run(js, run_id, config, on_event)
     feeds.open += 1
     try:
         yield ": stream of run " + run_id + "\n\n"

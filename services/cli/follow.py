@@ -339,26 +339,20 @@ async def follow_bus(js, run_id: str, out, *, start_seq: int | None = None, star
     `timeout` passes, showing it on `out`. The consumer is ordered and ephemeral, and deleted on the way out."""
     from nats.js.api import ConsumerConfig, DeliverPolicy
 
-    from services.common.commands import drop_consumer
+    from services.common.commands import drop_consumer, subscribe_run
 
     follow = RunFollow(run_id)
     rows: asyncio.Queue = asyncio.Queue()
 
-    async def on_msg(msg) -> None:
-        try:
-            env = json.loads(msg.data)
-        except ValueError:
-            return
-        if isinstance(env, dict) and env.get("run_id") == run_id:
-            await rows.put(row_of(env, msg.metadata.sequence.stream))
+    async def on_event(seq: int, env: dict) -> None:
+        await rows.put(row_of(env, seq))
 
     if start_seq is not None:
         config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(start_seq, 1))
     else:
         config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME,
                                 opt_start_time=start_time or datetime.now(timezone.utc) - timedelta(seconds=60))
-    sub = await js.subscribe(f"{subjects.ROOT}.>", cb=on_msg, stream=subjects.STREAM, ordered_consumer=True,
-                             config=config)
+    sub = await subscribe_run(js, run_id, config, on_event)
     started = time.monotonic()
     last_queue_check = 0.0
     try:

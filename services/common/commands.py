@@ -61,3 +61,23 @@ async def drop_consumer(js, sub) -> None:
             await js.delete_consumer(subjects.STREAM, name)
         except Exception:  # noqa: BLE001 - the server dropped it first
             pass
+
+
+async def subscribe_run(js, run_id: str, config, on_event):
+    """An ordered, ephemeral consumer over the whole stream (commands too: a run's first message is its
+    run.start) from `config`'s start, calling `await on_event(stream_sequence, envelope_dict)` for each
+    message of `run_id`; what does not decode is skipped. Drop it with `drop_consumer`."""
+    import json
+
+    from contracts import subjects
+
+    async def on_msg(msg) -> None:
+        try:
+            env = json.loads(msg.data)
+        except ValueError:
+            return
+        if isinstance(env, dict) and env.get("run_id") == run_id:
+            await on_event(msg.metadata.sequence.stream, env)
+
+    return await js.subscribe(f"{subjects.ROOT}.>", cb=on_msg, stream=subjects.STREAM, ordered_consumer=True,
+                              config=config)

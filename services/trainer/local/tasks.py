@@ -45,6 +45,25 @@ def _attention(rows: list[list[int]]):
     return mask
 
 
+def predict_batches(model, enc: dict, collate, batch_size: int, decode) -> tuple[list, float]:
+    """(decode(logits) of every batch, concatenated; mean loss) over an encoded split, in eval mode."""
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+    n = len(enc["input_ids"])
+    preds: list = []
+    loss_sum = 0.0
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            idx = list(range(start, min(n, start + batch_size)))
+            batch = {k: v.to(device) for k, v in collate(enc, idx).items()}
+            out = model(**batch)
+            loss_sum += float(out.loss) * len(idx)
+            preds.extend(decode(out.logits))
+    return preds, loss_sum / max(1, n)
+
+
 class SequenceClassification:
     """Encoder + classification head, LoRA on the recipe's target modules, the head trained in full."""
 
@@ -112,23 +131,13 @@ class SequenceClassification:
         """(predictions, mean loss) over an encoded split, in eval mode, batch by batch."""
         import torch
 
-        model.eval()
-        device = next(model.parameters()).device
-        n = len(enc["input_ids"])
-        preds: list = []
-        loss_sum = 0.0
-        with torch.inference_mode():
-            for start in range(0, n, self.eval_batch_size):
-                idx = list(range(start, min(n, start + self.eval_batch_size)))
-                batch = {k: v.to(device) for k, v in self.collate(enc, idx).items()}
-                out = model(**batch)
-                loss_sum += float(out.loss) * len(idx)
-                if self.multi_label:
-                    on = torch.sigmoid(out.logits) >= self.recipe.multi_label_threshold
-                    preds.extend([self.label_space[j] for j in row.nonzero().flatten().tolist()] for row in on)
-                else:
-                    preds.extend(self.label_space[j] for j in out.logits.argmax(dim=-1).tolist())
-        return preds, loss_sum / max(1, n)
+        def decode(logits) -> list:
+            if self.multi_label:
+                on = torch.sigmoid(logits) >= self.recipe.multi_label_threshold
+                return [[self.label_space[j] for j in row.nonzero().flatten().tolist()] for row in on]
+            return [self.label_space[j] for j in logits.argmax(dim=-1).tolist()]
+
+        return predict_batches(model, enc, self.collate, self.eval_batch_size, decode)
 
     def evaluate(self, model, enc: dict, recipe: Recipe) -> EvalResult:
         preds, loss = self.predict(model, enc)
@@ -291,23 +300,11 @@ class MultiFieldTriage:
 
     def predict(self, model, enc: dict) -> tuple[list[dict], float]:
         """(one answer per row: {field: label, ..., "tags": [...]}, mean loss) over an encoded split."""
-        import torch
-
         from services.common.encoder_classifier import decode_heads
 
-        model.eval()
-        device = next(model.parameters()).device
-        n = len(enc["input_ids"])
-        preds: list[dict] = []
-        loss_sum = 0.0
-        with torch.inference_mode():
-            for start in range(0, n, self.eval_batch_size):
-                idx = list(range(start, min(n, start + self.eval_batch_size)))
-                batch = {k: v.to(device) for k, v in self.collate(enc, idx).items()}
-                out = model(**batch)
-                loss_sum += float(out.loss) * len(idx)
-                preds.extend(decode_heads(self.heads, out.logits.float().cpu(), self.recipe.multi_label_threshold))
-        return preds, loss_sum / max(1, n)
+        return predict_batches(model, enc, self.collate, self.eval_batch_size,
+                               lambda logits: decode_heads(self.heads, logits.float().cpu(),
+                                                           self.recipe.multi_label_threshold))
 
     def head_f1(self, rows: list[dict], preds: list[dict]) -> dict[str, float]:
         """Each head's F1 on the rows: macro over a softmax head's rows with a value, micro for tags."""
