@@ -15,7 +15,7 @@ from pydantic import TypeAdapter, ValidationError
 from services.api import reads
 from services.api.auth import COOKIE, Principal, optional_principal
 from services.api.routes_read import target_view, utc
-from services.cli.eval_cmds import report_of
+from services.common.eval_report import report_of
 from services.common import registry_log, tokens
 
 router = APIRouter(include_in_schema=False)

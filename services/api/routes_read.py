@@ -13,7 +13,7 @@ from contracts.subjects import is_subject_token
 from services.api import reads
 from services.api.auth import Principal, reader
 from services.api.live import run_stream
-from services.cli.eval_cmds import decision_in_words, render, report_of
+from services.common.eval_report import decision_in_words, render, report_of
 from services.common import registry_log
 
 router = APIRouter(prefix="/api", tags=["read"])
