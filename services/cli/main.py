@@ -13,8 +13,6 @@ from pathlib import Path
 from contracts import subjects
 from contracts.commands import StartRun
 from contracts.common import HostedSettings, RunPlan
-from contracts.envelope import Envelope
-from contracts.registry import message_type_of
 from services.cli import (audit_cmds, eval_cmds, follow, history_cmds, import_cmds, ingest_cmds, registry_cmds, stack,
                           token_cmds)
 from services.cli.errors import validation_lines
@@ -354,12 +352,11 @@ def absolute_locator(locator: str) -> str:
 async def publish_command(cmd, *, prefix: str = "run", run_id: str | None = None) -> str:
     """Publish a command as the first event of a new run (or, with run_id, into that run); returns the run id."""
     from services.common.bus import publish
+    from services.common.commands import envelope_of
 
     if run_id is None:
         run_id = new_run_id() if prefix == "run" else f"{prefix}-{new_run_id()}"
-    mt = message_type_of(cmd)
-    env = Envelope(type=mt.name, schema_version=mt.version, run_id=run_id, correlation_id=run_id, producer="cli",
-                   payload=cmd.model_dump(mode="json"))
+    env = envelope_of(cmd, run_id, "cli")
     nats_url, _ = urls()
     nc, js = await _js(nats_url)
     try:
