@@ -33,6 +33,31 @@ async def publish_all(js, envs):
         await publish(js, env, subject_of(env))
 
 
+async def start_after_a_dead_recorder(js, nats_server, database, tmp_path):
+    """A recorder pulls the first 3 messages of two runs and dies before acking them; the rest are published
+    and a new audit service starts: (the runs' envelopes, the service)."""
+    from nats.js.api import AckPolicy
+
+    from services.audit.recorder import CONSUMER
+    from services.common.app import consumer_config
+
+    settings = AuditSettings(nats_url=nats_server.url, database_url=database, data_dir=tmp_path / "d",
+                             projector_poll_s=0.1, ack_wait_s=2)
+    config = consumer_config(settings)
+    config.durable_name, config.filter_subject = CONSUMER, f"{subjects.ROOT}.>"
+    config.ack_policy, config.max_ack_pending = AckPolicy.ALL, settings.recorder_batch * 4
+    await js.add_consumer(subjects.STREAM, config)
+    envs = successful_run("run-held") + failed_run("run-after-kill")
+    await publish_all(js, envs[:3])
+    dead = await js.pull_subscribe_bind(durable=CONSUMER, stream=subjects.STREAM)
+    assert len(await dead.fetch(3, timeout=5)) == 3  # pulled by a recorder that dies before acking
+    await publish_all(js, envs[3:])
+    svc = AuditService(settings)
+    await svc.prepare_broker()
+    await svc.broker.start()
+    return envs, svc
+
+
 async def start_audit(nats_server, database, tmp_path, **kw):
     svc = AuditService(AuditSettings(nats_url=nats_server.url, database_url=database, data_dir=tmp_path / "d",
                                      projector_poll_s=0.1, **kw))
@@ -312,25 +337,7 @@ async def test_messages_a_dead_recorder_held_are_recorded_before_anything_after_
     unacked until ack_wait sends it again; its successor, acking the newer messages it pulled first,
     settled that batch too, so it was never redelivered nor recorded: a gap for good, and the
     timeline stopped at it."""
-    from nats.js.api import AckPolicy
-
-    from services.audit.recorder import CONSUMER
-    from services.common.app import consumer_config
-
-    settings = AuditSettings(nats_url=nats_server.url, database_url=database, data_dir=tmp_path / "d",
-                             projector_poll_s=0.1, ack_wait_s=2)
-    config = consumer_config(settings)
-    config.durable_name, config.filter_subject = CONSUMER, f"{subjects.ROOT}.>"
-    config.ack_policy, config.max_ack_pending = AckPolicy.ALL, settings.recorder_batch * 4
-    await js.add_consumer(subjects.STREAM, config)
-    envs = successful_run("run-held") + failed_run("run-after-kill")
-    await publish_all(js, envs[:3])
-    dead = await js.pull_subscribe_bind(durable=CONSUMER, stream=subjects.STREAM)
-    assert len(await dead.fetch(3, timeout=5)) == 3  # pulled by a recorder that dies before acking
-    await publish_all(js, envs[3:])
-    svc = AuditService(settings)
-    await svc.prepare_broker()
-    await svc.broker.start()
+    envs, svc = await start_after_a_dead_recorder(js, nats_server, database, tmp_path)
     conn = await connect_as_app(database)
     try:
         await wait_for(lambda: _checkpoint_at(conn, len(envs)), timeout=30)

@@ -90,25 +90,9 @@ async def test_messages_above_a_hole_wait_for_it_and_the_chain_stays_in_position
                                                                                           tmp_path):
     """A dead recorder held the first messages; its successor gets the later ones first. Appending those
     at once would link them past the hole, and the late rows could not be linked in position order."""
-    from nats.js.api import AckPolicy
+    from tests.connected.test_audit import start_after_a_dead_recorder
 
-    from services.audit.recorder import CONSUMER
-    from services.common.app import consumer_config
-
-    settings = AuditSettings(nats_url=nats_server.url, database_url=database, data_dir=tmp_path / "d",
-                             projector_poll_s=0.1, ack_wait_s=2)
-    config = consumer_config(settings)
-    config.durable_name, config.filter_subject = CONSUMER, f"{subjects.ROOT}.>"
-    config.ack_policy, config.max_ack_pending = AckPolicy.ALL, settings.recorder_batch * 4
-    await js.add_consumer(subjects.STREAM, config)
-    envs = successful_run("run-held") + failed_run("run-after-kill")
-    await publish_all(js, envs[:3])
-    dead = await js.pull_subscribe_bind(durable=CONSUMER, stream=subjects.STREAM)
-    assert len(await dead.fetch(3, timeout=5)) == 3  # pulled by a recorder that dies before acking
-    await publish_all(js, envs[3:])
-    svc = AuditService(settings)
-    await svc.prepare_broker()
-    await svc.broker.start()
+    envs, svc = await start_after_a_dead_recorder(js, nats_server, database, tmp_path)
     conn = await connect_as_app(database)
     try:
         await asyncio.sleep(0.5)
