@@ -475,7 +475,7 @@ class CsvSource:
             page, score = _latin_page(sample, "cp1252")
             if score is None:
                 score = _common_share(sample.decode(page, "replace"), _COMMON_LETTERS[page])
-            if score >= 0.9:
+            if score >= 0.9 or _plain_text_bytes(sample):
                 return page, "none"
             raise SourceError("ingest.binary_source",
                               f"{self.path} is not text in any encoding charset-normalizer knows (not UTF-8, no BOM): not CSV")
@@ -729,3 +729,14 @@ class CsvSource:
         opened = number + prev_open
         return (f"; a quoted field opened on line {opened} runs to line {last} (if that quote is a stray one, "
                 f"lines {opened + 1}..{last} are inside it)")
+
+
+def _plain_text_bytes(sample: bytes) -> bool:
+    """Too few letters beyond ASCII for a guess by letters, yet plainly text: no control bytes but tab and
+    line ends, and at most one byte in four beyond ASCII (random or binary bytes hold about one control
+    byte in eight and half beyond ASCII). A few short rows of names in a legacy page look like this."""
+    if not sample:
+        return False
+    controls = sum(1 for b in sample if (b < 0x20 and b not in (9, 10, 13)) or b == 0x7F)
+    high = sum(1 for b in sample if b >= 0x80)
+    return controls == 0 and high * 4 <= len(sample)
