@@ -138,3 +138,31 @@ def smoke_load(out_dir: Path) -> int:
     if not tensors:
         raise ExportError(f"{ADAPTER_WEIGHTS} holds no tensors")
     return len(tensors)
+
+
+def finish_manifest(out_dir: Path, ref, outcomes: list, *, base_model: str, base_path: str) -> dict:
+    """Add the formats written beside the adapter (services/export/formats.py) to export_manifest.json:
+    their files (sha256 and size), each format's outcome and parity, the base model's pin (weights and
+    tokenizer files' sha256) and the head (task, label space, heads, pooling, threshold, max_length);
+    returns the manifest."""
+    from services.export.formats import ADAPTER, base_model_pin
+
+    out_dir = Path(out_dir)
+    manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
+    listed = {f["path"] for f in manifest["files"]}
+    files = list(manifest["files"])
+    for outcome in outcomes:
+        if not outcome.shipped or outcome.path is None:
+            continue
+        for p in sorted((out_dir / outcome.path).rglob("*")):
+            name = p.relative_to(out_dir).as_posix()
+            if p.is_file() and name not in listed:
+                files.append({"path": name, "sha256": sha256_of(p), "size": p.stat().st_size})
+    manifest["files"] = sorted(files, key=lambda f: f["path"])
+    manifest["formats"] = [{"format": ADAPTER, "status": "shipped", "path": ".", "reason_code": None,
+                            "message": None, "parity": None, "runtime": "peft"},
+                           *(o.as_json() for o in outcomes)]
+    manifest["base"] = base_model_pin(base_model, base_path)
+    manifest["head"] = ref.head_json()
+    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return manifest

@@ -88,3 +88,26 @@ async def find_lineage(js, artifacts, training_completed_id: uuid.UUID | None,
         return None, manifest
     version = doc.get("dataset_version") if isinstance(doc, dict) else None
     return (version if isinstance(version, str) else None), manifest
+
+
+async def find_run_event(js, type_name: str, run_id: str, before_seq: int):
+    """(envelope, payload) of the latest event of `type_name` in run `run_id` at or before stream sequence
+    `before_seq`, or None; what does not decode is skipped."""
+    subject = subjects.subject_for(type_name, kind="event")
+    found = None
+    seq = 1
+    while seq <= before_seq:
+        try:
+            msg = await js.get_msg(subjects.STREAM, seq, subject=subject, next=True, direct=True)
+        except NotFoundError:
+            break
+        if msg.seq > before_seq:
+            break
+        try:
+            env, payload = decode(msg.data)
+        except ContractError:
+            env = payload = None
+        if env is not None and env.run_id == run_id and env.type == type_name:
+            found = (env, payload)
+        seq = msg.seq + 1
+    return found

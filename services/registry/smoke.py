@@ -3,39 +3,20 @@ check before a promotion (the exported artifact on its pinned base reproduces th
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from pathlib import Path
 
 from contracts.events import BaseModelPin, SmokeCheck
 from services.common.artifacts import ArtifactIntegrityError, ArtifactStore
 from services.common.jsonl import loads_jsonl
+from services.common.model_pins import WEIGHT_SUFFIXES, weights_sha256  # noqa: F401 (pinned here before)
 from services.common.models import resolve_base_model
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 CANDIDATE = "candidate"  # the records' model name for the candidate (services/evaluator/app.py)
 
 
 class SmokeFailed(Exception):
     """The smoke check could not run or did not reproduce; the message says which."""
-
-
-def weights_sha256(model_dir: Path) -> str | None:
-    """One sha256 over a local model's weight files (name and content, in name order); None when the
-    path holds none (a hub id not on this machine)."""
-    root = Path(model_dir)
-    if not root.is_dir():
-        return None
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
-    if not files:
-        return None
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def pin_base_model(base_model: str) -> BaseModelPin:
