@@ -87,6 +87,7 @@ def predict(
         raise ValueError(f"need at least {1 if multi_label else 2} labels, got {list(label_space)}")
     if not texts:
         return [], []
+    meta = trained_metadata(Path(adapter_dir)) if adapter_dir is not None else {}
     if adapter_dir is not None:
         check_adapter_labels(Path(adapter_dir), label_space)
         trained = trained_pooling(adapter_dir)
@@ -99,12 +100,16 @@ def predict(
     from transformers import AutoTokenizer
 
     from services.common.encoder_classifier import build_encoder_classifier
+    from services.common.truncation import encode_ids, pad_batch
 
+    truncation = meta.get("truncation") or "head"  # as trained (adapters from before the field: the head)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = AutoTokenizer.from_pretrained(base_model)
         model = build_encoder_classifier(base_model, label_space, pooling=pooling or "cls", multi_label=multi_label)
-    if adapter_dir is not None:
+    if adapter_dir is not None and meta.get("method") == "full":
+        model.load_full(str(adapter_dir))  # a fully fine-tuned classifier: its own weights, no adapter
+    elif adapter_dir is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter_dir))
@@ -118,8 +123,8 @@ def predict(
         for start in range(0, len(texts), batch_size):
             t0 = time.perf_counter()
             batch = list(texts[start : start + batch_size])
-            enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
-            logits = model(**enc).logits
+            ids, mask = pad_batch(encode_ids(tokenizer, batch, max_length, truncation), tokenizer.pad_token_id or 0)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             if multi_label:
                 on = torch.sigmoid(logits) >= threshold
                 predictions.extend([label_space[j] for j in row.nonzero().flatten().tolist()] for row in on)

@@ -38,6 +38,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 POOLINGS = ("cls", "mean")
 HEAD_MODULES = {"cls": ["classifier", "score"], "mean": ["classifier"]}
 IGNORE_INDEX = -100  # a softmax head's target for a row with no value: no loss from that row
+FULL_WEIGHTS = "model.safetensors"  # a fully fine-tuned classifier's weights (recipe method "full")
 
 
 def build_encoder_classifier(path: str, label_space: Sequence[str], *, pooling: str = "cls",
@@ -76,6 +77,26 @@ class MeanPooledClassifier(nn.Module):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+    def save_pretrained(self, out_dir: str, safe_serialization: bool = True, **_ignored) -> None:
+        """The whole model (recipe method "full"): every weight in FULL_WEIGHTS, the encoder's config and
+        the tokenizer are not copied (labels.json names the base model, whose tokenizer it is)."""
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(Path(out_dir) / FULL_WEIGHTS))
+
+    def load_full(self, out_dir: str) -> MeanPooledClassifier:
+        """Load the weights `save_pretrained` wrote (strict: a model of another shape is an error)."""
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        self.load_state_dict(load_file(str(Path(out_dir) / FULL_WEIGHTS)), strict=True)
+        return self
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
                 **_ignored) -> SequenceClassifierOutput:

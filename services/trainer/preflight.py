@@ -267,7 +267,12 @@ class ModelFacts:
         return self.head_params_fixed + self.head_params_per_label * max(1, label_count)
 
     def trainable_params(self, recipe: Recipe, label_count: int) -> int:
-        """LoRA matrices, plus the classification head (trained in full) for classification tasks."""
+        """LoRA matrices, plus the classification head (trained in full) for classification tasks; every
+        parameter for a fully fine-tuned classifier (method "full")."""
+        if recipe.method == "full":  # the mean-pooled head loads the encoder without its pooler (dense + bias)
+            pooler = sum(layer.in_features * layer.out_features + layer.out_features
+                         for layer in self.linear_layers if _in_pooler(layer.name))
+            return self.base_params(recipe, label_count) - (pooler if recipe.pooling == "mean" else 0)
         head = self.head_params(label_count) if recipe.task in CLASSIFICATION_TASKS else 0
         return self.lora_params(recipe) + head
 
@@ -501,7 +506,7 @@ def saved_activation_bytes(recipe: Recipe, facts: ModelFacts) -> int:
     else:
         total = layers * per_layer_16bit * 2  # fp32: twice the 16-bit figure
         elem = 4
-    if recipe.lora_dropout > 0:
+    if recipe.lora_dropout > 0 and recipe.method != "full":
         # peft applies the adapter's dropout to each adapted layer's input separately: a dropped copy of
         # the input and its mask per adapted layer (q, k and v each keep their own)
         total += sum(b * s * layer.in_features * (elem + 1) for layer in facts.lora_targets(recipe.target_modules))
@@ -620,7 +625,7 @@ def check_capability(recipe: Recipe, facts: ModelFacts, shape: str,
             checks.append(PreflightCheck(name="capability", status="ok",
                                          message=f"{recipe.task} head ({recipe.pooling} pooling) on {model}"))
 
-    if facts.params_exact and facts.linear_layers:
+    if facts.params_exact and facts.linear_layers and recipe.method != "full":  # full: no LoRA targets to match
         targets = facts.lora_targets(recipe.target_modules)
         if not targets:
             suffixes = sorted({layer.name.rsplit(".", 1)[-1] for layer in facts.linear_layers})

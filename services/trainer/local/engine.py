@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -263,6 +264,32 @@ def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist())
 
 
+_LAYER = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
+
+
+def layer_depth(name: str) -> int | None:
+    """0 for the embeddings, i + 1 for encoder layer i, None for anything above (the head)."""
+    if ".embeddings." in f".{name}" or name.startswith("embeddings."):
+        return 0
+    m = _LAYER.search(name)
+    return int(m.group(1)) + 1 if m else None
+
+
+def param_groups(named: list[tuple[str, Any]], recipe: Recipe) -> list[dict]:
+    """AdamW parameter groups: one rate for all (layer_lr_decay 1), or layer-wise: the head and the top
+    layer at learning_rate, each layer below layer_lr_decay times the one above, the embeddings lowest."""
+    if recipe.layer_lr_decay >= 1.0:
+        return [{"params": [p for _, p in named]}]
+    depths = {n: layer_depth(n) for n, _ in named}
+    top = max((d for d in depths.values() if d is not None), default=0)
+    groups: dict[int, list] = {}
+    for n, p in named:
+        d = depths[n]
+        groups.setdefault(top if d is None else d, []).append(p)
+    return [{"params": ps, "lr": recipe.learning_rate * recipe.layer_lr_decay ** (top - d)}
+            for d, ps in sorted(groups.items(), reverse=True)]  # the head's rate first (progress reports it)
+
+
 @dataclass
 class _State:
     step: int = 0
@@ -317,7 +344,8 @@ def train(
     ckpt_every = recipe.checkpoint_interval(n)
     warmup = int(max_steps * recipe.warmup_ratio)
 
-    optimizer = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(trainable, recipe), lr=recipe.learning_rate,
+                                  weight_decay=recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, max_steps, warmup))
 
     st = _State()

@@ -99,6 +99,8 @@ class SequenceClassification:
         path = resolve_base_model(recipe.base_model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         base = build_encoder_classifier(path, self.label_space, pooling=recipe.pooling, multi_label=self.multi_label)
+        if recipe.method == "full":
+            return base  # every weight trained; saved whole (MeanPooledClassifier.save_pretrained)
         config = LoraConfig(
             task_type=lora_task_type(recipe.pooling), r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
             lora_dropout=recipe.lora_dropout, target_modules=list(recipe.target_modules),
@@ -112,7 +114,9 @@ class SequenceClassification:
         import torch
 
         assert self.tokenizer is not None and self.recipe is not None, "build_model first"
-        enc = self.tokenizer([r["text"] for r in rows], truncation=True, max_length=self.recipe.max_length)
+        from services.common.truncation import encode_ids
+
+        input_ids = encode_ids(self.tokenizer, [r["text"] for r in rows], self.recipe.max_length, self.recipe.truncation)
         if self.multi_label:
             targets = torch.zeros((len(rows), len(self.label_space)), dtype=torch.float)
             for i, r in enumerate(rows):
@@ -120,7 +124,7 @@ class SequenceClassification:
                     targets[i, self.label2id[lab]] = 1.0
         else:
             targets = torch.tensor([self.label2id[r["label"]] for r in rows], dtype=torch.long)
-        return {"input_ids": enc["input_ids"], "targets": targets, "rows": rows}
+        return {"input_ids": input_ids, "targets": targets, "rows": rows}
 
     def collate(self, enc: dict, idx: list[int]) -> dict:
         ids = [enc["input_ids"][i] for i in idx]
@@ -154,6 +158,8 @@ class SequenceClassification:
             "task": "multi_label_classification" if self.multi_label else "sequence_classification",
             "label_space": self.label_space, "base_model": str(recipe.base_model), "max_length": recipe.max_length,
             "pooling": recipe.pooling,  # the head the evaluator must rebuild (services/common/encoder_classifier.py)
+            "method": recipe.method,  # "full": the whole model is saved (model.safetensors), not a LoRA adapter
+            "truncation": recipe.truncation,  # how a long text is cut (services/common/truncation.py)
             "threshold": recipe.multi_label_threshold if self.multi_label else None,
         }, indent=2))
 
