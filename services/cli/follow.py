@@ -26,7 +26,7 @@ TRIGGERS = {
 }
 # Events worth a line although they change no stage's status.
 _NOTABLE = {"run.start", "ingest.commit", "training.started", "training.restarted", "training.checkpointed",
-            "prep.test_set_frozen"}
+            "prep.test_set_frozen", "training.trial_completed", "training.tuning_completed"}
 FIRST_EVENT_S = 30.0  # how long `follow` waits for a run's first event before saying it found none
 
 

@@ -90,6 +90,54 @@ def min_per_class_problems(cleaning: dict[str, Any], min_per_class: int | None) 
     return [f"--min-per-class {min_per_class}: {msg} (a label needs a train and a test row)"] if msg else []
 
 
+DEFAULT_BUDGET_MINUTES = 30.0
+
+
+def parse_tune_space(pairs: list[str] | None) -> dict[str, Any]:
+    """`--tune-space FIELD=[V1,V2]` pairs as field -> candidates (a value that is not a JSON list is kept as
+    given, for tuning_problems and the plan's validation to name)."""
+    import json
+
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, _, raw = pair.partition("=")
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    return out
+
+
+def tuning_problems(trials: int | None, budget: float | None, space_pairs: list[str] | None,
+                    backend: str = "local") -> list[str]:
+    """What is wrong with `--tune`, `--budget` and `--tune-space`, one line each (their bounds are the
+    plan's: RunPlan's validation names them too)."""
+    from services.trainer.recipes import Recipe
+    from services.trainer.tuning import TUNABLE
+
+    if trials is None:
+        return [f"{option}: applies with --tune N" for option, given in (("--budget", budget), ("--tune-space", space_pairs))
+                if given is not None]
+    problems = []
+    if backend != "local":
+        problems.append(f"--tune: tuning runs local trainings; a {backend} fine-tune is not tuned")
+    tunable = sorted(n for n in TUNABLE if n in Recipe.model_fields)
+    for pair in space_pairs or []:
+        name, sep, raw = pair.partition("=")
+        if not sep or not name:
+            problems.append(f"--tune-space expects FIELD=[V1,V2,...], got {pair!r}")
+            continue
+        values = parse_tune_space([pair])[name]
+        if name not in tunable:
+            problems.append(f"--tune-space {name}: not a tunable field; the tunable fields are: {', '.join(tunable)}")
+        elif not isinstance(values, list) or not values:
+            problems.append(f"--tune-space {name}: give the candidates as a non-empty JSON list, e.g. {name}=[1,2]")
+        else:
+            problems += [f"--tune-space {name}={v!r}: {msg}" for v in values
+                         if (msg := _field_problem(Recipe, name, v)) is not None]
+    return problems
+
+
 TARGET_CHARACTERS = "ASCII letters, digits, '-' and '_'"
 
 

@@ -125,6 +125,10 @@ def make_on_prepared(settings: TrainerSettings, controls: ControlRegistry):
             recipe = resolve_recipe(plan.recipe, shape, plan.training_overrides())
         except RecipeError as exc:
             raise StageError(exc.reason_code, str(exc)) from exc
+        if plan.tuning is not None:  # a search space the recipe refuses fails here, before preflight
+            from services.trainer.tune_runner import planned_trials
+
+            planned_trials(plan, recipe)
         try:
             rows, eval_rows = await asyncio.to_thread(
                 lambda: (loads_jsonl(ctx.artifacts.read_bytes(p.train)), loads_jsonl(ctx.artifacts.read_bytes(p.eval))))
@@ -171,6 +175,18 @@ async def train_locally(ctx: StageContext, settings: TrainerSettings, recipe: Re
     # the first attempt's ids again (and have its events dropped as duplicates). The first attempt keeps
     # the ids it always had.
     attempt = f":delivery-{ctx.delivery}" if ctx.delivery > 1 else ""
+    if p.plan.tuning is not None:  # trials on train, scored on validation; the final model gets the best settings
+        from services.trainer.tune_runner import tune_locally
+
+        try:
+            recipe = await tune_locally(ctx, recipe, rows, eval_rows, work_dir, control,
+                                        lambda r: task_for(r, p.label_space, tag_space), settings.progress_every_s)
+        except StageError:
+            raise
+        except (TrainingCancelled, TrainingTimedOut, ValueError, MemoryError, OSError, RuntimeError) as exc:
+            raise StageError(failure_reason(exc), f"{type(exc).__name__}: {exc}") from exc
+        task = task_for(recipe, p.label_space, tag_space)
+        resume_at = checkpoint_step(work_dir)
     await ctx.emit(TrainingStarted(plan=p.plan, base_model=recipe.base_model, max_steps=recipe.steps_for(len(rows)),
                                    train_rows=len(rows), recipe=recipe.name, backend="local",
                                    resumed_from_step=resume_at),
