@@ -44,9 +44,12 @@ async def database(postgres):
 
 @pytest.fixture
 def nats_server(tmp_path):
+    """A nats-server with the stack's users (services/common/nats_auth.py), passwords in `.passwords`; a
+    connection without credentials acts as admin, so a test connects as a service only when it asks to."""
     from services.cli.stack import start_nats
+    from services.common.nats_auth import ADMIN, new_passwords
 
-    server = start_nats(tmp_path / "nats")
+    server = start_nats(tmp_path / "nats", passwords=new_passwords(), no_auth_user=ADMIN)
     yield server
     server.stop()
 

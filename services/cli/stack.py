@@ -15,6 +15,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NATS_CONF = REPO_ROOT / "infra" / "nats" / "nats-server.conf"
+NATS_AUTH_CONF = REPO_ROOT / "infra" / "nats" / "nats-server-auth.conf"  # NATS_CONF and a user per service
 SERVICES = ("ingest", "prep", "trainer", "evaluator", "export", "registry", "audit", "api")
 API_PORT = 8321  # the HTTP API and web page (services/api), when free
 DB_NAME = "tuneline"
@@ -46,12 +47,31 @@ class NatsProcess:
     store_dir: Path
     log: Path
     popen: subprocess.Popen | None = None
+    passwords: dict[str, str] | None = None  # user -> password, when started with users
 
     def stop(self) -> None:
         stop_pid(self.pid)
 
 
-def start_nats(root: Path, port: int | None = None) -> NatsProcess:
+def nats_conf(root: Path, passwords: dict[str, str] | None, no_auth_user: str | None) -> Path:
+    """The config a server starts with: NATS_CONF without passwords; NATS_AUTH_CONF with them; with a
+    `no_auth_user` (the test fixtures: a connection without credentials acts as that user), a config
+    under root that includes NATS_AUTH_CONF (nats-server includes relative paths only)."""
+    if passwords is None:
+        return NATS_CONF
+    if no_auth_user is None:
+        return NATS_AUTH_CONF
+    conf = root / "nats-server.conf"
+    conf.write_text(f'include "{os.path.relpath(NATS_AUTH_CONF, root.resolve())}"\nno_auth_user: {no_auth_user}\n')
+    return conf
+
+
+def start_nats(root: Path, port: int | None = None, *, passwords: dict[str, str] | None = None,
+               no_auth_user: str | None = None) -> NatsProcess:
+    """A nats-server under root; with `passwords` (user -> password, services/common/nats_auth.py), one user
+    per service with its permissions."""
+    from services.common.nats_auth import server_env
+
     root.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     store = root / "jetstream"
@@ -61,14 +81,16 @@ def start_nats(root: Path, port: int | None = None) -> NatsProcess:
         TUNELINE_NATS_LISTEN=f"127.0.0.1:{port}",
         TUNELINE_NATS_STORE_DIR=str(store),
         TUNELINE_NATS_SERVER_NAME=f"tuneline-{port}",
+        **(server_env(passwords) if passwords is not None else {}),
     )
+    conf = nats_conf(root, passwords, no_auth_user)
     with open(log, "ab") as out:
         popen = subprocess.Popen(
-            [str(nats_server_binary()), "-c", str(NATS_CONF)],
+            [str(nats_server_binary()), "-c", str(conf)],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
     _wait_for_port("127.0.0.1", port, popen, log)
-    return NatsProcess(f"nats://127.0.0.1:{port}", popen.pid, store, log, popen)
+    return NatsProcess(f"nats://127.0.0.1:{port}", popen.pid, store, log, popen, passwords)
 
 
 def _wait_for_port(host: str, port: int, popen: subprocess.Popen, log: Path, timeout: float = 20.0) -> None:
@@ -278,10 +300,84 @@ def postgres_alive(pgdata: Path) -> bool:
     return cmdline is None or "postgres" in Path(cmdline[0]).name
 
 
-def start_service(name: str, data_dir: Path, env: dict[str, str]) -> int:
-    logs = data_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    with open(logs / f"{name}.log", "ab") as out:
+# --- replicas: competing consumers on one durable (JetStream hands each message to one of them) -----------
+# The recorder (audit) is a single active instance (positions are recorded in order) and the API binds one
+# port: the stage services scale.
+REPLICABLE = ("ingest", "prep", "trainer", "evaluator", "export", "registry")
+MAX_REPLICAS = 16
+
+
+def parse_replicas(text: str | None) -> dict[str, int]:
+    """`trainer=2,evaluator=2` -> {"trainer": 2, "evaluator": 2}; ValueError naming what is wrong."""
+    out: dict[str, int] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        name, sep, count = item.strip().partition("=")
+        if not sep:
+            raise ValueError(f"--replicas {item!r}: expected SERVICE=N, e.g. trainer=2")
+        if name not in REPLICABLE:
+            why = "runs as one instance" if name in SERVICES else "is not a service"
+            raise ValueError(f"--replicas: {name!r} {why}; replicable: {', '.join(REPLICABLE)}")
+        try:
+            n = int(count)
+        except ValueError:
+            raise ValueError(f"--replicas {item!r}: {count!r} is not a number") from None
+        if not 1 <= n <= MAX_REPLICAS:
+            raise ValueError(f"--replicas {item!r}: between 1 and {MAX_REPLICAS}")
+        out[name] = n
+    return out
+
+
+def replica_log(data_dir: Path, name: str, replica: int = 1) -> Path:
+    """logs/<name>.log for the first instance, logs/<name>-<i>.log for the others."""
+    return data_dir / "logs" / (f"{name}.log" if replica == 1 else f"{name}-{replica}.log")
+
+
+def replica_pids(entry: dict | None) -> list[int]:
+    """Every recorded pid of a service's stack.json entry (its replicas; an entry from before replicas: its pid)."""
+    entry = entry or {}
+    pids = [r.get("pid") for r in entry.get("replicas") or []] or [entry.get("pid")]
+    return [p for p in pids if p]
+
+
+# --- the services' NATS credentials (services/common/nats_auth.py) -----------------------------------------
+
+
+def service_credentials(data_dir: Path, name: str, nats_state: dict | None) -> dict[str, str]:
+    """NATS_USER/NATS_PASSWORD for a service of the stack's own nats-server (started with users); nothing for
+    an external server (NATS_URL): its services get whatever the environment says."""
+    from services.common.nats_auth import client_env, read_credentials
+
+    if not (nats_state or {}).get("managed"):
+        return {}
+    passwords = read_credentials(data_dir)
+    return client_env(name, passwords) if passwords and name in passwords else {}
+
+
+def client_nats_url(data_dir: Path, url: str, state: dict | None, user: str, environ: dict[str, str] | None = None) -> str:
+    """The URL a CLI command connects with: NATS_USER/NATS_PASSWORD from the environment when set; else,
+    for the stack's own nats-server, `user`'s generated password; else `url` as it is (a server without
+    auth, or credentials already in the URL)."""
+    from services.common.nats_auth import read_credentials, with_credentials
+
+    env = os.environ if environ is None else environ
+    if "@" in url:
+        return url
+    if env.get("NATS_USER") and env.get("NATS_PASSWORD"):
+        return with_credentials(url, env["NATS_USER"], env["NATS_PASSWORD"])
+    nats_state = (state or {}).get("nats") or {}
+    if nats_state.get("managed") and nats_state.get("url") == url:
+        passwords = read_credentials(data_dir) or {}
+        if user in passwords:
+            return with_credentials(url, user, passwords[user])
+    return url
+
+
+def start_service(name: str, data_dir: Path, env: dict[str, str], replica: int = 1) -> int:
+    log = replica_log(data_dir, name, replica)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
         popen = subprocess.Popen(
             [sys.executable, "-m", f"services.{name}"],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=str(REPO_ROOT),

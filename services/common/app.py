@@ -6,7 +6,7 @@ import logging
 
 from faststream import FastStream
 from faststream.middlewares import AckPolicy
-from faststream.nats import ConsumerConfig, JStream, NatsBroker, NatsMessage, PullSub
+from faststream.nats import ConsumerConfig, JStream, NatsBroker, NatsMessage, NatsUserPassword, PullSub
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
@@ -28,6 +28,12 @@ def consumer_config(settings: ServiceSettings) -> ConsumerConfig:
     whose worker died on each try (killed, out of memory) and lose it with no dead letter or failure
     event: nobody hears the server's MAX_DELIVERIES advisory."""
     return ConsumerConfig(max_deliver=-1, ack_wait=settings.ack_wait_s)
+
+
+def nats_security(settings: ServiceSettings):
+    """The service's nats-server credentials for FastStream (None: a server without auth)."""
+    opts = settings.nats_options
+    return NatsUserPassword(opts["user"], opts["password"]) if opts else None
 
 
 def _tolerate_any_subject(nc) -> None:
@@ -60,7 +66,7 @@ class Service:
         # FastStream logs through structlog too (JSON, with the ids bound per message); its
         # per-message "Received/Processed" lines are DEBUG: our handlers log what they did.
         self.broker = NatsBroker(settings.nats_url, name=f"tuneline-{name}", logger=get_logger("faststream"),
-                                 log_level=logging.DEBUG)
+                                 log_level=logging.DEBUG, security=nats_security(settings))
         self.artifacts = ArtifactStore(settings.artifact_root)
         self._js: JetStreamContext | None = None
         self._startup_hooks: list = []

@@ -19,9 +19,25 @@ log = get_logger(__name__)
 DUPLICATE_WINDOW_S = 30 * 60
 
 
+def stream_replicas() -> int:
+    """How many copies of each stream and bucket JetStream keeps: TUNELINE_STREAM_REPLICAS, 1 by default; 3
+    on the 3-node cluster (infra/nats/cluster.conf): an acknowledged write is then on a majority of nodes."""
+    import os
+
+    raw = os.environ.get("TUNELINE_STREAM_REPLICAS", "1")
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ValueError(f"TUNELINE_STREAM_REPLICAS={raw!r} is not a number (1, 3 or 5)") from None
+    if n not in (1, 3, 5):
+        raise ValueError(f"TUNELINE_STREAM_REPLICAS={n}: JetStream replicas are 1, 3 or 5 (a majority must agree)")
+    return n
+
+
 def run_events_config() -> StreamConfig:
     return StreamConfig(
         name=subjects.STREAM,
+        num_replicas=stream_replicas(),
         subjects=list(subjects.STREAM_SUBJECTS),
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
@@ -37,6 +53,7 @@ def run_events_config() -> StreamConfig:
 def dlq_config() -> StreamConfig:
     return StreamConfig(
         name=subjects.DLQ_STREAM,
+        num_replicas=stream_replicas(),
         subjects=list(subjects.DLQ_SUBJECTS),
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
@@ -46,16 +63,34 @@ def dlq_config() -> StreamConfig:
     )
 
 
+def config_differs(wanted: StreamConfig, current: StreamConfig) -> list[str]:
+    """The settings `wanted` sets that `current` (the server's) does not have."""
+    have = current.as_dict()
+    return sorted(k for k, v in wanted.as_dict().items() if have.get(k) != v)
+
+
 async def declare_streams(js: JetStreamContext) -> None:
-    """Create or update both streams; safe to run on every start."""
+    """Create both streams, or update one whose settings differ; safe to run on every start.
+
+    Only admin may update a stream (services/common/nats_auth.py): a service that finds one to change
+    (an upgrade) says so and runs with the stream as it is until an admin declares it (`tuneline up` does)."""
     for cfg in (run_events_config(), dlq_config()):
         try:
-            await js.stream_info(cfg.name)
+            info = await js.stream_info(cfg.name)
         except NotFoundError:
             await js.add_stream(cfg)
             log.info("stream_created", stream=cfg.name)
-        else:
+            continue
+        differs = config_differs(cfg, info.config)
+        if not differs:
+            continue
+        try:
             await js.update_stream(cfg)
+        except TimeoutError:  # nats' TimeoutError subclasses the builtin; a refused request is never answered
+            log.error("stream_update_refused", stream=cfg.name, settings=differs,
+                      hint="not answered: this user may not update streams; `tuneline up` (admin) declares them")
+        else:
+            log.info("stream_updated", stream=cfg.name, settings=differs)
 
 
 class PublishError(RuntimeError):

@@ -16,8 +16,11 @@ async def serving_bucket(js):
         return await js.key_value(BUCKET)
     except BucketNotFoundError:
         # history: a gateway (or a person) can see the last few switches of a key at a glance
+        from services.common.bus import stream_replicas
+
         return await js.create_key_value(KeyValueConfig(bucket=BUCKET, history=16, storage=StorageType.FILE,
-                                                        description="target -> the version that serves it"))
+                                                        description="target -> the version that serves it",
+                                                        replicas=stream_replicas()))
 
 
 async def read(js, target: str) -> dict | None:

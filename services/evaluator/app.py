@@ -158,11 +158,13 @@ async def _scores_bucket(js):
     from nats.js.api import KeyValueConfig, StorageType
     from nats.js.errors import BucketNotFoundError
 
+    from services.common.bus import stream_replicas
+
     try:
         return await js.key_value(SCORES_BUCKET)
     except BucketNotFoundError:
         return await js.create_key_value(KeyValueConfig(
-            bucket=SCORES_BUCKET, history=1, storage=StorageType.FILE,
+            bucket=SCORES_BUCKET, history=1, storage=StorageType.FILE, replicas=stream_replicas(),
             description="production's per-row answers by (target, version, test set): not rescored on every run"))
 
 

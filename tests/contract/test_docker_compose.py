@@ -6,7 +6,9 @@ These read the files; they need no Docker engine."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import subprocess
 import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -14,7 +16,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from services.cli.stack import NATS_CONF, SERVICES
+from services.cli.stack import NATS_AUTH_CONF, NATS_CONF, REPLICABLE, SERVICES, nats_server_binary
+from services.common import nats_auth
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
@@ -173,22 +176,45 @@ def test_migrate_runs_once_after_postgres_is_healthy_and_audit_waits_for_it(serv
     assert "healthcheck" in services["postgres"]
 
 
-def test_nats_mounts_the_repo_config_and_sets_every_variable_it_reads(services):
-    nats = services["nats"]
-    cmd = command_of(nats)
+def _uncommented(path: Path) -> str:
+    return "\n".join(line.split("#", 1)[0] for line in path.read_text().splitlines())
+
+
+def variables(path: Path) -> set[str]:
+    """The environment variables a nats config reads: `$NAME` outside quoted strings ("$JS.API.>" is a subject)."""
+    return set(re.findall(r"\$([A-Za-z_][A-Za-z0-9_]*)", re.sub(r'"[^"]*"', '""', _uncommented(path))))
+
+
+def config_files(service: dict) -> tuple[Path, list[tuple[Path, str]]]:
+    """The repo config a nats service starts with (-c), and every file it includes (recursively) with the
+    path it must be mounted at; each include is checked mounted read-only from the repo file."""
+    cmd = command_of(service)
     flag = next((i for i, a in enumerate(cmd) if a in ("-c", "--config")), None)
     assert flag is not None, f"nats is not started with the repo's config: {cmd}"
-    conf_in_container = cmd[flag + 1]
+    mounts = mounts_of(service)
+    todo, seen = [(cmd[flag + 1], None)], []
+    while todo:
+        target, _ = todo.pop()
+        assert target in mounts, f"nothing is mounted at {target}"
+        source, read_only = mounts[target]
+        path = (REPO / source).resolve()
+        assert path.is_file() and read_only, f"{target}: {source} (read-only: {read_only})"
+        seen.append((path, target))
+        for inc in re.findall(r'^\s*include\s+"?([^"\s]+)"?', _uncommented(path), re.M):
+            todo.append((str(Path(target).parent / inc), target))
+    return seen[0][0], seen
 
+
+def test_nats_mounts_the_repo_config_and_sets_every_variable_it_reads(services):
+    nats = services["nats"]
+    top, files = config_files(nats)
+    # the server with a user per service: nats-server.conf and the generated auth.conf
+    assert top == NATS_AUTH_CONF.resolve()
+    assert {p for p, _ in files} == {NATS_AUTH_CONF.resolve(), NATS_CONF.resolve(), nats_auth.AUTH_CONF.resolve()}
     mounts = mounts_of(nats)
-    assert conf_in_container in mounts, f"nothing is mounted at {conf_in_container}"
-    source, read_only = mounts[conf_in_container]
-    assert (REPO / source).resolve() == NATS_CONF.resolve()
-    assert NATS_CONF.is_file()
-    assert read_only
+    conf_in_container = files[0][1]
 
-    conf = "\n".join(line.split("#", 1)[0] for line in NATS_CONF.read_text().splitlines())
-    referenced = set(re.findall(r"\$([A-Za-z_][A-Za-z0-9_]*)", conf))
+    referenced = set().union(*(variables(path) for path, _ in files))
     assert referenced, "the nats conf references no variables; this test no longer pins anything"
     env = env_of(nats)
     unset = sorted(v for v in referenced if not env.get(v))
@@ -197,7 +223,8 @@ def test_nats_mounts_the_repo_config_and_sets_every_variable_it_reads(services):
     listen_port = env["TUNELINE_NATS_LISTEN"].rsplit(":", 1)[-1]
     assert listen_port == "4222", "the services' NATS_URL points at port 4222"
     store = env["TUNELINE_NATS_STORE_DIR"]
-    assert any(store == t or store.startswith(t.rstrip("/") + "/") for t in mounts if t != conf_in_container), (
+    assert any(store == t or store.startswith(t.rstrip("/") + "/") for t in mounts
+               if t not in {target for _, target in files}), (
         f"JetStream's store_dir {store} is not on a volume: the stream would not survive a restart"
     )
     assert "healthcheck" in nats
@@ -280,3 +307,64 @@ def test_docker_build_context_leaves_out_local_state():
         assert path in ignored, f".dockerignore does not leave out {path}"
     for path in ("contracts", "services", "infra", "pyproject.toml"):
         assert path not in ignored
+
+
+def test_nats_server_accepts_the_compose_config_with_the_compose_passwords(services, tmp_path):
+    # nats-server parses an environment variable as a config value: the compose defaults must be strings.
+    env = {**os.environ, **env_of(services["nats"]), "TUNELINE_NATS_STORE_DIR": str(tmp_path)}
+    ok = subprocess.run([str(nats_server_binary()), "-t", "-c", str(NATS_AUTH_CONF)], env=env, capture_output=True,
+                        text=True, timeout=30)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_every_service_connects_as_its_own_nats_user_with_the_password_nats_reads(services, name):
+    env = env_of(services[name])
+    assert env.get("NATS_USER") == name, f"{name}: NATS_USER={env.get('NATS_USER')!r}"
+    nats_env = env_of(services["nats"])
+    assert env.get("NATS_PASSWORD") == nats_env[nats_auth.password_variable(name)]
+    for node in ("nats-1", "nats-2", "nats-3"):
+        assert env_of(services[node])[nats_auth.password_variable(name)] == env["NATS_PASSWORD"]
+
+
+def test_every_nats_user_has_a_password_and_passwords_differ(services):
+    nats_env = env_of(services["nats"])
+    passwords = [nats_env.get(nats_auth.password_variable(u)) for u in nats_auth.USERS]
+    assert all(passwords) and len(set(passwords)) == len(passwords)
+
+
+def test_stage_services_scale_with_deploy_replicas_and_the_recorder_and_api_do_not(services):
+    for name in SERVICES:
+        replicas = (services[name].get("deploy") or {}).get("replicas")
+        if name in REPLICABLE:
+            assert replicas is not None, f"{name} has no deploy.replicas"
+            assert int(interpolate(str(replicas))) >= 1
+            assert "ports" not in services[name], f"{name}: replicas cannot share a published port"
+        else:
+            assert replicas in (None, 1), f"{name} runs as one instance"
+
+
+def test_the_cluster_profile_runs_three_jetstream_nodes_routed_to_each_other(services, compose):
+    from services.cli.stack import REPO_ROOT
+
+    nodes = {n: s for n, s in services.items() if "cluster" in (s.get("profiles") or [])}
+    assert sorted(nodes) == ["nats-1", "nats-2", "nats-3"]
+    cluster_conf = (REPO_ROOT / "infra" / "nats" / "cluster.conf").resolve()
+    names, stores = set(), set()
+    for name, svc in nodes.items():
+        top, files = config_files(svc)
+        assert top == cluster_conf and nats_auth.AUTH_CONF.resolve() in {p for p, _ in files}
+        env = env_of(svc)
+        referenced = set().union(*(variables(path) for path, _ in files))
+        assert not sorted(v for v in referenced if not env.get(v)), name
+        names.add(env["TUNELINE_NATS_SERVER_NAME"])
+        routes = re.findall(r"nats-route://([^:,\]\s]+):(\d+)", env["TUNELINE_NATS_ROUTES"])
+        port = env["TUNELINE_NATS_CLUSTER_LISTEN"].rsplit(":", 1)[1]
+        assert sorted(routes) == [(n, port) for n in sorted(nodes)], routes
+        source, _ = mounts_of(svc)["/data"]
+        assert source in (compose.get("volumes") or {})
+        stores.add(source)
+    assert len(names) == 3 and len(stores) == 3, "each node has its own name and its own store"
+    # the services reach the cluster with TUNELINE_NATS_URL and make their streams R3
+    env = env_of(services["trainer"])
+    assert "TUNELINE_STREAM_REPLICAS" in env

@@ -116,7 +116,8 @@ def test_a_poison_message_is_dead_lettered_and_shows_in_the_timeline(cli):
     state = stack.read_state(cli.data)
 
     async def send():
-        nc = await nats.connect(state["nats"]["url"])
+        # the stack's nats-server has a user per service (services/common/nats_auth.py): poison as admin
+        nc = await nats.connect(stack.client_nats_url(cli.data, state["nats"]["url"], state, "admin"))
         await nc.jetstream().publish("tuneline.evt.prep.prepared", json.dumps({"run_id": "run-poisoned", "type": 7}).encode(),
                                      headers={"Nats-Msg-Id": "poison-1"})
         await nc.close()
