@@ -1,4 +1,8 @@
-"""Audit service: the recorder (bus -> run_events) and the projectors (run_events -> the timeline and History)."""
+"""Audit service: the recorder (bus -> run_events) and the projectors (run_events -> the timeline and History).
+
+One audit process is the active recorder, any others are standbys: the active one holds a PostgreSQL
+advisory lock, a standby waits for it and takes over when the active one's connection ends
+(services/audit/lease.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from nats.js.api import AckPolicy
 
 from contracts import subjects
 from services.audit.db import app_pool
+from services.audit.lease import LeaseLost, RecorderLease
 from services.audit.migrate import migrate
 from services.audit.projections import history, timeline
 from services.audit.pull import RawBatchPuller
@@ -29,6 +34,7 @@ class AuditService(Service):
         self.settings: AuditSettings = settings
         self.pool: asyncpg.Pool | None = None
         self.recorder: Recorder | None = None
+        self.lease: RecorderLease | None = None
         self._wake = asyncio.Event()
         self._projector: asyncio.Task | None = None
         self._recording: asyncio.Task | None = None
@@ -59,7 +65,7 @@ class AuditService(Service):
         self._acked = info.ack_floor.stream_seq if info.ack_floor else 0
         self.recorder.settled_up_to(self._acked)  # the hash chain waits for no position at or below it
         puller = RawBatchPuller(self.settings.nats_url, subjects.STREAM, CONSUMER, batch=self.settings.recorder_batch,
-                                wait_s=self.settings.recorder_fetch_timeout_s)
+                                wait_s=self.settings.recorder_fetch_timeout_s, options=self.settings.nats_options)
         await puller.start()
         try:
             await self.record_from(puller)
@@ -82,6 +88,9 @@ class AuditService(Service):
                     log.warning("recorder_pull_failed", error=repr(exc), exc_info=exc)
                     await asyncio.sleep(1.0)
                     continue
+                if committing is not None and committing.done():
+                    await committing  # raises LeaseLost: another recorder is active now
+                    committing = None
                 if not msgs:
                     continue
                 batch = self.recorder.prepare(msgs)
@@ -98,6 +107,8 @@ class AuditService(Service):
             try:
                 outcome = await self.recorder.commit(batch)
                 break
+            except LeaseLost:
+                raise  # not to retry: this process must stop recording (the service exits, _worker_stopped)
             except Exception as exc:  # noqa: BLE001 - nothing was acked: keep the batch and retry
                 log.error("recorder_batch_failed", error=repr(exc), batch=len(batch.msgs), retry_in_s=delay,
                           exc_info=exc)
@@ -139,15 +150,22 @@ class AuditService(Service):
         """Migrate, open the pool, connect to NATS; the workers start separately."""
         await migrate(self.settings.database_url)
         self.pool = await app_pool(self.settings.database_url, min_size=1, max_size=4)
-        self.recorder = Recorder(self.pool, None)  # js set below once connected
+        self.lease = RecorderLease(self.settings.database_url)
+        self.recorder = Recorder(self.pool, None, lease=self.lease)  # js set below once connected
         await super().prepare_broker()
         self.recorder.js = self.js
 
-    def start_workers(self) -> None:
-        """Start the recorder and the projector."""
-        self._projector = asyncio.create_task(self._project_forever(), name="projector")
-        self._recording = asyncio.create_task(self._record_forever(), name="recorder")
+    def start_workers(self, *, projector: bool = True) -> None:
+        """Start the recorder and the projector once this process holds the recorder lease (a standby waits
+        for it first). bench/recorder.py times the recorder alone: projector=False."""
+        self._recording = asyncio.create_task(self._lead(projector), name="recorder")
         self._recording.add_done_callback(self._worker_stopped)
+
+    async def _lead(self, projector: bool) -> None:
+        await self.lease.acquire()  # a standby until the active recorder's connection ends
+        if projector:
+            self._projector = asyncio.create_task(self._project_forever(), name="projector")
+        await self._record_forever()
 
     async def _project_forever(self) -> None:
         """Keep the timeline caught up; stop only on a projection error (D8), which is recorded with
@@ -195,6 +213,11 @@ class AuditService(Service):
             task.cancel()
         if tasks:  # let them unwind (the recorder closes its NATS connection) before the pool closes
             await asyncio.wait(tasks, timeout=5.0)
+        if self._projector is not None and self._projector not in tasks:  # started while the others unwound
+            self._projector.cancel()
+            await asyncio.wait([self._projector], timeout=5.0)
+        if self.lease is not None:
+            await self.lease.release()  # a standby takes over at once
         if self.pool:
             try:  # close() waits for every connection to be released: not forever
                 await asyncio.wait_for(self.pool.close(), 10.0)

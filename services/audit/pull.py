@@ -63,9 +63,10 @@ def _check_hook() -> None:
 
 class RawBatchPuller:
     def __init__(self, servers: str, stream: str, durable: str, *, batch: int, wait_s: float,
-                 linger_s: float = 0.005, name: str = "tuneline-audit-recorder"):
+                 linger_s: float = 0.005, name: str = "tuneline-audit-recorder", options: dict | None = None):
         _check_hook()
         self.servers = servers
+        self.options = dict(options or {})  # credentials (ServiceSettings.nats_options)
         self.name = name
         self.api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self.batch = batch
@@ -81,7 +82,8 @@ class RawBatchPuller:
             log.warning("recorder_nats_error", error=repr(exc))
 
         # Reconnect forever: a closed connection would leave the recorder pulling nothing.
-        await self.nc.connect(self.servers, name=self.name, max_reconnect_attempts=-1, error_cb=error_cb)
+        await self.nc.connect(self.servers, name=self.name, max_reconnect_attempts=-1, error_cb=error_cb,
+                              **self.options)
         self._inbox = self.nc.new_inbox()
         sub = await self.nc.subscribe(self._inbox)  # no callback: _process_msg hands its messages over
         self.nc.raw_sink = self._deliver

@@ -56,6 +56,7 @@ from contracts.reason_codes import is_registered
 from contracts.registry import ContractError, decode, registered_types
 from services.audit import chain
 from services.audit.exactjson import may_hold_long_integer
+from services.audit.lease import RecorderLease
 from services.common.delivery import dead_letter
 from services.common.logging import get_logger
 
@@ -323,9 +324,13 @@ class _ChainState:
 
 
 class Recorder:
-    def __init__(self, pool: asyncpg.Pool, js: JetStreamContext, *, chained: bool = True):
+    def __init__(self, pool: asyncpg.Pool, js: JetStreamContext, *, chained: bool = True,
+                 lease: RecorderLease | None = None):
         self.pool = pool
         self.js = js
+        # The active recorder commits on the connection that holds the recorder lock (services/audit/lease.py):
+        # a process that lost it cannot append. Without a lease (tests, tools), on a pooled connection.
+        self.lease = lease
         self.chained = chained  # False: rows without hashes (bench/recorder.py measures the chain's cost)
         self._chain: _ChainState | None = None  # None: read it from the database at the next commit
         self._floor = 0  # the consumer's ack floor: positions up to it are settled whatever the tables say
@@ -377,7 +382,7 @@ class Recorder:
 
         The caller acks the batch after this returns: after the commit and the dead letters."""
         out = BatchOutcome(last_position=batch.last_position)
-        async with self.pool.acquire() as conn:
+        async with (self.lease.connection() if self.lease is not None else self.pool.acquire()) as conn:
             try:
                 dead = await self._commit_rows(conn, batch, out)
             except BaseException:

@@ -40,16 +40,22 @@ def test_an_unreachable_nats_server_is_one_line_not_a_traceback(cli_data_dir, ca
         assert err.strip() == f"nats-server at {url} is not reachable (NoServersError): run `tuneline up`"
 
 
-def _status(alive=True, stopped=False) -> dict:
+def _status(alive=True, stopped=False, history_stopped=False) -> dict:
+    timeline = {"position": 3, **({"error_position": 4, "error": "boom"} if stopped else {})}
     return {"services": {n: {"pid": 1, "alive": alive or n != "export", "pending": 0, "ack_pending": 0}
                          for n in stack.SERVICES},
             "stream": {"name": "RUN_EVENTS", "messages": 0, "last_seq": 0, "dlq_messages": 0},
-            "recorder": {"recorded_position": 0, "lag": 0, "gaps": []},
-            "projection": {"position": 3, **({"error_position": 4, "error": "boom"} if stopped else {})}}
+            "recorder": {"recorded_position": 0, "lag": 0, "gaps": [], "active": {"pid": 1, "host": "h"},
+                         "standbys": []},
+            "projection": timeline,
+            "projections": {"timeline": timeline,
+                            "history": {"position": 3, **({"error_position": 5, "error": "bad"} if history_stopped
+                                                          else {})}}}
 
 
 @pytest.mark.parametrize("json_mode", [False, True])
-@pytest.mark.parametrize(("kwargs", "expected"), [({}, 0), ({"alive": False}, 1), ({"stopped": True}, 1)])
+@pytest.mark.parametrize(("kwargs", "expected"), [({}, 0), ({"alive": False}, 1), ({"stopped": True}, 1),
+                                                  ({"history_stopped": True}, 1)])
 def test_status_exit_code_is_the_same_in_text_and_json(monkeypatch, capsys, json_mode, kwargs, expected):
     async def fake():
         return _status(**kwargs)
@@ -59,6 +65,9 @@ def test_status_exit_code_is_the_same_in_text_and_json(monkeypatch, capsys, json
     assert code == expected
     if json_mode:
         json.loads(out)
+    else:  # both projections' positions, and who records
+        assert "timeline projection: position 3" in out and "history projection: position 3" in out
+        assert "recorder: active pid 1 on h; standby none" in out
 
 
 def test_events_for_an_unknown_run_says_so(monkeypatch, capsys):
