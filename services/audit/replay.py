@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from services.audit.projections import timeline
+from services.audit.projections import history, timeline
 from services.common.logging import get_logger
 
 log = get_logger(__name__)
@@ -26,7 +26,14 @@ log = get_logger(__name__)
 # What each projection that can be rebuilt blue/green is made of: its module (NAME, catch_up) and its tables.
 PROJECTIONS = {
     "timeline": (timeline, ("timeline_runs", "timeline_stages", "timeline_entries")),
+    "history": (history, ("history_runs", "history_datasets")),
 }
+# Failure clusters are not a projection of their own: the API groups the timeline's entries by stage and
+# reason code when asked (services/api/reads.py). Rebuilding them is rebuilding the timeline, compared
+# also as clusters (what an operator reads), and switched with it.
+DERIVED = {"failure_clusters": "timeline"}
+# The serving view is a JetStream key-value bucket, not tables: services/audit/replay_serving.py.
+NAMES = (*PROJECTIONS, *DERIVED, "serving")
 _CHECKPOINTS = "projection_checkpoints"
 _SAMPLES = 5
 
@@ -134,8 +141,10 @@ async def rebuild_beside(dsn: str, projection: str, *, actor: str, switch: bool 
     """Build the next version of `projection` from run_events beside the live one, compare, and switch when
     identical or when `switch`. `dsn` names the owner. Raises ProjectionError (the new version is left
     `failed`, the live one untouched)."""
+    clusters = projection in DERIVED
+    projection = DERIVED.get(projection, projection)
     if projection not in PROJECTIONS:
-        raise ReplayRefused(f"no projection {projection!r} can be rebuilt blue/green (known: {', '.join(PROJECTIONS)})")
+        raise ReplayRefused(f"no projection {projection!r} can be rebuilt blue/green (known: {', '.join(NAMES)})")
     module, tables = PROJECTIONS[projection]
     began = time.perf_counter()
     live_conn = await asyncpg.connect(dsn)
@@ -159,6 +168,8 @@ async def rebuild_beside(dsn: str, projection: str, *, actor: str, switch: bool 
                 report.events += await module.catch_up(build_conn, batch, until=position, on_batch=on_batch)
                 report.position = position
                 report.differences = await _compare(live_conn, tables, schema)
+                if clusters:
+                    report.differences["failure_clusters"] = await _compare_clusters(live_conn, schema)
                 report.forced = switch and not report.identical
                 if report.identical or switch:
                     await _switch(live_conn, projection, tables, live, new, position)
@@ -183,6 +194,23 @@ async def rebuild_beside(dsn: str, projection: str, *, actor: str, switch: bool 
     return report
 
 
+# The clusters as services/api/reads.py groups them (its counts, not its example runs or summaries).
+_CLUSTERS = """
+SELECT e.stage, e.reason_code, count(*) AS events, count(DISTINCT e.run_id) AS runs,
+       min(e.occurred_at) AS first_seen, max(e.occurred_at) AS last_seen
+FROM {schema}.timeline_entries e WHERE e.reason_code IS NOT NULL GROUP BY e.stage, e.reason_code
+"""
+
+
+async def _compare_clusters(conn: asyncpg.Connection, schema: str) -> TableDiff:
+    live, new = _CLUSTERS.format(schema="public"), _CLUSTERS.format(schema=f'"{schema}"')
+    only_live = await conn.fetch(f"SELECT t::text AS row FROM ({live} EXCEPT ALL {new}) t")
+    only_new = await conn.fetch(f"SELECT t::text AS row FROM ({new} EXCEPT ALL {live}) t")
+    samples = ([f"v-live {r['row'][:300]}" for r in only_live[:_SAMPLES]]
+               + [f"v-new  {r['row'][:300]}" for r in only_new[:_SAMPLES]])
+    return TableDiff(len(only_live), len(only_new), samples)
+
+
 def _differences_json(differences: dict[str, TableDiff]) -> str:
     import json
 
@@ -191,6 +219,7 @@ def _differences_json(differences: dict[str, TableDiff]) -> str:
 
 async def drop_version(dsn: str, projection: str, version: int) -> None:
     """Drop a version that is not live: its schema and its tables."""
+    projection = DERIVED.get(projection, projection)
     if projection not in PROJECTIONS:
         raise ReplayRefused(f"no projection {projection!r} (known: {', '.join(PROJECTIONS)})")
     conn = await asyncpg.connect(dsn)

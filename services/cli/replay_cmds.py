@@ -3,14 +3,13 @@
 Every eval.gate_decided in run_events names its per-row records artifact and the policy it was taken under;
 the gate is a pure function of the two. The replay reads each decision's records (sha256-checked), re-runs
 the gate (services/evaluator/gate.py) with the recorded policy (to show the decision re-derives) and with the
-given one, and prints which decisions flip. Read-only: no version changes; a `gate.replayed` event records
+given one, and prints which decisions flip (services/common/gate_replay.py, shared with the API). Read-only: no version changes; a `gate.replayed` event records
 that the replay was asked, by whom, with which policy, and what flipped."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -22,6 +21,8 @@ from contracts.events import GateReplayed, ReplayedDecision
 from services.cli.db import read_db
 from services.cli.errors import refused, validation_lines
 from services.common.commands import envelope_of
+from services.common.gate_replay import (Replayed, past_decisions, read_records, replay_all,  # noqa: F401 - the CLI's names
+                                         replay_one)
 
 
 EVALUATION_KEYS = {"judge", "gate", "prompt_baseline", "local_usd_per_hour"}
@@ -66,99 +67,6 @@ def load_policy(path: str) -> tuple[GateSettings, Any]:
     except ValueError as exc:
         raise PolicyInvalid(f"{path}: {exc}") from None
     return settings, policy
-
-
-@dataclass
-class Replayed:
-    gate_event_id: str
-    run_id: str
-    target: str
-    was_passed: bool
-    rederived: bool | None = None          # the recorded policy gives the recorded decision again
-    now_passed: bool | None = None
-    now_failed: list[str] = field(default_factory=list)
-    unreplayable: str | None = None        # "reason_code: why"
-    delta: float | None = None
-    p_value: float | None = None
-
-    @property
-    def flipped(self) -> bool:
-        return self.now_passed is not None and self.now_passed != self.was_passed
-
-
-def _policy_of(evidence_policy: dict):
-    from services.evaluator.gate import GatePolicy
-
-    return GatePolicy(**{k: tuple(v) if isinstance(v, list) else v for k, v in evidence_policy.items()})
-
-
-def replay_one(gate: dict, records: list[dict], policy, bucket_fields: list[str], *, gate_event_id: str,
-               run_id: str) -> Replayed:
-    """One past decision (`gate`: the eval.gate_decided payload) over its per-row records, under `policy`
-    bucketing by the class and `bucket_fields`. Pure."""
-    from services.evaluator.gate import decide
-
-    out = Replayed(gate_event_id, run_id, gate["target"], bool(gate["passed"]))
-    cand = [r for r in records if r.get("model") == gate["candidate"]]
-    base = {r["row_id"]: r for r in records if r.get("model") == gate["baseline"]}
-    if not cand or any(r["row_id"] not in base for r in cand):
-        out.unreplayable = "audit.replay_records_unreadable: the records do not pair the candidate with its baseline row by row"
-        return out
-    recorded_fields = {k for r in cand for k in (r.get("buckets") or {})}
-    missing = [f for f in bucket_fields if f not in recorded_fields]
-    if missing:
-        out.unreplayable = (f"audit.replay_bucket_field_unrecorded: the records carry no {', '.join(missing)} bucket "
-                            f"(they have {', '.join(sorted(recorded_fields)) or 'none'})")
-        return out
-    keep = {"class", *bucket_fields}
-    scores = ([r["judge_score"] for r in cand], [base[r["row_id"]]["judge_score"] for r in cand],
-              [r["row_id"] for r in cand])
-    # the judge's own validation is no part of the gate policy: a judge that failed it fails any policy
-    judge_failed = [f["reason_code"] for f in gate.get("failed") or [] if f["reason_code"] == "eval.judge_unvalidated"]
-    recorded_policy = (gate.get("evidence") or {}).get("policy")
-    if recorded_policy:
-        again = decide(*scores, [r.get("buckets") or {} for r in cand], _policy_of(recorded_policy))
-        out.rederived = (again.passed and not judge_failed) == out.was_passed
-    now = decide(*scores, [{k: v for k, v in (r.get("buckets") or {}).items() if k in keep} for r in cand], policy)
-    out.now_passed = now.passed and not judge_failed
-    out.now_failed = judge_failed + list(now.reason_codes)
-    out.delta, out.p_value = now.delta, now.p_value
-    return out
-
-
-async def past_decisions(conn, target: str | None) -> list[dict]:
-    """Every eval.gate_decided in run_events (of `target`, if given), oldest first."""
-    rows = await conn.fetch(
-        "SELECT event_id, run_id, occurred_at, payload FROM run_events WHERE type = 'eval.gate_decided' "
-        "AND ($1::text IS NULL OR payload->>'target' = $1) ORDER BY global_position", target)
-    return [{"event_id": str(r["event_id"]), "run_id": r["run_id"], "occurred_at": r["occurred_at"],
-             "payload": json.loads(r["payload"])} for r in rows]
-
-
-def read_records(ref: dict) -> list[dict]:
-    """The records artifact, sha256-checked (raises ArtifactIntegrityError, OSError)."""
-    from contracts.common import ArtifactRef
-    from services.common.run_artifacts import store_of
-    from services.common.jsonl import loads_jsonl
-
-    r = ArtifactRef.model_validate(ref)
-    return loads_jsonl(store_of(r).read_bytes(r))
-
-
-def replay_all(decisions: list[dict], policy, bucket_fields: list[str], read=read_records) -> list[Replayed]:
-    from services.common.artifacts import ArtifactIntegrityError
-
-    out = []
-    for d in decisions:
-        gate = d["payload"]
-        try:
-            records = read(gate["records"])
-        except (ArtifactIntegrityError, OSError, ValueError, KeyError) as exc:
-            out.append(Replayed(d["event_id"], d["run_id"], gate.get("target", "?"), bool(gate.get("passed")),
-                                unreplayable=f"audit.replay_records_unreadable: {exc}"[:300]))
-            continue
-        out.append(replay_one(gate, records, policy, bucket_fields, gate_event_id=d["event_id"], run_id=d["run_id"]))
-    return out
 
 
 def replay_event(settings: GateSettings, policy, target: str | None, actor: str, results: list[Replayed]) -> GateReplayed:
@@ -240,7 +148,8 @@ def cmd_replay_gate(main, args) -> int:
 def add_parser(sub, main) -> None:
     from services.cli.registry_cmds import default_actor
 
-    rp = sub.add_parser("replay", help="re-run past decisions under another policy, read-only")
+    rp = sub.add_parser("replay", help="replay event streams: rebuild projections and the store, re-drive a "
+                                      "consumer or a run, re-run past gate decisions under another policy")
     rsub = rp.add_subparsers(dest="replay_command", required=True)
     g = rsub.add_parser("gate", help="which past gate decisions a policy file would flip")
     g.add_argument("--policy", required=True, metavar="FILE", help="YAML or JSON: min_delta, alpha, max_bucket_drop, "
@@ -252,3 +161,6 @@ def add_parser(sub, main) -> None:
     from services.cli import replay_projection_cmds
 
     replay_projection_cmds.add_parser(rsub, main)
+    from services.cli import replay_verbs
+
+    replay_verbs.add_parsers(rsub, main)

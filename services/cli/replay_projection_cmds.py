@@ -13,14 +13,17 @@ import asyncio
 import json
 import sys
 
-from contracts.envelope import Severity
-from contracts.events import ProjectionReplayed
+from services.audit import replay_events
 from services.cli.replay_cmds import publish_replayed
 
 
-def _rebuild(dsn: str, args, show_progress: bool):
+def _rebuild(dsn: str, args, show_progress: bool, nats_url: str | None = None):
     from services.audit.replay import rebuild_beside
 
+    if args.projection == "serving":  # a key-value bucket, a few keys: no progress to show
+        from services.audit import replay_serving
+
+        return asyncio.run(replay_serving.rebuild_beside(nats_url, dsn, actor=args.actor, switch=args.switch))
     if not show_progress:
         return asyncio.run(rebuild_beside(dsn, args.projection, actor=args.actor, switch=args.switch))
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -34,6 +37,7 @@ def _rebuild(dsn: str, args, show_progress: bool):
 
 
 def summary_text(report) -> str:
+    where = "bucket" if report.projection == "serving" else "schema"
     lines = [f"{report.projection}: v{report.version} rebuilt from run_events beside v{report.live_version} up to "
              f"position {report.position} ({report.events} events, {report.wall_s:.1f}s)"]
     for table, d in report.differences.items():
@@ -43,11 +47,11 @@ def summary_text(report) -> str:
         lines += [f"      {s}" for s in d.samples]
     if report.switched:
         lines.append(f"readers now use v{report.version}" + (" (--switch, although they differ)" if report.forced else "")
-                     + f"; v{report.live_version} kept in schema {report.projection}_v{report.live_version} "
+                     + f"; v{report.live_version} kept in {where} {report.projection}_v{report.live_version} "
                      f"until `tuneline replay projection {report.projection} --drop {report.live_version}`")
     else:
         lines.append(f"the versions DIFFER: readers stay on v{report.live_version}; v{report.version} kept aside in "
-                     f"schema {report.projection}_v{report.version} (--switch to use it, --drop {report.version} to drop it)")
+                     f"{where} {report.projection}_v{report.version} (--switch to use it, --drop {report.version} to drop it)")
     return "\n".join(lines)
 
 
@@ -55,35 +59,33 @@ def cmd_replay_projection(main, args) -> int:
     from services.audit.projections.timeline import ProjectionError
     from services.audit.replay import ReplayRefused, drop_version
 
-    dsn = main.urls()[1]
+    nats_url, dsn = main.urls()
     prefix = f"tuneline replay projection {args.projection}"
     if args.drop is not None:
         try:
-            asyncio.run(drop_version(dsn, args.projection, args.drop))
+            if args.projection == "serving":
+                from services.audit import replay_serving
+
+                asyncio.run(replay_serving.drop_version(nats_url, dsn, args.drop))
+            else:
+                asyncio.run(drop_version(dsn, args.projection, args.drop))
         except ReplayRefused as exc:
             print(f"{prefix}: {exc}", file=sys.stderr)
             return 2
         print(f"{args.projection} v{args.drop} dropped")
         return 0
     try:
-        report = _rebuild(dsn, args, show_progress=not args.json and sys.stderr.isatty())
+        report = _rebuild(dsn, args, show_progress=not args.json and sys.stderr.isatty(), nats_url=nats_url)
     except ReplayRefused as exc:
         print(f"{prefix}: {exc}", file=sys.stderr)
         return 2
     except ProjectionError as exc:
-        failed = ProjectionReplayed(projection=args.projection, requested_by=args.actor, to_position=0, events=0,
-                                    live_version=1, version=1, outcome="failed", error=str(exc)[:2000], wall_s=0.0)
-        asyncio.run(publish_replayed(main, failed, severity=Severity.ERROR, reason_code="audit.projection_replay_failed"))
+        failed, severity, reason_code = replay_events.projection_failed(args.projection, args.actor, exc)
+        asyncio.run(publish_replayed(main, failed, severity=severity, reason_code=reason_code))
         print(f"{prefix}: [audit.projection_replay_failed] {exc}; the live version is unchanged", file=sys.stderr)
         return 1
-    event = ProjectionReplayed(
-        projection=report.projection, requested_by=args.actor, to_position=report.position, events=report.events,
-        live_version=report.live_version, version=report.version,
-        differences={t: d.total for t, d in report.differences.items()}, outcome=report.outcome,
-        forced=report.forced, wall_s=round(report.wall_s, 3))
-    event_id = asyncio.run(publish_replayed(
-        main, event, severity=Severity.INFO if report.identical else Severity.WARNING,
-        reason_code=None if report.identical else "audit.projection_differs"))
+    event, severity, reason_code = replay_events.projection_event(report, args.actor)
+    event_id = asyncio.run(publish_replayed(main, event, severity=severity, reason_code=reason_code))
     if args.json:
         print(json.dumps({**event.model_dump(mode="json"), "identical": report.identical,
                           "samples": {t: d.samples for t, d in report.differences.items()},
@@ -99,7 +101,10 @@ def add_parser(rsub, main) -> None:
     from services.cli.registry_cmds import default_actor
 
     p = rsub.add_parser("projection", help="rebuild a projection blue/green from run_events, compare, switch")
-    p.add_argument("projection", choices=["timeline"])
+    from services.audit.replay import NAMES
+
+    p.add_argument("projection", choices=list(NAMES), help="timeline, history, failure_clusters (the timeline, "
+                   "compared also as clusters), serving (the key-value bucket)")
     p.add_argument("--switch", action="store_true", help="switch readers to the new version even if it differs")
     p.add_argument("--drop", type=int, default=None, metavar="VERSION", help="drop a version that is not live")
     p.add_argument("--actor", default=default_actor(), help="who asks (recorded in projection.replayed)")

@@ -25,6 +25,7 @@ from services.audit import exactjson
 from services.audit.projections import checkpoints
 from services.audit.projections.checkpoints import ProjectionError
 from services.audit.projections.timeline import consumer_stage, fails
+from services.common.history import target_history  # noqa: F401 - the tables' reader (CLI and API)
 
 NAME = "history"
 
@@ -318,9 +319,11 @@ async def _apply_batch(conn: asyncpg.Connection, rows: list, checkpoint: int) ->
     await _write(conn, state, checkpoint)
 
 
-async def catch_up(conn: asyncpg.Connection, batch_size: int = 2000) -> int:
-    """Apply every event past the checkpoint, one transaction per batch; stops on an error (D8)."""
-    return await checkpoints.catch_up(conn, NAME, _apply_batch, batch_size)
+async def catch_up(conn: asyncpg.Connection, batch_size: int = 2000, *, until: int | None = None,
+                   on_batch=None) -> int:
+    """Apply every event past the checkpoint (up to `until`, if given), one transaction per batch; stops on an
+    error (D8). `on_batch(events, checkpoint)` is called after each batch commits."""
+    return await checkpoints.catch_up(conn, NAME, _apply_batch, batch_size, until=until, on_batch=on_batch)
 
 
 async def rebuild(conn: asyncpg.Connection, batch_size: int = 5000, *, until: int | None = None) -> int:
@@ -338,24 +341,3 @@ async def snapshot(conn: asyncpg.Connection) -> dict[str, list[tuple]]:
             "SELECT * FROM history_datasets ORDER BY target, dataset_version")],
     }
 
-
-# --- reading ------------------------------------------------------------------------------------
-
-
-async def target_history(conn: asyncpg.Connection, target: str) -> dict | None:
-    """The target's runs (oldest first) and datasets, or None when the projection holds no run of it."""
-    runs = await conn.fetch("SELECT * FROM history_runs WHERE target = $1 ORDER BY started_at, run_id", target)
-    if not runs:
-        return None
-    datasets = await conn.fetch("SELECT * FROM history_datasets WHERE target = $1 ORDER BY major, minor, patch", target)
-    cp = await conn.fetchrow("SELECT position, error_position, error FROM projection_checkpoints WHERE projection = $1",
-                             NAME)
-    out_runs = []
-    for r in runs:
-        row = _row_from_db(r)
-        row["restore"] = (f'tuneline restore {target} {row["version"]} --reason "..."'
-                          if row["status"] == "archived" else None)
-        out_runs.append(row)
-    return {"target": target, "runs": out_runs, "datasets": [dict(d) | {"label_space": list(d["label_space"])}
-                                                             for d in datasets],
-            "position": cp["position"] if cp else 0, "stopped": dict(cp) if cp and cp["error_position"] else None}

@@ -44,7 +44,7 @@ _ENDS_A_RUN_ALWAYS = {"registry.version_registered", "ingest.introspected", "ing
                       "registry.hosted_version_registered"}
 _STARTS_A_RUN = {"run.start", "ingest.commit", "ingest.introspect", "ingest.dry_run"}
 _RUNNING = {"preflight.passed", "training.started", "training.progress", "training.checkpointed", "training.resumed",
-            "training.restarted"}
+            "training.restarted", "training.trial_completed", "training.tuning_completed"}
 # Events that fail their stage and the run without a `.failed` name.
 _FAILS = {"preflight.blocked"}
 
@@ -135,6 +135,32 @@ def _completed(p: dict) -> str:
     return line
 
 
+def _settings(settings: dict) -> str:
+    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(settings.items()))
+
+
+def _trial(p: dict) -> str:
+    head = f"trial {p['trial']}/{p['trials']}"
+    if p["status"] == "completed":
+        at = f" at step {p['best_step']}" if p.get("best_step") is not None else ""
+        result = f"validation {p.get('metric_name')} {_fmt(p.get('metric'))}{at}" + (" (best so far)" if p.get("is_best") else "")
+    else:
+        result = {"diverged": "diverged", "cut_off": "cut off by the budget"}.get(p["status"], p["status"])
+    return f"{head}: {result}, {p['wall_s']:.1f}s; {_settings(p['settings'])}"
+
+
+def _tuning(p: dict) -> str:
+    stop = "; the budget fit no more trials" if p.get("stopped_by_budget") else ""
+    if p.get("best_trial") is None:
+        return (f"tuning: no trial scored in {p['trials_run']} of {p['trials_planned']}; the recipe's own settings "
+                f"are trained{stop}")
+    base = (f" (recipe's own: {_fmt(p['baseline_metric'])})" if p.get("baseline_metric") is not None
+            and p["best_trial"] != 1 else "")
+    return (f"tuning: trial {p['best_trial']} of {p['trials_run']} run won, validation {p.get('metric_name')} "
+            f"{_fmt(p.get('best_metric'))}{base}; the trials took {p['wall_s']:.0f}s (budget {p['budget_minutes']:g} min){stop}; "
+            f"training the final model with {_settings(p['best_settings'])}")
+
+
 def model_name(base_model: str) -> str:
     """A readable name for a model path: the bundled MiniLM lives in `<package>/model`."""
     parts = [x for x in base_model.rstrip("/").split("/") if x]
@@ -200,6 +226,10 @@ def summarize(event_type: str, payload: dict, reason_code: str | None) -> str:
         case "training.checkpointed":
             metric = f" {p['metric_name']} {_fmt(p['metric'])}" if p.get("metric_name") else ""
             return f"checkpoint at step {p['step']}{metric}" + (" (best so far)" if p.get("is_best") else "")
+        case "training.trial_completed":
+            return _trial(p)
+        case "training.tuning_completed":
+            return _tuning(p)
         case "training.restarted":
             at = (f"from its checkpoint at step {p['resumed_from_step']}" if p.get("resumed_from_step")
                   else "from step 0 (no checkpoint)")
@@ -208,6 +238,23 @@ def summarize(event_type: str, payload: dict, reason_code: str | None) -> str:
             diff = sum(p["differences"].values())
             return (f"projection {p['projection']} v{p['version']} rebuilt by {p['requested_by']} up to position "
                     f"{p['to_position']}: {'identical' if not diff else f'{diff} rows differ'}, {p['outcome']}")
+        case "store.replayed":
+            diff = sum(p["differences"].values())
+            return (f"store rebuilt from the stream into {p['into']} by {p['requested_by']}: positions "
+                    f"{p['compared_from']}..{p['compared_to']} compared, "
+                    + ("the bus and the store agree" if p["outcome"] == "identical" else
+                       f"{diff} differences" if p["outcome"] == "differs" else "failed"))
+        case "consumer.replayed":
+            start = f"sequence {p['from_sequence']}" if p.get("from_sequence") else f"time {p.get('from_time')}"
+            if p["mode"] == "in_place":
+                return f"{p['durable']} rewound to {start} by {p['requested_by']}: {p['inputs']} messages again"
+            diff = sum(p["differences"].values())
+            return (f"{p['durable']} replayed in a sandbox from {start} by {p['requested_by']}: {p['inputs']} inputs, "
+                    + (f"{diff} outputs differ from history" if diff else "outputs as recorded"
+                       if p["outcome"] != "failed" else "failed"))
+        case "run.replayed":
+            return (f"re-run of {p['origin_run_id']} from {p['from_stage']} by {p['requested_by']}: its "
+                    f"{p['trigger_type']} re-issued with the same inputs")
         case "training.paused" | "training.resumed":
             at = f" at step {p['step']}" if p.get("step") is not None else ""
             return f"{event_type.split('.')[1]} by {p['requested_by']}{at}"
