@@ -30,12 +30,14 @@ def create_app(settings: ApiSettings | None = None, *, connect: bool = True) -> 
         if not connect:  # the OpenAPI generator builds the app without servers
             yield
             return
+        from services.api import reads
         from services.audit.db import app_pool
 
         if not settings.database_url:
             raise RuntimeError("DATABASE_URL is not set: the API reads the projections and run_events")
-        app.state.pool = await app_pool(settings.database_url, min_size=1, max_size=settings.pool_size)
-        app.state.nc = await nats.connect(settings.nats_url, name="tuneline-api")
+        app.state.pool = await app_pool(settings.database_url, min_size=1, max_size=settings.pool_size,
+                                        reset=reads.release_reset)
+        app.state.nc = await nats.connect(settings.nats_url, name="tuneline-api", **settings.nats_options)
         app.state.js = app.state.nc.jetstream()
         log.info("api_started", host=settings.host, port=settings.port)
         try:
@@ -44,7 +46,7 @@ def create_app(settings: ApiSettings | None = None, *, connect: bool = True) -> 
             await app.state.nc.drain()
             await app.state.pool.close()
 
-    from services.api import pages, routes_act, routes_read
+    from services.api import pages, routes_act, routes_read, routes_replay
 
     app = FastAPI(title="Tuneline API", version="1", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
@@ -56,9 +58,17 @@ def create_app(settings: ApiSettings | None = None, *, connect: bool = True) -> 
 
     app.include_router(routes_read.router)
     app.include_router(routes_act.router)
+    app.include_router(routes_replay.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     return app
+
+
+def app_from_env() -> FastAPI:
+    """The app of one uvicorn worker process (settings from the environment, logging configured)."""
+    settings = ApiSettings()
+    configure_logging("api", settings.log_level)
+    return create_app(settings)
 
 
 def main() -> None:
@@ -66,5 +76,9 @@ def main() -> None:
 
     settings = ApiSettings()
     configure_logging("api", settings.log_level)
+    if settings.workers > 1:  # processes sharing the port: the reads' CPU spread over cores (bench/api.py)
+        uvicorn.run("services.api.app:app_from_env", factory=True, workers=settings.workers, host=settings.host,
+                    port=settings.port, log_level="warning", access_log=False)
+        return
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
                 access_log=False)

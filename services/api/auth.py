@@ -3,6 +3,7 @@ sha256; its role decides what it may do, its subject is the actor of the command
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from fastapi import Depends, HTTPException, Request
@@ -25,14 +26,31 @@ class Principal:
 bearer = HTTPBearer(auto_error=False, description="a token from `tuneline token create --role R`")
 
 
+# A valid token's (subject, role) is kept this long per process, by its sha256: a read then costs one database
+# round trip rather than two (bench/api.py). The price: a revoked token still reads and acts for up to this long.
+TOKEN_CACHE_S = 5.0
+_TOKEN_CACHE_MAX = 1024
+_known: dict[str, tuple[float, tuple[str, str]]] = {}
+
+
 async def optional_principal(request: Request,
                              credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal | None:
     token = credentials.credentials if credentials else request.cookies.get(COOKIE)
     if not token:
         return None
+    key, now = tokens.token_hash(token), time.monotonic()
+    cached = _known.get(key)
+    if cached is not None and now - cached[0] < TOKEN_CACHE_S:
+        return Principal(*cached[1])
     async with request.app.state.pool.acquire() as conn:
         found = await tokens.lookup(conn, token)
-    return Principal(*found) if found else None
+    if found is None:
+        _known.pop(key, None)
+        return None
+    if len(_known) >= _TOKEN_CACHE_MAX:
+        _known.clear()
+    _known[key] = (now, found)
+    return Principal(*found)
 
 
 def require(permission: str):

@@ -12,9 +12,9 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 from pydantic import TypeAdapter, ValidationError
 
-from services.api import reads
+from services.api import history_views, reads
 from services.api.auth import COOKIE, Principal, optional_principal
-from services.api.routes_read import target_view, utc
+from services.api.routes_read import utc
 from services.common.eval_report import report_of
 from services.common import registry_log, tokens
 
@@ -214,7 +214,7 @@ async def targets_page(request: Request, who: Principal = Depends(viewer)):
 async def target_page(request: Request, target: str, at: str | None = None, who: Principal = Depends(viewer)):
     at_time = _time(at, "at")
     async with request.app.state.pool.acquire() as conn:
-        view = await target_view(conn, target)
+        view = await history_views.target_view(conn, target)
         served, served_error = None, None
         if view["versions"]:
             try:
@@ -223,3 +223,33 @@ async def target_page(request: Request, target: str, at: str | None = None, who:
                 served_error = str(exc)
     return page(request, "target.html", who, view=view, served=served, served_error=served_error, at=at or "",
                 can_approve=who.may("approve"))
+
+
+def _number(text: str | None, field: str, low: float, high: float) -> float | None:
+    if text in (None, ""):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise HTTPException(422, [{"loc": ["query", field], "msg": f"{text!r} is not a number",
+                                   "type": "value_error"}]) from None
+    if not low <= value <= high:
+        raise HTTPException(422, [{"loc": ["query", field], "msg": f"{field} must lie in [{low:g}, {high:g}]",
+                                   "type": "value_error"}])
+    return value
+
+
+@router.get("/targets/{target}/versions/{version}", response_class=HTMLResponse)
+async def version_page(request: Request, target: str, version: str, min_delta: str | None = None,
+                       alpha: str | None = None, who: Principal = Depends(viewer)):
+    """A version: what it is made of (lineage), what it was measured against, its gate evidence in words,
+    and a form that replays the gate with another margin / alpha (`?min_delta=&alpha=`)."""
+    changes = {"min_delta": _number(min_delta, "min_delta", 0.0, 0.99),
+               "alpha": _number(alpha, "alpha", 1e-9, 1 - 1e-9)}
+    async with request.app.state.pool.acquire() as conn:
+        view = await history_views.version_view(conn, target, version)
+        replay = None
+        if view["gate"] is not None and any(v is not None for v in changes.values()):
+            replay = await history_views.replay_view(conn, target, version, changes)
+    return page(request, "version.html", who, v=view, replay=replay,
+                form={k: request.query_params.get(k, "") for k in changes})

@@ -12,6 +12,14 @@ SEVERITIES = ("info", "warning", "error", "critical")
 CURVE_TYPES = ("training.progress", "training.checkpointed")
 
 
+async def release_reset(conn) -> None:
+    """What the API's pool does with a connection given back. The API's connections keep no session state
+    (no LISTEN, advisory lock, cursor or SET), so asyncpg's default reset (one more round trip per release,
+    as many as the reads themselves: bench/api.py --profile) is skipped; a transaction left open is rolled back."""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 def _row(r) -> dict:
     return dict(r)
 

@@ -16,6 +16,7 @@ from contracts.commands import (CancelTraining, PauseTraining, PromoteVersion, R
 from contracts.common import RunPlan
 from services.api import actions, reads
 from services.api.auth import Principal, approver, operator
+from services.common import history
 
 router = APIRouter(prefix="/api", tags=["act"])
 
@@ -70,15 +71,19 @@ def _command(make):
                                   for e in exc.errors()]) from None
 
 
-async def _recorded(request: Request, event_id: str, timeout: float = 5.0) -> bool:
-    """Read-your-writes: wait (bounded) until the recorder has stored the answer, so a page reloaded after
-    the action shows it."""
-    deadline = asyncio.get_running_loop().time() + timeout
+async def _recorded(request: Request, event_id: str, timeout: float = 5.0, *, projected: bool = False) -> bool:
+    """Read-your-writes: wait (bounded) until the recorder has stored the answer, and with `projected` until
+    the History projection has read past it, so a page reloaded after the action shows it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     async with request.app.state.pool.acquire() as conn:
         while True:
-            if await conn.fetchval("SELECT 1 FROM run_events WHERE event_id = $1::uuid", event_id):
+            position = await conn.fetchval("SELECT global_position FROM run_events WHERE event_id = $1::uuid", event_id)
+            if position is not None and (not projected or await conn.fetchval(
+                    "SELECT position >= $1 FROM projection_checkpoints WHERE projection = $2", position,
+                    history.PROJECTION)):
                 return True
-            if asyncio.get_running_loop().time() > deadline:
+            if loop.time() > deadline:
                 return False
             await asyncio.sleep(0.05)
 
@@ -99,7 +104,7 @@ async def _send(request: Request, cmd, *, run_id=None, run_prefix="run", wait: b
     sent = await actions.send(app.state.js, cmd, run_id=run_id, run_prefix=run_prefix, wait=wait,
                               timeout=app.state.settings.answer_timeout_s)
     if sent.answer is not None:
-        await _recorded(request, sent.answer["event_id"])
+        await _recorded(request, sent.answer["event_id"], projected=run_prefix == "registry")
     return _answer(sent)
 
 

@@ -1,16 +1,17 @@
-"""The API's read side: runs, their timeline, events, training curve, evaluation; targets and what served
-them; failure clusters; a run's live stream."""
+"""The API's read side: runs, their timeline, events, training curve, evaluation; targets' History (the
+History projection), what served them, a version's lineage and counterfactual gate replay; failure
+clusters; a run's live stream."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
 from contracts.subjects import is_subject_token
-from services.api import reads
+from services.api import history_views, reads
 from services.api.auth import Principal, reader
 from services.api.live import run_stream
 from services.common.eval_report import decision_in_words, render, report_of
@@ -151,44 +152,46 @@ def _target(target: str) -> str:
     return target
 
 
-def version_rows(state) -> list[dict]:
-    return [{"version": n, "status": v.status, "source_run_id": v.source_run_id,
-             "registered_at": reads.iso(v.registered_at), "rejection": v.rejection,
-             "gate": None if v.gate is None else {"passed": v.gate.passed, "delta": v.gate.delta,
-                                                  "p_value": v.gate.p_value, "n": v.gate.n,
-                                                  "event_id": v.gate.event_id},
-             "ever_production": v.ever_production}
-            for n, v in sorted(state.versions.items(), reverse=True)]
-
-
-async def target_view(conn, target: str) -> dict:
-    """A target's versions and registry log (its History until the History projection serves it)."""
-    try:
-        state, events = await registry_log.target_state(conn, target)
-    except registry_log.TargetNotFound:
-        if not await reads.target_known(conn, target):
-            raise HTTPException(404, f"no target {target}: no run named it and the registry has no log for it")
-        return {"target": target, "last_sequence": 0, "production": None, "rollout_percent": None,
-                "versions": [], "log": []}
-    prod = state.production
-    return {"target": target, "last_sequence": state.last_sequence,
-            "production": None if prod is None else {"version": prod.version, "since": reads.iso(prod.since),
-                                                     "by": prod.actor, "reason": prod.reason,
-                                                     "event_type": prod.event_type, "override": prod.override},
-            "rollout_percent": state.rollout_percent if prod else None, "versions": version_rows(state),
-            "log": [{"position": seq, "type": e["type"], "occurred_at": reads.iso(e["occurred_at"]),
-                     "version": e["payload"].get("version"), "actor": e["payload"].get("actor"),
-                     "reason": e["payload"].get("reason")} for seq, e in reversed(events)]}
-
-
 @router.get("/targets", summary="Every target runs named or the registry keeps a log for")
 async def list_targets(_: Principal = Depends(reader), conn=Conn) -> dict:
     return {"targets": await reads.targets(conn)}
 
 
-@router.get("/targets/{target}", summary="A target's versions and registry log")
+@router.get("/targets/{target}", summary="A target's History (the History projection): every fine-tune run, "
+                                         "its version, what became of it and who acted; its datasets")
 async def get_target(target: str, _: Principal = Depends(reader), conn=Conn) -> dict:
-    return await target_view(conn, _target(target))
+    return await history_views.target_view(conn, _target(target))
+
+
+VersionRef = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$",
+                                 description="N, vN, or the run id that produced it")]
+
+
+@router.get("/targets/{target}/versions/{version}",
+            summary="A version: its History row, dataset, base model, parent version, gate evidence and lineage")
+async def get_version(target: str, version: VersionRef, _: Principal = Depends(reader), conn=Conn) -> dict:
+    return await history_views.version_view(conn, _target(target), version)
+
+
+@router.get("/targets/{target}/versions/{version}/lineage",
+            summary="A version back to its source: export, adapter, training, dataset and manifest, rows")
+async def get_lineage(target: str, version: VersionRef, _: Principal = Depends(reader), conn=Conn) -> dict:
+    return (await history_views.version_view(conn, _target(target), version))["lineage"]
+
+
+Share = Annotated[float | None, Query(ge=0, le=1)]
+
+
+@router.get("/targets/{target}/versions/{version}/gate-replay",
+            summary="The version's gate decision re-run under other settings (counterfactual, read-only)")
+async def gate_replay(target: str, version: VersionRef,
+                      min_delta: Annotated[float | None, Query(ge=0, le=0.99, description="the margin")] = None,
+                      alpha: Annotated[float | None, Query(gt=0, lt=1)] = None,
+                      max_bucket_drop: Share = None, max_regressed_share: Annotated[float | None, Query(gt=0, le=1)] = None,
+                      _: Principal = Depends(reader), conn=Conn) -> dict:
+    return await history_views.replay_view(conn, _target(target), version, {
+        "min_delta": min_delta, "alpha": alpha, "max_bucket_drop": max_bucket_drop,
+        "max_regressed_share": max_regressed_share})
 
 
 @router.get("/targets/{target}/serving", summary="What served the target now, or at a time (`at`), and why")

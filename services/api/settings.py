@@ -17,3 +17,6 @@ class ApiSettings(ServiceSettings):
     # How long an acting request waits for the owning service's answer before it returns 202.
     answer_timeout_s: float = Field(60.0, gt=0)
     pool_size: int = Field(10, ge=1, le=100)
+    # uvicorn worker processes on the one port; each has its own pool and bus connection (its SSE clients'
+    # subscriptions are its own).
+    workers: int = Field(1, ge=1, le=16)

@@ -49,8 +49,9 @@ async def api(js, nats_server, database, tmp_path):
     import asyncpg
 
     conn = await asyncpg.connect(database)
-    await wait_for(lambda: conn.fetchval("SELECT position >= $1 FROM projection_checkpoints WHERE projection = "
-                                         "'timeline'", len(envs)))
+    for projection in ("timeline", "history"):  # the pages read both
+        await wait_for(lambda: conn.fetchval("SELECT position >= $1 FROM projection_checkpoints WHERE projection = $2",
+                                             len(envs), projection))
     await conn.close()
     roles = {r: await tokens.create(database, r, f"{r}-person") for r in ("viewer", "operator", "approver")}
     client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.port}", timeout=10)
@@ -244,3 +245,22 @@ async def test_up_mints_the_admin_token_once_and_only_its_hash_is_kept(database)
                               "VALUES ('x', 'x', 'me', 'admin')")
     finally:
         await app.close()
+
+
+async def test_a_run_with_bad_tuning_is_a_422_naming_the_field_and_a_good_one_is_sent_as_plan_v5(api):
+    before = await last_seq(api.js)
+    operator = api.auth_as("operator")
+    plan = {"locator": "jsonl:/x.jsonl", "target": "t"}
+    for tuning, field in (({"trials": 0, "budget_minutes": 3}, "trials"), ({"trials": 2, "budget_minutes": 0}, "budget_minutes"),
+                          ({"trials": 2, "budget_minutes": 3, "space": {"epochs": []}}, "space")):
+        r = await api.post("/api/runs", json={"plan": {**plan, "tuning": tuning}}, headers=operator)
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"][-2:] == ["tuning", field], r.text
+    r = await api.post("/api/runs", json={"plan": {**plan, "validation_fraction": 0, "tuning": {"trials": 2, "budget_minutes": 3}}},
+                       headers=operator)
+    assert r.status_code == 422 and "validation split" in r.text
+    assert await last_seq(api.js) == before, "an invalid plan published something"
+    r = await api.post("/api/runs", json={"plan": {**plan, "tuning": {"trials": 2, "budget_minutes": 3}}}, headers=operator)
+    assert r.status_code == 202, r.text
+    env = json.loads((await api.js.get_msg(subjects.STREAM, await last_seq(api.js))).data)
+    assert (env["type"], env["schema_version"]) == ("run.start", 5)
+    assert env["payload"]["plan"]["tuning"] == {"trials": 2, "budget_minutes": 3.0, "space": {}}
