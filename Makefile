@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help install test test-slow demo bench schemas docs api-docs screenshots up down status clean
+.PHONY: help install test test-slow demo bench faults schemas docs api-docs screenshots up down status clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -39,14 +39,20 @@ bench: install ## benchmarks: print a table, write bench/results/*.json
 	$(PY) -m bench.ingest
 	$(PY) -m bench.trainer
 	$(PY) -m bench.nlbse
+	$(PY) -m bench.export
 	$(PY) -m bench.gate
 	$(PY) -m bench.evaluation
 	$(PY) -m bench.triage
 	$(PY) -m bench.registry
 	$(PY) -m bench.api
+	$(PY) -m bench.replay
 
-schemas: install ## write JSON Schema snapshots for new contract versions
+faults: install ## the fault suite (20+ runs on a real stack under kills, outages, poison); bench/results/faults.json
+	nice -n 5 $(PY) -m bench.faults $(FAULTS_ARGS)
+
+schemas: install ## write JSON Schema snapshots for new contract versions, and infra/nats/auth.conf (who may publish what)
 	$(PY) -m contracts.snapshots
+	$(PY) -m services.common.nats_auth
 
 docs: install ## regenerate docs/reason-codes.md from the taxonomy
 	$(PY) -m contracts.reason_codes > docs/reason-codes.md

@@ -6,11 +6,11 @@ from typing import Annotated
 
 from pydantic import AfterValidator, Field
 
-from contracts.common import PLAN_V4, FieldMapping, Frozen, Locator, RunPlan, upcast_plan_v2, upcast_plan_v3
+from contracts.common import PLAN_V5, FieldMapping, Frozen, Locator, RunPlan, upcast_plan_v2, upcast_plan_v3, upcast_plan_v4
 from contracts.registry import register
 
 
-@register("run.start", kind="command", version=4, upcasters=PLAN_V4)
+@register("run.start", kind="command", version=5, upcasters=PLAN_V5)
 class StartRun(Frozen):
     """Start a run: ingest the locator, then prep, train, evaluate, export and register (the plan)."""
 
@@ -18,7 +18,8 @@ class StartRun(Frozen):
     requested_by: str = Field("cli", max_length=128)
 
 
-@register("ingest.commit", kind="command", version=3, upcasters={1: upcast_plan_v2, 2: upcast_plan_v3})
+@register("ingest.commit", kind="command", version=4,
+          upcasters={1: upcast_plan_v2, 2: upcast_plan_v3, 3: upcast_plan_v4})
 class CommitIngest(Frozen):
     """Ingest a source as a run of its own; later stages follow only as far as `until` says."""
 
@@ -90,6 +91,17 @@ class RegistryCommand(Frozen):
     reason: Annotated[str, AfterValidator(_one_line)] = Field(min_length=1, max_length=500)
     actor: str = Field(min_length=1, max_length=128)
     expected_sequence: int | None = Field(None, ge=0)
+
+
+@register("export.run", kind="command")
+class ExportRun(Frozen):
+    """Export run `run_id`'s adapter again, in `formats` (e.g. onnx-int8), into a new export folder; answered
+    by export.reexported or export.failed. Sent as a run of its own (`export-...`, as registry commands
+    are), so that a refused re-export does not fail the run it names."""
+
+    run_id: str = Field(min_length=1, max_length=200)
+    formats: list[str] = Field(min_length=1, max_length=16)
+    requested_by: str = Field("cli", max_length=128)
 
 
 @register("registry.promote", kind="command")

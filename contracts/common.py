@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 _PG_ENV = re.compile(r"pg:[A-Za-z_][A-Za-z0-9_]*(\?.*)?", re.S)
@@ -166,6 +166,27 @@ Backend = Literal["local", "openai", "anthropic"]
 PreflightMode = Literal["strict", "fail_open"]
 
 
+class TuningSettings(Frozen):
+    """(v5) A search over the recipe's tunable settings before the model is trained (`--tune N --budget
+    MINUTES`): up to `trials` trainings, each on the train split and scored on the validation split (never
+    the test set), started only while the budget allows, then the final model is trained with the best
+    settings. `space`, when given, is the whole search space (recipe field -> candidate values) instead of
+    the recipe's default one; the trainer refuses a field its recipe does not tune (`training.tuning_invalid`). Trial 1 is always the
+    recipe's own settings, so the winner is never worse on validation than not tuning."""
+
+    trials: int = Field(ge=1, le=64)
+    budget_minutes: float = Field(gt=0, le=7 * 24 * 60)
+    space: dict[str, list[Any]] = Field(default_factory=dict)
+
+    @field_validator("space")
+    @classmethod
+    def _candidates(cls, space: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        empty = sorted(name for name, values in space.items() if not values)
+        if empty:
+            raise ValueError(f"no candidate values for {', '.join(empty)}: give at least one value per field")
+        return space
+
+
 class RunPlan(Frozen):
     """What a run does, fixed when it starts and carried from stage to stage.
 
@@ -179,6 +200,8 @@ class RunPlan(Frozen):
     `validation_fraction` the share of the rest that the trainer validates on; the target's test set
     is frozen by its first run and reused unless `new_test_set` or `eval_locator`; `evaluation` says
     what the candidate is compared with and how it is judged and gated.
+    v5 (over v4): `tuning` (None by default: no search), a search over the recipe's settings on the
+    validation split before the final training.
     """
 
     locator: Locator = Field(min_length=1)
@@ -206,6 +229,14 @@ class RunPlan(Frozen):
     validation_fraction: float = Field(0.1, ge=0, lt=1)  # (v4) of the non-test rows, what the trainer validates on
     new_test_set: bool = False                            # (v4) freeze a new test set for the target (recorded)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)  # (v4)
+    tuning: TuningSettings | None = None  # (v5) None: train with the recipe's settings, no search
+
+    @field_validator("tuning")
+    @classmethod
+    def _tuning_needs_validation_rows(cls, tuning: TuningSettings | None, info: ValidationInfo):
+        if tuning is not None and info.data.get("validation_fraction") == 0:
+            raise ValueError("tuning scores each trial on the validation split: validation_fraction must be above 0")
+        return tuning
 
     def runs(self, stage: str) -> bool:
         """Does the plan go as far as `stage`? (A run may stop after ingest or prep.)"""
@@ -254,3 +285,11 @@ def upcast_plan_v3(payload: dict) -> dict:
 
 
 PLAN_V4 = {**PLAN_V3, 3: upcast_plan_v3}
+
+
+def upcast_plan_v4(payload: dict) -> dict:
+    """v4 -> v5: a v4 plan did not tune; v5's default (no `tuning`) is what it did."""
+    return payload
+
+
+PLAN_V5 = {**PLAN_V4, 4: upcast_plan_v4}

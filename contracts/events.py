@@ -6,7 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, field_validator
 
-from contracts.common import PLAN_V4, ArtifactRef, FieldMapping, Frozen, RunPlan, TaskShape, upcast_plan_v2, upcast_plan_v3
+from contracts.common import (PLAN_V4, PLAN_V5, ArtifactRef, FieldMapping, Frozen, RunPlan, TaskShape, upcast_plan_v2,
+                              upcast_plan_v3, upcast_plan_v4)
 from contracts.reason_codes import is_registered
 from contracts.registry import register
 
@@ -94,7 +95,7 @@ class CommittedRows(Frozen):
     rejected_by_reason: ReasonCounts
 
 
-@register("ingest.committed", kind="event", version=4, upcasters=PLAN_V4)
+@register("ingest.committed", kind="event", version=5, upcasters=PLAN_V5)
 class IngestCommitted(Frozen):
     plan: RunPlan
     dataset: ArtifactRef
@@ -109,7 +110,7 @@ class IngestCommitted(Frozen):
     eval_source: CommittedRows | None = None  # the plan's explicit eval dataset, same mapping (v2)
 
 
-@register("ingest.failed", kind="event", version=4, upcasters=PLAN_V4)
+@register("ingest.failed", kind="event", version=5, upcasters=PLAN_V5)
 class IngestFailed(StageFailure):
     pass
 
@@ -117,7 +118,7 @@ class IngestFailed(StageFailure):
 # --- prep -----------------------------------------------------------------------------------
 
 
-@register("prep.cleaned", kind="event", version=3, upcasters={1: upcast_plan_v2, 2: upcast_plan_v3})
+@register("prep.cleaned", kind="event", version=4, upcasters={1: upcast_plan_v2, 2: upcast_plan_v3, 3: upcast_plan_v4})
 class PrepCleaned(Frozen):
     """Cleaning's account: rows_in = rows_kept + sum(dropped_by_reason), every dropped row in `dropped`."""
 
@@ -163,7 +164,7 @@ class TestSetFrozen(Frozen):
     reason: str = Field("", max_length=500)
 
 
-@register("prep.prepared", kind="event", version=4, upcasters=PLAN_V4)
+@register("prep.prepared", kind="event", version=5, upcasters=PLAN_V5)
 class PrepPrepared(Frozen):
     plan: RunPlan
     manifest: ArtifactRef
@@ -186,7 +187,7 @@ class PrepPrepared(Frozen):
     test_set: TestSetRef | None = None
 
 
-@register("prep.failed", kind="event", version=4, upcasters=PLAN_V4)
+@register("prep.failed", kind="event", version=5, upcasters=PLAN_V5)
 class PrepFailed(StageFailure):
     pass
 
@@ -246,7 +247,7 @@ class TrainPlan(Frozen):
     cost_estimate: CostEstimate | None = None  # hosted backends: recorded before the job starts
 
 
-@register("preflight.passed", kind="event", version=2, upcasters={1: upcast_plan_v3})
+@register("preflight.passed", kind="event", version=3, upcasters={1: upcast_plan_v3, 2: upcast_plan_v4})
 class PreflightPassed(Frozen):
     plan: RunPlan
     train_plan: TrainPlan
@@ -256,7 +257,7 @@ class PreflightPassed(Frozen):
     mode: str = "strict"
 
 
-@register("preflight.blocked", kind="event", version=2, upcasters={1: upcast_plan_v3})
+@register("preflight.blocked", kind="event", version=3, upcasters={1: upcast_plan_v3, 2: upcast_plan_v4})
 class PreflightBlocked(Frozen):
     """Strict preflight found blockers: nothing was trained. The envelope's reason code is the first blocker's."""
 
@@ -267,7 +268,7 @@ class PreflightBlocked(Frozen):
     memory: MemoryEstimate | None = None
 
 
-@register("training.started", kind="event", version=4, upcasters=PLAN_V4)
+@register("training.started", kind="event", version=5, upcasters=PLAN_V5)
 class TrainingStarted(Frozen):
     plan: RunPlan
     base_model: str
@@ -340,7 +341,49 @@ class TrainingRestarted(Frozen):
     backend: str = "local"
 
 
-@register("training.completed", kind="event", version=4, upcasters=PLAN_V4)
+@register("training.trial_completed", kind="event")
+class TrialCompleted(Frozen):
+    """One trial of a tuned run (`plan.tuning`): a training with `settings` (the tuned recipe fields) on
+    the train split, scored on the validation split (`metric`: the best checkpoint's). A trial that
+    diverged, or that the budget cut off, is recorded with its status and no metric; the run goes on."""
+
+    trial: int = Field(ge=1)
+    trials: int = Field(ge=1)                # the most the plan allows
+    settings: dict[str, Any]
+    status: Literal["completed", "diverged", "cut_off"]
+    metric_name: str | None = None
+    metric: float | None = None
+    best_step: int | None = None
+    steps: int = Field(0, ge=0)
+    wall_s: float = Field(ge=0)
+    train_rows: int = Field(ge=0)
+    validation_rows: int = Field(ge=0)
+    is_best: bool = False                    # the best trial so far (ties: the earlier one)
+    reason_code: str | None = None           # why a trial has no metric (training.diverged, training.timeout)
+    message: str | None = Field(None, max_length=2000)
+
+
+@register("training.tuning_completed", kind="event")
+class TuningCompleted(Frozen):
+    """The search is over: which trial won, with what settings, and why it stopped. The final model is
+    trained next with `best_settings` (training.started / training.completed follow). The splits it read
+    are named by sha256: the train and validation splits, never the test set."""
+
+    trials_run: int = Field(ge=0)
+    trials_planned: int = Field(ge=1)
+    budget_minutes: float = Field(gt=0)
+    stopped_by_budget: bool                  # trials left that the budget would not fit
+    best_trial: int | None = None            # None: every trial failed; the recipe's own settings are trained
+    best_settings: dict[str, Any]
+    metric_name: str | None = None
+    best_metric: float | None = None
+    baseline_metric: float | None = None     # trial 1: the recipe's own settings
+    wall_s: float = Field(ge=0)
+    train_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    validation_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+@register("training.completed", kind="event", version=5, upcasters=PLAN_V5)
 class TrainingCompleted(Frozen):
     plan: RunPlan
     base_model: str
@@ -368,7 +411,7 @@ class TrainingCompleted(Frozen):
     test_set: TestSetRef | None = None     # (v4)
 
 
-@register("training.failed", kind="event", version=4, upcasters=PLAN_V4)
+@register("training.failed", kind="event", version=5, upcasters=PLAN_V5)
 class TrainingFailed(StageFailure):
     pass
 
@@ -519,7 +562,7 @@ class GateDecided(Frozen):
     evidence: dict[str, Any]                # n, means, delta and CI, test, statistic, p, effect size, buckets, regressions, policy
 
 
-@register("eval.completed", kind="event", version=4, upcasters=PLAN_V4)
+@register("eval.completed", kind="event", version=5, upcasters=PLAN_V5)
 class EvalCompleted(Frozen):
     """v4: the candidate against its baseline (production, a prompt baseline or a classical one; D15)
     on the frozen test set, per-row records, judge and gate. `base` is the baseline's metrics, which
@@ -542,7 +585,7 @@ class EvalCompleted(Frozen):
     warnings: list[Notice] = Field(default_factory=list)  # (v4) e.g. eval.degenerate_model
 
 
-@register("eval.failed", kind="event", version=4, upcasters=PLAN_V4)
+@register("eval.failed", kind="event", version=5, upcasters=PLAN_V5)
 class EvalFailed(StageFailure):
     pass
 
@@ -571,11 +614,45 @@ def upcast_export_v4(payload: dict) -> dict:
     return payload
 
 
-@register("export.completed", kind="event", version=5, upcasters={**PLAN_V4, 4: upcast_export_v4})
+class FormatParity(Frozen):
+    """An exported format loaded fresh in its own runtime against the trained model in PyTorch, on the test
+    rows: predicted labels, max |logit diff| (fp32 formats: <= 1e-4), accuracy and its drop (quantised)."""
+
+    rows: int
+    labels_identical: bool
+    label_agreement: float
+    max_abs_logit_diff: float
+    accuracy: float | None = None
+    reference_accuracy: float | None = None
+    accuracy_drop: float | None = None
+
+
+class ExportedFormat(Frozen):
+    """One format of an export (services/export/formats.py): shipped under `path` in the export folder with
+    its parity, or failed with a registered reason code and the converter's message."""
+
+    format: str
+    status: Literal["shipped", "failed"]
+    path: str | None = None
+    reason_code: str | None = None
+    message: str | None = None
+    parity: FormatParity | None = None
+    runtime: str | None = None  # what ran the parity check (e.g. onnxruntime; GGUFReader + transformers)
+
+    @field_validator("reason_code")
+    @classmethod
+    def _registered(cls, value: str | None) -> str | None:
+        if value is not None and not is_registered(value):
+            raise ValueError(f"reason code {value!r} is not registered in contracts.reason_codes")
+        return value
+
+
+@register("export.completed", kind="event", version=6, upcasters={**PLAN_V4, 4: upcast_export_v4, 5: upcast_plan_v4})
 class ExportCompleted(Frozen):
     """v5: also what the registry needs from the evaluation (copied from eval.completed and its
     eval.gate_decided): the gate verdict, the per-row records and the test rows they are about (the
-    registry's smoke check reproduces them), the label space."""
+    registry's smoke check reproduces them), the label space. v6: each format's outcome and parity
+    (`formats`) and the base model's weights sha256 as the export manifest pins it."""
 
     plan: RunPlan
     base_model: str
@@ -591,9 +668,27 @@ class ExportCompleted(Frozen):
     label_space: list[str] = Field(default_factory=list)  # (v5)
     dataset_version: str | None = None         # (v5) lineage, when the run's events carry it
     manifest: ArtifactRef | None = None        # (v5)
+    formats: list[ExportedFormat] = Field(default_factory=list)  # (v6) the adapter first, then merged, onnx, ...
+    base_model_sha256: str | None = None       # (v6) weights sha256 pinned in the manifest
 
 
-@register("export.failed", kind="event", version=4, upcasters=PLAN_V4)
+@register("export.reexported", kind="event")
+class ExportReexported(Frozen):
+    """The answer to `export.run`: the run's adapter exported again in the formats asked for, in a new export
+    folder (the adapter and those formats, with their own manifest); a format that failed is in `formats`
+    with its reason code. The registry does not register it: the run's version is its first export."""
+
+    source_run_id: str               # the run whose adapter was exported
+    base_model: str
+    export: ArtifactRef
+    files: dict[str, str]
+    formats: list[ExportedFormat]
+    requested: list[str]
+    base_model_sha256: str | None = None
+    source: ArtifactRef | None = None  # the run's adapter that was exported
+
+
+@register("export.failed", kind="event", version=5, upcasters=PLAN_V5)
 class ExportFailed(StageFailure):
     pass
 
@@ -656,7 +751,7 @@ class HostedVersionRegistered(Frozen):
     source_run_id: str
 
 
-@register("registry.failed", kind="event", version=4, upcasters=PLAN_V4)
+@register("registry.failed", kind="event", version=5, upcasters=PLAN_V5)
 class RegistryFailed(StageFailure):
     pass
 
@@ -810,6 +905,62 @@ class ProjectionReplayed(Frozen):
     forced: bool = False                  # switched although the versions differ (--switch)
     error: str | None = None
     wall_s: float = Field(ge=0)
+
+
+@register("store.replayed", kind="event")
+class StoreReplayed(Frozen):
+    """An operator rebuilt run_events from the JetStream stream into a fresh database and diffed it with the
+    live store (`tuneline replay store --into URL`): positions, event ids and hashes, from `compared_from` to
+    `compared_to`. `differences` counts per kind: only_live, only_rebuilt (positions held by one store
+    only), event_id (another event at a position), hash (another chain link), skipped (positions one store
+    skipped and the other recorded). Published by the CLI (or the API) that ran it."""
+
+    requested_by: str = Field(min_length=1, max_length=128)
+    into: str = Field(max_length=512)     # the rebuilt database, as host/name: never its credentials
+    stream_first: int = Field(ge=0)
+    stream_last: int = Field(ge=0)
+    events: int = Field(ge=0)             # rows the rebuild recorded
+    compared_from: int = Field(ge=0)
+    compared_to: int = Field(ge=0)
+    differences: dict[str, int] = Field(default_factory=dict)
+    samples: list[str] = Field(default_factory=list, max_length=20)
+    outcome: Literal["identical", "differs", "failed"]
+    error: str | None = None
+    wall_s: float = Field(ge=0)
+
+
+@register("consumer.replayed", kind="event")
+class ConsumerReplayed(Frozen):
+    """An operator re-drove one service's durable consumer from a stream position (`tuneline replay consumer`):
+    in place (the consumer rewound; its handlers are idempotent, D3) or in a sandbox (the recorded messages
+    it took fed to a copy of the service on a stream and database of their own, its outputs diffed with what
+    run_events says the consumer emitted: only_recorded, only_replayed, changed)."""
+
+    durable: str = Field(min_length=1, max_length=128)
+    mode: Literal["in_place", "sandbox"]
+    from_sequence: int | None = Field(None, ge=1)
+    from_time: str | None = Field(None, max_length=64)   # ISO 8601, as asked
+    requested_by: str = Field(min_length=1, max_length=128)
+    inputs: int = Field(ge=0)             # recorded messages of the consumer's subject from the position
+    outputs: int = Field(0, ge=0)         # sandbox: events the copy emitted
+    differences: dict[str, int] = Field(default_factory=dict)
+    samples: list[str] = Field(default_factory=list, max_length=20)
+    outcome: Literal["redriven", "identical", "differs", "failed"]
+    error: str | None = None
+    wall_s: float = Field(ge=0)
+
+
+@register("run.replayed", kind="event")
+class RunReplayed(Frozen):
+    """The first event of a run re-run from a stage with the same inputs (`tuneline replay run RUN_ID --from
+    STAGE`): the envelope's run is the new one, `origin_run_id` the run it repeats. The stage's recorded
+    trigger follows under the new run, caused by this event, and the stage takes it as it took the original."""
+
+    origin_run_id: str = Field(min_length=1, max_length=128)
+    from_stage: str = Field(min_length=1, max_length=32)
+    trigger_event_id: str = Field(min_length=1, max_length=64)   # the origin's trigger, re-issued
+    trigger_type: str = Field(min_length=1, max_length=128)
+    requested_by: str = Field(min_length=1, max_length=128)
 
 
 # --- bus ------------------------------------------------------------------------------------

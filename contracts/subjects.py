@@ -56,5 +56,16 @@ def subject_for(type_name: str, *, kind: str, target: str | None = None) -> str:
     return f"{EVENTS}.{type_name}"
 
 
+def publish_subjects(type_name: str, *, kind: str) -> list[str]:
+    """Every subject subject_for may give a message of `type_name`, a target as `*` (for permissions:
+    services/common/nats_auth.py)."""
+    out = [subject_for(type_name, kind=kind)]
+    if kind == "event" and type_name.startswith("registry."):
+        out.append(f"{EVENTS}.registry.*.{type_name.split('.', 1)[1]}")
+    if kind == "event" and type_name == TEST_SET_FROZEN:
+        out.append(f"{EVENTS}.testset.*.frozen")
+    return out
+
+
 def dlq_subject(consumer: str) -> str:
     return f"{DLQ}.{consumer}"

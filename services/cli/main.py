@@ -26,14 +26,21 @@ def data_dir() -> Path:
     return Path(os.environ.get("TUNELINE_DATA_DIR", ".tuneline")).resolve()
 
 
-def urls() -> tuple[str, str]:
-    """NATS and database URLs: from the environment, else from the running embedded stack."""
+# The NATS user a command acts as (services/common/nats_auth.py): `cli` publishes commands only; the operator's
+# verbs that declare streams or write history (up, migrate, import, replay) act as admin. main() sets it.
+OPERATOR_COMMANDS = ("up", "migrate", "import", "replay")
+nats_user = "cli"
+
+
+def urls(user: str | None = None) -> tuple[str, str]:
+    """NATS and database URLs: from the environment, else from the running embedded stack. The NATS URL
+    carries the user's credentials for the stack's own nats-server (stack.client_nats_url)."""
     state = stack.read_state(data_dir()) or {}
     nats_url = os.environ.get("NATS_URL") or state.get("nats", {}).get("url")
     db_url = os.environ.get("DATABASE_URL") or state.get("postgres", {}).get("url")
     if not nats_url or not db_url:
         sys.exit("no stack: run `tuneline up` first, or set NATS_URL and DATABASE_URL")
-    return nats_url, db_url
+    return stack.client_nats_url(data_dir(), nats_url, state, user or nats_user), db_url
 
 
 class StackUnreachable(Exception):
@@ -51,7 +58,9 @@ async def _js(nats_url: str):
         nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=2, reconnect_time_wait=0.5,
                                 error_cb=_quiet)
     except Exception as exc:  # noqa: BLE001 - NoServersError, OSError, timeouts: all mean "not there"
-        raise StackUnreachable(f"nats-server at {url_passwords(nats_url)} is not reachable ({type(exc).__name__}): "
+        from services.common.nats_auth import without_credentials
+
+        raise StackUnreachable(f"nats-server at {without_credentials(nats_url)} is not reachable ({type(exc).__name__}): "
                                "run `tuneline up`") from None
     return nc, nc.jetstream()
 
@@ -114,11 +123,15 @@ def _ensure_nats(root: Path, recorded: dict | None) -> tuple[dict, bool]:
     """The stack's nats-server: the recorded one when it is alive and listening, else a new one on the
     same port and the same store. Never two on one store: any other nats-server found serving it is
     stopped first. Returns (state entry, whether a server was started)."""
+    from services.common.nats_auth import ensure_credentials, read_credentials
+
     recorded = recorded if (recorded or {}).get("managed") else {}
     store = (root / "nats" / "jetstream").resolve()
     on_store = set(stack.nats_pids_for_store(store))
     pid, url = recorded.get("pid"), recorded.get("url")
-    if stack.nats_alive(pid) and stack.port_open("127.0.0.1", stack.port_of(url)):
+    # a server started with users whose passwords are lost would refuse every service: restart it
+    lost = recorded.get("auth") and read_credentials(root) is None
+    if stack.nats_alive(pid) and stack.port_open("127.0.0.1", stack.port_of(url)) and not lost:
         for stray in sorted(on_store - {pid}):
             print(f"nats-server   stopping pid {stray}: a second server on {store}", file=sys.stderr)
             stack.stop_pid(stray)
@@ -130,9 +143,9 @@ def _ensure_nats(root: Path, recorded: dict | None) -> tuple[dict, bool]:
     if port and stack.port_open("127.0.0.1", port):
         print(f"nats-server   port {port} is taken by another process; using a new port", file=sys.stderr)
         port = None
-    n = stack.start_nats(root / "nats", port)
-    print(f"nats-server   {n.url} (JetStream, sync_interval: always, store {n.store_dir})")
-    return {"url": n.url, "pid": n.pid, "managed": True, "log": str(n.log)}, True
+    n = stack.start_nats(root / "nats", port, passwords=ensure_credentials(root))
+    print(f"nats-server   {n.url} (JetStream, sync_interval: always, store {n.store_dir}; a user per service)")
+    return {"url": n.url, "pid": n.pid, "managed": True, "log": str(n.log), "auth": True}, True
 
 
 def _ensure_postgres(root: Path, recorded: dict | None) -> tuple[dict, bool]:
@@ -154,18 +167,33 @@ def cmd_up(args) -> int:
     ones restarted (the nats-server on its port and store), and every pid is recorded for `down`."""
     root = data_dir()
     old = stack.read_state(root) or {}
-    state = {"data_dir": str(root), "services": {}}
+    try:
+        asked = stack.parse_replicas(getattr(args, "replicas", None))
+    except ValueError as exc:
+        print(f"tuneline up: {exc}", file=sys.stderr)
+        return 2
+    if getattr(args, "standby", None) is not None:  # a second audit process waits as the recorder's standby
+        asked["audit"] = 2 if args.standby else 1  # (services/audit/lease.py); remembered like the replicas
+    # How many instances of each service: --replicas, else what the last `up` was asked for, else 1.
+    want = {n: {**(old.get("replicas") or {}), **asked}.get(n, 1) for n in stack.SERVICES}
+    state = {"data_dir": str(root), "services": {}, "replicas": {n: k for n, k in want.items() if k != 1}}
     if old.get("settings") is not None:
         state["settings"] = old["settings"]  # what the running services were started with
-    # Services alive now, recorded or not (a lost stack.json must not orphan them): one kept per service.
+    # Services alive now, recorded or not (a lost stack.json must not orphan them): `want` kept per service.
     alive: dict[str, list[int]] = stack.service_pids_for(root)
-    for name, s in (old.get("services") or {}).items():
-        if name in stack.SERVICES and stack.service_alive(s.get("pid"), name) and s["pid"] not in alive.get(name, []):
-            alive.setdefault(name, []).append(s["pid"])
-    recorded_pid = {name: s.get("pid") for name, s in (old.get("services") or {}).items()}
+    recorded = {name: stack.replica_pids(s) for name, s in (old.get("services") or {}).items()}
+    logs = {r.get("pid"): r.get("log") for s in (old.get("services") or {}).values()
+            for r in (s.get("replicas") or [s])}
+    for name, pids in recorded.items():
+        for pid in pids:
+            if name in stack.SERVICES and stack.service_alive(pid, name) and pid not in alive.get(name, []):
+                alive.setdefault(name, []).append(pid)
     for name, pids in alive.items():
-        pids.sort(key=lambda p: p != recorded_pid.get(name))  # the recorded one first
-        state["services"][name] = {"pid": pids[0], "log": str(root / "logs" / f"{name}.log")}
+        mine = recorded.get(name, [])
+        pids.sort(key=lambda p: mine.index(p) if p in mine else len(mine))  # the recorded ones first
+        kept = [{"pid": p, "log": logs.get(p) or str(stack.replica_log(root, name, i + 1))}
+                for i, p in enumerate(pids[:want[name]])]
+        state["services"][name] = {"pid": kept[0]["pid"], "log": kept[0]["log"], "replicas": kept}
     stack.write_state(root, {**old, **state})  # `down` can stop what is alive even if the rest fails
 
     restarted = False
@@ -189,7 +217,7 @@ def cmd_up(args) -> int:
     settings = stack.service_settings(env)
     # services kept running keep the settings they started with: say which ones the environment changed
     drift = [] if restarted or not alive else stack.settings_drift(old.get("settings"), settings)
-    healthy = not restarted and all(len(alive.get(n, [])) == 1 for n in stack.SERVICES)
+    healthy = not restarted and all(len(alive.get(n, [])) == want[n] for n in stack.SERVICES)
     if healthy:
         print(f"already up ({root}); `tuneline status` for details")
         for line in drift:
@@ -197,35 +225,45 @@ def cmd_up(args) -> int:
         return 0
 
     for name, pids in alive.items():
-        # Duplicates always go; with nats or PostgreSQL restarted under them, every service restarts.
-        for pid in pids[(0 if restarted else 1):]:
+        # Duplicates (beyond the replicas asked for) always go; with nats or PostgreSQL restarted under
+        # them, every service restarts.
+        for pid in pids[(0 if restarted else want[name]):]:
             stack.stop_pid(pid)
         if restarted:
             state["services"].pop(name, None)
     stack.write_state(root, state)
-    asyncio.run(_prepare(state["nats"]["url"], state["postgres"]["url"]))
+    asyncio.run(_prepare(stack.client_nats_url(root, state["nats"]["url"], state, "admin"), state["postgres"]["url"]))
     roots = json.loads(env["TUNELINE_INGEST_ROOTS"])
     if "TUNELINE_INGEST_ROOTS" not in os.environ and len(roots) == 1:
         print(f"ingest roots: {roots[0]} only (up ran in {Path.cwd().resolve()}); set TUNELINE_INGEST_ROOTS to "
               "read files elsewhere", file=sys.stderr)
     if restarted or not alive or old.get("settings") is None:
         state["settings"] = settings  # every service starts now (or nothing was recorded to compare with)
-    started_now = []
+    started_now: set[int] = set()
     for name in stack.SERVICES:
-        if name not in state["services"]:
-            pid = stack.start_service(name, root, env)
-            state["services"][name] = {"pid": pid, "log": str(root / "logs" / f"{name}.log")}
-            started_now.append(name)
+        have = (state["services"].get(name) or {}).get("replicas") or []
+        while len(have) < want[name]:
+            used = {r["log"] for r in have}
+            i = next(i for i in range(1, 2 * stack.MAX_REPLICAS + 2) if str(stack.replica_log(root, name, i)) not in used)
+            # each service connects as its own NATS user (services/common/nats_auth.py)
+            pid = stack.start_service(name, root, {**env, **stack.service_credentials(root, name, state["nats"])}, i)
+            have.append({"pid": pid, "log": str(stack.replica_log(root, name, i))})
+            started_now.add(pid)
+            state["services"][name] = {"pid": have[0]["pid"], "log": have[0]["log"], "replicas": have}
             stack.write_state(root, state)
     state["services"] = {n: state["services"][n] for n in stack.SERVICES}
     stack.write_state(root, state)
-    missing = asyncio.run(_wait_ready(state["nats"]["url"], [DURABLES[s] for s in stack.SERVICES if s in DURABLES]))
+    admin_url = stack.client_nats_url(root, state["nats"]["url"], state, "admin")
+    missing = asyncio.run(_wait_ready(admin_url, [DURABLES[s] for s in stack.SERVICES if s in DURABLES]))
     if not stack.http_ready(state["api"]["url"] + "/api/health"):
         missing.append("api")  # no durable consumer: ready when it answers
     for name in stack.SERVICES:
-        ok = DURABLES.get(name, name) not in missing and stack.service_alive(state["services"][name]["pid"], name)
-        how = "started" if name in started_now else "running"
-        print(f"{name:<13} {'up' if ok else 'NOT READY'} pid {state['services'][name]['pid']} ({how})")
+        replicas = state["services"][name]["replicas"]
+        for i, r in enumerate(replicas, 1):
+            ok = DURABLES.get(name, name) not in missing and stack.service_alive(r["pid"], name)
+            how = "started" if r["pid"] in started_now else "running"
+            label = name if len(replicas) == 1 else f"{name}[{i}]"
+            print(f"{label:<13} {'up' if ok else 'NOT READY'} pid {r['pid']} ({how})")
     from services.common.tokens import ensure_admin
 
     admin = asyncio.run(ensure_admin(state["postgres"]["url"]))
@@ -250,13 +288,13 @@ def cmd_down(args) -> int:
     state = state or {}
     for name in stack.SERVICES:
         pids = set(strays.get(name, []))
-        recorded = (state.get("services") or {}).get(name, {}).get("pid")
-        if stack.service_alive(recorded, name):
-            pids.add(recorded)
+        for recorded in stack.replica_pids((state.get("services") or {}).get(name)):
+            if stack.service_alive(recorded, name):
+                pids.add(recorded)
         for pid in sorted(pids):
             stack.stop_pid(pid)
         if pids:
-            print(f"{name:<13} stopped")
+            print(f"{name:<13} stopped" + (f" ({len(pids)} instances)" if len(pids) > 1 else ""))
     state["services"] = {}
     nats_pids = set(stack.nats_pids_for_store(store))
     if state.get("nats", {}).get("managed") and stack.nats_alive(state["nats"].get("pid")):
@@ -282,8 +320,10 @@ async def _status() -> dict:
     out: dict = {"services": {}}
     state = stack.read_state(data_dir()) or {}
     for name in stack.SERVICES:
-        pid = (state.get("services") or {}).get(name, {}).get("pid")
-        out["services"][name] = {"pid": pid, "alive": stack.service_alive(pid, name)}
+        entry = (state.get("services") or {}).get(name, {})
+        pids = stack.replica_pids(entry) or [None]
+        replicas = [{"pid": p, "alive": stack.service_alive(p, name)} for p in pids]
+        out["services"][name] = {"pid": pids[0], "alive": all(r["alive"] for r in replicas), "replicas": replicas}
     nc, js = await _js(nats_url)
     try:
         conn = await _db(db_url)
@@ -297,8 +337,16 @@ async def _status() -> dict:
                          "dlq_messages": dlq.state.messages}
         out["recorder"] = await recorder_lag(conn, js, subjects.STREAM)
         out["recorder"]["gaps"] = await find_gaps(conn)
-        cp = await conn.fetchrow("SELECT * FROM projection_checkpoints WHERE projection = 'timeline'")
-        out["projection"] = dict(cp) if cp else {"position": 0}
+        out["recorder"].update(await recorder_roles(conn))
+        roles = {i["pid"]: "standby" for i in out["recorder"]["standbys"]}
+        if out["recorder"]["active"]:
+            roles[out["recorder"]["active"]["pid"]] = "active"
+        for r in out["services"]["audit"].get("replicas") or []:
+            r["role"] = roles.get(r["pid"])  # None: not connected to PostgreSQL (starting, or stuck)
+        checkpoints = {r["projection"]: dict(r) for r in await conn.fetch(
+            "SELECT * FROM projection_checkpoints WHERE projection IN ('timeline', 'history')")}
+        out["projections"] = {name: checkpoints.get(name) or {"position": 0} for name in ("timeline", "history")}
+        out["projection"] = out["projections"]["timeline"]  # before History was reported: kept for scripts
         for name in stack.SERVICES:
             try:
                 ci = await js.consumer_info(subjects.STREAM, DURABLES[name])
@@ -311,23 +359,44 @@ async def _status() -> dict:
     return out
 
 
+async def recorder_roles(conn) -> dict:
+    """Which audit process is the active recorder and which are standbys (services/audit/lease.py), from
+    the recorder lock's holder and waiters: {"active": {"pid", "host", "since"} | None, "standbys": [...]}."""
+    from services.audit.lease import holders, instance_of
+
+    rows = await holders(conn)
+    return {"active": next((instance_of(h) for h in rows if h["granted"]), None),
+            "standbys": [instance_of(h) for h in rows if not h["granted"]]}
+
+
+def _recorder_instance(inst: dict) -> str:
+    return f"pid {inst['pid']}" + (f" on {inst['host']}" if inst.get("host") else "")
+
+
 def cmd_status(args) -> int:
     st = asyncio.run(_status())
-    # Both modes: 1 when a service is down or the timeline projection has stopped on an error.
-    rc = 0 if all(s["alive"] for s in st["services"].values()) and not st["projection"].get("error_position") else 1
+    # Both modes: 1 when a service is down or a projection (timeline, History) has stopped on an error.
+    rc = 0 if all(s["alive"] for s in st["services"].values()) and not any(
+        p.get("error_position") for p in st["projections"].values()) else 1
     if args.json:
         print(json.dumps(st, default=str, indent=2))
         return rc
     for name, s in st["services"].items():
-        print(f"{name:<10} {'up  ' if s['alive'] else 'DOWN'} pid {s['pid']}  pending {s.get('pending')}  "
-              f"unacked {s.get('ack_pending')}")
+        replicas = s.get("replicas") or [s]
+        pids = ", ".join(str(r["pid"]) + ("" if r["alive"] else " DOWN") + (f" ({r['role']})" if r.get("role") else "")
+                         for r in replicas)
+        print(f"{name:<10} {'up  ' if s['alive'] else 'DOWN'} {'pids' if len(replicas) > 1 else 'pid'} {pids}  "
+              f"pending {s.get('pending')}  unacked {s.get('ack_pending')}")
     s = st["stream"]
     print(f"stream {s['name']}: {s['messages']} messages, last seq {s['last_seq']}; DLQ {s['dlq_messages']}")
     r = st["recorder"]
     print(f"recorder: recorded up to {r['recorded_position']}, lag {r['lag']}, gaps {r['gaps'] or 'none'}")
-    p = st["projection"]
-    print(f"timeline projection: position {p.get('position')}"
-          + (f", STOPPED at {p['error_position']}: {p['error']}" if p.get("error_position") else ""))
+    active, standbys = r.get("active"), r.get("standbys") or []
+    print(f"recorder: active {_recorder_instance(active) if active else 'NONE (no audit process holds the lock)'}; "
+          f"standby {', '.join(_recorder_instance(s) for s in standbys) if standbys else 'none'}")
+    for name, p in st["projections"].items():
+        print(f"{name} projection: position {p.get('position')}"
+              + (f", STOPPED at {p['error_position']}: {p['error']}" if p.get("error_position") else ""))
     return rc
 
 
@@ -375,6 +444,8 @@ RUN_OPTIONS = {
     "recipe_overrides": "--set", "cleaning": "--set clean.", "backend": "--backend", "preflight": "--preflight", "requested_by": "$USER",
     ("hosted", "model"): "--hosted-model", ("hosted", "base_url"): "--hosted-base-url",
     ("hosted", "api_key_env"): "--api-key-env",
+    "tuning": "--tune", ("tuning", "trials"): "--tune", ("tuning", "budget_minutes"): "--budget",
+    ("tuning", "space"): "--tune-space",
 }
 
 
@@ -394,8 +465,20 @@ def build_start_run(args) -> StartRun:
                    base_model=args.base_model, recipe=args.recipe, recipe_overrides=overrides,
                    cleaning=cleaning, backend=args.backend, preflight=args.preflight,
                    hosted=HostedSettings(model=args.hosted_model, base_url=args.hosted_base_url,
-                                         api_key_env=args.api_key_env) if args.backend != "local" else None)
+                                         api_key_env=args.api_key_env) if args.backend != "local" else None,
+                   **tuning_of(args))
     return StartRun(plan=plan, requested_by=os.environ.get("USER", "cli"))
+
+
+def tuning_of(args) -> dict:
+    """The plan's `tuning` for `--tune N --budget MINUTES --tune-space FIELD=[...]` ({} without --tune)."""
+    from services.cli.run_options import DEFAULT_BUDGET_MINUTES, parse_tune_space
+
+    if getattr(args, "tune", None) is None:
+        return {}
+    space = {k: v for k, v in parse_tune_space(args.tune_space).items() if isinstance(v, list)}  # the rest: tuning_problems
+    budget = DEFAULT_BUDGET_MINUTES if args.budget is None else args.budget
+    return {"tuning": {"trials": args.tune, "budget_minutes": budget, "space": space}}
 
 
 def parse_settings(pairs: list[str] | None) -> dict:
@@ -462,12 +545,14 @@ def run_option_problems(args) -> list[str]:
     """What is wrong with `tuneline run`'s target, recipe and `--set` options, one line each; checked
     before publishing, so a typo fails at the prompt rather than in the trainer minutes later."""
     from services.cli.run_options import (cleaning_problems, min_per_class_problems, recipe_problems, split_overrides,
-                                          target_problem)
+                                          target_problem, tuning_problems)
 
     overrides, cleaning = split_overrides(parse_settings(args.set))
     problems = [p for p in [target_problem(args.target)] if p]
     return (problems + recipe_problems(args.recipe, overrides) + cleaning_problems(cleaning)
-            + min_per_class_problems(cleaning, args.min_per_class))
+            + min_per_class_problems(cleaning, args.min_per_class)
+            + tuning_problems(getattr(args, "tune", None), getattr(args, "budget", None), getattr(args, "tune_space", None),
+                              args.backend))
 
 
 def cmd_run(args) -> int:
@@ -629,7 +714,14 @@ def cmd_sample_data(args) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tuneline", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="start nats-server, PostgreSQL (unless NATS_URL/DATABASE_URL) and every service").set_defaults(fn=cmd_up)
+    up = sub.add_parser("up", help="start nats-server, PostgreSQL (unless NATS_URL/DATABASE_URL) and every service")
+    up.add_argument("--replicas", default=None, metavar="SERVICE=N,...",
+                    help="instances of a stage service, competing for its messages, e.g. trainer=2,evaluator=2 "
+                         "(remembered by later `up`s; SERVICE=1 goes back to one)")
+    up.add_argument("--standby", action=argparse.BooleanOptionalAction, default=None,
+                    help="also start a standby audit process that takes over recording when the active one dies "
+                         "(remembered by later `up`s; --no-standby stops it)")
+    up.set_defaults(fn=cmd_up)
     sub.add_parser("down", help="stop what `up` started").set_defaults(fn=cmd_down)
     s = sub.add_parser("status", help="services, stream, recorder lag, projection")
     s.add_argument("--json", action="store_true")
@@ -665,6 +757,15 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--new-test-set", action="store_true",
                    help="freeze a new test set for the target instead of reusing the one in force (recorded)")
     r.add_argument("--seed", type=int, default=13)
+    r.add_argument("--tune", type=int, default=None, metavar="N",
+                   help="search the recipe's settings first: up to N trials, each trained on the train split and "
+                        "scored on the validation split (never the test set); the final model gets the best settings")
+    r.add_argument("--budget", type=float, default=None, metavar="MINUTES",
+                   help="with --tune: the time the trials may take (default 30); a trial starts only when the time "
+                        "the trials so far took says it fits")
+    r.add_argument("--tune-space", action="append", metavar="FIELD=[V1,V2,...]",
+                   help="with --tune: the candidates of a recipe field (JSON list), e.g. learning_rate=[5e-4,1e-3]; "
+                        "the fields given are the whole search space (default: the recipe's)")
     r.add_argument("--base-model", default=None, help="local path or hub id (default: bundled all-MiniLM-L6-v2)")
     r.add_argument("--timeout", type=float, default=1800)
     r.add_argument("--no-wait", action="store_true")
@@ -678,6 +779,8 @@ def parser() -> argparse.ArgumentParser:
     audit_cmds.add_parser(sub, sys.modules[__name__])
     from services.cli import bundle_cmd
     bundle_cmd.add_parser(sub, sys.modules[__name__])
+    from services.cli import export_cmds
+    export_cmds.add_parser(sub, sys.modules[__name__])
     follow.add_parser(sub, sys.modules[__name__])
     tr = sub.add_parser("train", help="cancel, pause or resume a run's training")
     tr.add_argument("action", choices=("cancel", "pause", "resume"))
@@ -725,7 +828,9 @@ def entry() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global nats_user
     args = parser().parse_args(argv)
+    nats_user = "admin" if args.command in OPERATOR_COMMANDS else "cli"
     try:
         rc = args.fn(args)
     except StackUnreachable as exc:
