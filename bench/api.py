@@ -466,7 +466,7 @@ def main() -> None:
         workers = 1 if a.cprofile else a.workers
         with local_stack(a.seed_runs, workers, prof) as stack:
             rows = asyncio.run(_profile(stack, a.requests))
-        print(f"API CPU per request, {a.requests} sequential requests per endpoint ({workers} worker(s); machine shared)")
+        print(f"API CPU per request, {a.requests} sequential requests per endpoint ({workers} worker(s); the generator shares this machine's {os.cpu_count()} CPUs)")
         print(f"{'endpoint':<44}{'API CPU ms/req':>15}{'wall p50 ms':>13}{'bytes':>9}{'req/s per core':>16}")
         for r in rows:
             print(f"{r['path']:<44}{r['api_cpu_ms']:>15}{r['wall_p50_ms']:>13}{r['bytes']:>9}{r['per_core_rps']!s:>16}")
@@ -483,7 +483,7 @@ def main() -> None:
         res = asyncio.run(measure(stack, a.clients, a.rate, a.seconds, a.baseline_seconds))
     out = report(res, a.clients, a.rate, a.seconds, a.workers)
     print(f"{out['name']}: p95 {out['figure']} ms (baseline /api/health p95 {out['baseline']} ms at the same rate, "
-          f"ratio {out['ratio']}); {a.workers} API worker(s); machine shared")
+          f"ratio {out['ratio']}); {a.workers} API worker(s); the generator shares this machine's {os.cpu_count()} CPUs")
     for row in out["rows"]:
         print(f"{row['name']:<78} {row['figure']!s:>22} {row['unit']}")
     (RESULTS / "api.json").write_text(json.dumps(out, indent=2, default=str))
