@@ -222,6 +222,16 @@ async def drop_version(dsn: str, projection: str, version: int) -> None:
     projection = DERIVED.get(projection, projection)
     if projection not in PROJECTIONS:
         raise ReplayRefused(f"no projection {projection!r} (known: {', '.join(PROJECTIONS)})")
+
+    async def drop_schema(conn) -> None:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema_of(projection, version)}" CASCADE')
+
+    await drop_checked(dsn, projection, version, drop_schema)
+
+
+async def drop_checked(dsn: str, projection: str, version: int, drop) -> None:
+    """Under the projection's replay lock: refuse the live version and one not there, else `await drop(conn)`
+    (what holds the version: a schema, a bucket) and mark it dropped."""
     conn = await asyncpg.connect(dsn)
     try:
         async with conn.transaction():
@@ -232,7 +242,7 @@ async def drop_version(dsn: str, projection: str, version: int) -> None:
                                         projection, version)
             if state is None or state == "dropped":
                 raise ReplayRefused(f"no {projection} v{version} to drop")
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema_of(projection, version)}" CASCADE')
+            await drop(conn)
             await conn.execute("UPDATE projection_versions SET state = 'dropped' WHERE projection = $1 AND version = $2",
                                projection, version)
     finally:

@@ -20,7 +20,7 @@ import nats
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError, NoKeysError
 
-from services.audit.replay import ReplayRefused, ReplayReport, TableDiff, live_version
+from services.audit.replay import ReplayRefused, ReplayReport, TableDiff, drop_checked, live_version
 from services.common.logging import get_logger
 from services.common.registry_log import target_log
 from services.common.registry_state import fold, serving_entry
@@ -158,24 +158,14 @@ async def _switch(kv, current: dict[str, tuple[dict | None, int]], rebuilt: dict
 
 async def drop_version(nats_url: str, dsn: str, version: int) -> None:
     """Drop a version of serving that is not live: its bucket."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('tuneline.replay.' || $1))", NAME)
-            if version == await live_version(conn, NAME):
-                raise ReplayRefused(f"{NAME} v{version} is the live version: switch to another first")
-            state = await conn.fetchval("SELECT state FROM projection_versions WHERE projection = $1 AND version = $2",
-                                        NAME, version)
-            if state is None or state == "dropped":
-                raise ReplayRefused(f"no {NAME} v{version} to drop")
-            nc = await nats.connect(nats_url)
-            try:
-                await nc.jetstream().delete_key_value(bucket_of(version))
-            except (BucketNotFoundError, nats.js.errors.NotFoundError):
-                pass
-            finally:
-                await nc.close()
-            await conn.execute("UPDATE projection_versions SET state = 'dropped' WHERE projection = $1 AND version = $2",
-                               NAME, version)
-    finally:
-        await conn.close()
+
+    async def drop_bucket(_conn) -> None:
+        nc = await nats.connect(nats_url)
+        try:
+            await nc.jetstream().delete_key_value(bucket_of(version))
+        except (BucketNotFoundError, nats.js.errors.NotFoundError):
+            pass
+        finally:
+            await nc.close()
+
+    await drop_checked(dsn, NAME, version, drop_bucket)

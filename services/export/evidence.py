@@ -33,23 +33,10 @@ def gate_event_id(training_completed_id: uuid.UUID) -> uuid.UUID:
 async def find_event(js, type_name: str, event_id: uuid.UUID, before_seq: int):
     """(envelope, payload) of the event `event_id` of type `type_name` at or before stream sequence
     `before_seq`, or None: the NEAR window before it first, then the whole subject."""
-    subject = subjects.subject_for(type_name, kind="event")
     for start in (max(1, before_seq - NEAR), 1):
-        seq = start
-        while seq <= before_seq:
-            try:
-                msg = await js.get_msg(subjects.STREAM, seq, subject=subject, next=True, direct=True)
-            except NotFoundError:
-                break
-            if msg.seq > before_seq:
-                break
-            try:
-                env, payload = decode(msg.data)
-            except ContractError:
-                env = payload = None
-            if env is not None and env.event_id == event_id and env.type == type_name:
+        async for env, payload in _events_of(js, type_name, start, before_seq):
+            if env is not None and env.event_id == event_id:
                 return env, payload
-            seq = msg.seq + 1
         if start == 1:
             break
     return None
@@ -93,21 +80,30 @@ async def find_lineage(js, artifacts, training_completed_id: uuid.UUID | None,
 async def find_run_event(js, type_name: str, run_id: str, before_seq: int):
     """(envelope, payload) of the latest event of `type_name` in run `run_id` at or before stream sequence
     `before_seq`, or None; what does not decode is skipped."""
-    subject = subjects.subject_for(type_name, kind="event")
     found = None
-    seq = 1
+    async for env, payload in _events_of(js, type_name, 1, before_seq):
+        if env is not None and env.run_id == run_id:
+            found = (env, payload)
+    return found
+
+
+async def _events_of(js, type_name: str, start: int, before_seq: int):
+    """Each (envelope, payload) of type `type_name` on the stream from sequence `start` to `before_seq`, read
+    one at a time by subject; (None, None) for what does not decode."""
+    subject = subjects.subject_for(type_name, kind="event")
+    seq = start
     while seq <= before_seq:
         try:
             msg = await js.get_msg(subjects.STREAM, seq, subject=subject, next=True, direct=True)
         except NotFoundError:
-            break
+            return
         if msg.seq > before_seq:
-            break
+            return
         try:
             env, payload = decode(msg.data)
         except ContractError:
             env = payload = None
-        if env is not None and env.run_id == run_id and env.type == type_name:
-            found = (env, payload)
+        if env is not None and env.type != type_name:
+            env = payload = None
+        yield env, payload
         seq = msg.seq + 1
-    return found
