@@ -609,7 +609,9 @@ class Suite:
                         "delivery": pl(restarted).get("delivery") if restarted else None, "resumed_from_step": resumed,
                         "steps_repeated": max(0, reached - (resumed or 0)) if restarted else None,
                         "completed_after": any(e["type"] == "training.completed" for e in after)}
-                item["ok"] = restarted is not None and (resumed or None) == (checkpoint or None)
+                # resumed from the last checkpoint seen before the stop, or a later one (training may go on while
+                # nats is down, its checkpoint events published after): never from an earlier step
+                item["ok"] = restarted is not None and (resumed or 0) >= (checkpoint or 0)
                 out.append(item)
         return {"trainer_kills": out, "restarts_visible": sum(1 for i in out if i.get("restarted_event")),
                 "steps_repeated": sum(i.get("steps_repeated") or 0 for i in out),
