@@ -11,18 +11,14 @@ import pytest
 
 from contracts import subjects
 from tests.connected.test_api import api  # noqa: F401 (the fixture: a recorded stack, the API, a token per role)
+from tests.connected.test_delivery import stream_messages
 
 pytestmark = pytest.mark.connected
 
 
 async def _recorded(js, etype):
-    info = await js.stream_info(subjects.STREAM)
-    out = []
-    for seq in range(info.state.first_seq, info.state.last_seq + 1):
-        msg = await js.get_msg(subjects.STREAM, seq)
-        if msg.subject == subjects.subject_for(etype, kind="event"):
-            out.append(json.loads(msg.data))
-    return out
+    msgs = await stream_messages(js, subjects.STREAM, subjects.subject_for(etype, kind="event"))
+    return [json.loads(m.data) for m in msgs]
 
 
 async def test_an_operator_rebuilds_a_projection_and_the_store_and_each_replay_is_recorded(api):  # noqa: F811

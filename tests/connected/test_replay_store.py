@@ -14,6 +14,7 @@ import nats
 import pytest
 
 from contracts import subjects
+from tests.connected.test_delivery import stream_messages
 from services.cli import main as cli
 from services.cli.replay_verbs import cmd_replay_store
 from services.common.bus import declare_streams, publish
@@ -39,14 +40,8 @@ async def _publish(url, envs, raw=()):
 async def _events_of(url, etype):
     nc = await nats.connect(url)
     try:
-        js = nc.jetstream()
-        info = await js.stream_info(subjects.STREAM)
-        out = []
-        for seq in range(info.state.first_seq, info.state.last_seq + 1):
-            msg = await js.get_msg(subjects.STREAM, seq)
-            if msg.subject == subjects.subject_for(etype, kind="event"):
-                out.append(json.loads(msg.data))
-        return out
+        msgs = await stream_messages(nc.jetstream(), subjects.STREAM, subjects.subject_for(etype, kind="event"))
+        return [json.loads(m.data) for m in msgs]
     finally:
         await nc.close()
 
