@@ -363,10 +363,16 @@ class TrialCompleted(Frozen):
     message: str | None = Field(None, max_length=2000)
 
 
-@register("training.tuning_completed", kind="event")
+def upcast_tuning_completed_v1(payload: dict) -> dict:
+    """v1 predates taking the winner's training over: its final model was trained anew after the search."""
+    return {**payload, "final_from_trial": None}
+
+
+@register("training.tuning_completed", kind="event", version=2, upcasters={1: upcast_tuning_completed_v1})
 class TuningCompleted(Frozen):
-    """The search is over: which trial won, with what settings, and why it stopped. The final model is
-    trained next with `best_settings` (training.started / training.completed follow). The splits it read
+    """The search is over: which trial won, with what settings, and why it stopped. The final model is the
+    winner's own training (`final_from_trial`; training.started resumes at its last step, training.completed
+    follows). The splits it read
     are named by sha256: the train and validation splits, never the test set."""
 
     trials_run: int = Field(ge=0)
@@ -378,6 +384,8 @@ class TuningCompleted(Frozen):
     metric_name: str | None = None
     best_metric: float | None = None
     baseline_metric: float | None = None     # trial 1: the recipe's own settings
+    final_from_trial: int | None = None      # the final model is this trial's training (its checkpoints taken
+                                             # over, not trained again); None: trained anew after the search
     wall_s: float = Field(ge=0)
     train_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     validation_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")

@@ -1,6 +1,10 @@
 """Packaging a trained LoRA adapter into a self-describing, checksummed export folder: the adapter (its
 adapter_config.json naming the base model) and, for classifiers, the merged model under merged/, the
-path that loads with stock transformers classes (services/export/adapters/merged.py)."""
+path that loads with stock transformers classes (services/export/adapters/merged.py).
+
+A fully fine-tuned classifier (recipe method "full") has no adapter: its folder holds the whole model's
+weights (model.safetensors) and labels.json, the export's format says so (FULL_FORMAT), and merged/ is
+the same model in transformers' layout."""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ import shutil
 from pathlib import Path
 
 EXPORT_FORMAT = "peft-lora-safetensors"
+FULL_FORMAT = "full-safetensors"  # recipe method "full": every weight, no adapter
+FULL_WEIGHTS = "model.safetensors"  # = services.common.encoder_classifier.FULL_WEIGHTS (no torch import here)
 MANIFEST_FILE = "export_manifest.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -34,6 +40,18 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def is_full_model(adapter_dir: Path) -> bool:
+    """The trainer's output is a fully fine-tuned model (labels.json method "full"), not a LoRA adapter."""
+    try:
+        return json.loads((Path(adapter_dir) / LABELS_FILE).read_text()).get("method") == "full"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def required_files(full: bool) -> tuple[str, ...]:
+    return (FULL_WEIGHTS, LABELS_FILE) if full else REQUIRED_FILES
+
+
 def base_model_reference(base_model: str) -> str:
     """What adapter_config.json's base_model_name_or_path says: a hub id or the path trained on."""
     return HUB_IDS.get(base_model, base_model)
@@ -45,23 +63,25 @@ def build_adapter_export(adapter_dir: Path, out_dir: Path, *, run_id: str, base_
     (the base model's local path) also the merged model under merged/ for a classification adapter,
     and write export_manifest.json; returns the manifest."""
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    for name in REQUIRED_FILES:
+    full = is_full_model(adapter_dir)
+    for name in required_files(full):
         if not (adapter_dir / name).is_file():
-            raise ExportError(f"adapter is missing {name} in {adapter_dir}")
+            raise ExportError(f"{'model' if full else 'adapter'} is missing {name} in {adapter_dir}")
     if adapter_dir.resolve() == out_dir.resolve():
         raise ExportError("export folder must differ from the adapter folder")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = [*REQUIRED_FILES, *(n for n in OPTIONAL_FILES if (adapter_dir / n).is_file())]
+    names = list(dict.fromkeys([*required_files(full), *(n for n in OPTIONAL_FILES if (adapter_dir / n).is_file())]))
     for name in names:
         shutil.copyfile(adapter_dir / name, out_dir / name)
-    try:
-        adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
-    except ValueError as exc:
-        raise ExportError(f"{ADAPTER_CONFIG} is not valid JSON: {exc}") from exc
-    # PEFT records None for a base it cannot name (the mean-pooled module); consumers need the base
-    adapter_config["base_model_name_or_path"] = base_model_reference(base_model)
-    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+    if not full:
+        try:
+            adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+        except ValueError as exc:
+            raise ExportError(f"{ADAPTER_CONFIG} is not valid JSON: {exc}") from exc
+        # PEFT records None for a base it cannot name (the mean-pooled module); consumers need the base
+        adapter_config["base_model_name_or_path"] = base_model_reference(base_model)
+        (out_dir / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
 
     merged = None
     if merge_from is not None:
@@ -80,7 +100,7 @@ def build_adapter_export(adapter_dir: Path, out_dir: Path, *, run_id: str, base_
         files.append({"path": name, "sha256": sha256_of(target), "size": target.stat().st_size})
 
     manifest = {
-        "format": EXPORT_FORMAT,
+        "format": FULL_FORMAT if full else EXPORT_FORMAT,
         "run_id": run_id,
         "base_model": base_model,
         "metrics": metrics,
@@ -103,10 +123,11 @@ def verify_export(out_dir: Path) -> list[str]:
         return [f"{MANIFEST_FILE} is not valid JSON: {exc}"]
 
     problems: list[str] = []
-    if manifest.get("format") != EXPORT_FORMAT:
+    if manifest.get("format") not in (EXPORT_FORMAT, FULL_FORMAT):
         problems.append(f"unexpected format {manifest.get('format')!r}")
     listed = {entry.get("path") for entry in manifest.get("files", [])}
-    problems.extend(f"manifest does not list {name}" for name in REQUIRED_FILES if name not in listed)
+    problems.extend(f"manifest does not list {name}" for name in required_files(manifest.get("format") == FULL_FORMAT)
+                    if name not in listed)
     for entry in manifest.get("files", []):
         name = entry.get("path", "")
         path = out_dir / name
@@ -128,15 +149,16 @@ def smoke_load(out_dir: Path) -> int:
     """Load the exported weights to prove they deserialise; returns the tensor count."""
     from safetensors.torch import load_file
 
-    weights = Path(out_dir) / ADAPTER_WEIGHTS
+    name = FULL_WEIGHTS if is_full_model(out_dir) else ADAPTER_WEIGHTS
+    weights = Path(out_dir) / name
     if not weights.is_file():
-        raise ExportError(f"export is missing {ADAPTER_WEIGHTS} in {out_dir}")
+        raise ExportError(f"export is missing {name} in {out_dir}")
     try:
         tensors = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise ExportError(f"{ADAPTER_WEIGHTS} does not load: {exc}") from exc
+        raise ExportError(f"{name} does not load: {exc}") from exc
     if not tensors:
-        raise ExportError(f"{ADAPTER_WEIGHTS} holds no tensors")
+        raise ExportError(f"{name} holds no tensors")
     return len(tensors)
 
 
@@ -160,7 +182,9 @@ def finish_manifest(out_dir: Path, ref, outcomes: list, *, base_model: str, base
                 files.append({"path": name, "sha256": sha256_of(p), "size": p.stat().st_size})
     manifest["files"] = sorted(files, key=lambda f: f["path"])
     manifest["formats"] = [{"format": ADAPTER, "status": "shipped", "path": ".", "reason_code": None,
-                            "message": None, "parity": None, "runtime": "peft"},
+                            "message": None, "parity": None,
+                            "runtime": "torch (full weights, services.common.encoder_classifier)"
+                            if manifest.get("format") == FULL_FORMAT else "peft"},
                            *(o.as_json() for o in outcomes)]
     manifest["base"] = base_model_pin(base_model, base_path)
     manifest["head"] = ref.head_json()

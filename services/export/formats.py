@@ -218,7 +218,8 @@ def load_reference(adapter_dir: Path, base_path: str, rows: Sequence[dict]) -> R
             base = build_encoder_classifier(base_path, list(meta.get("label_space") or []),
                                             pooling=meta.get("pooling") or "cls",
                                             multi_label=meta.get("task") == "multi_label_classification")
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    full = meta.get("method") == "full"  # a fully fine-tuned classifier ships its own weights, no adapter
+    model = base.load_full(str(adapter_dir)).eval() if full else PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     ref = Reference(shape, meta, base_path, texts, gold, [], tokenizer, None, max_length)
     with torch.no_grad():
         if shape == "chat":
@@ -230,7 +231,7 @@ def load_reference(adapter_dir: Path, base_path: str, rows: Sequence[dict]) -> R
             for batch in encode_batches(tokenizer, texts, max_length, "pt", ref.truncation()):
                 ref.logits.append(model(input_ids=batch["input_ids"],
                                         attention_mask=batch["attention_mask"]).logits.float().numpy())
-    ref.merged = model.merge_and_unload().eval()
+    ref.merged = model if full else model.merge_and_unload().eval()
     return ref
 
 
@@ -382,8 +383,8 @@ def merged_logits(ref: Reference, out: Path) -> list[np.ndarray]:
         with torch.no_grad():
             return [model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
                     for ids in chat_ids(tok, ref.texts, ref.max_length)]
-    if ref.truncation() != "head":
-        return stock_logits(ref, out)
+    if ref.shape == "triage" and ref.truncation() != "head":
+        return stock_logits(ref, out)  # the triage card's lines cut the head only
     logits = []
     for start in range(0, len(ref.texts), ENCODER_BATCH):
         texts = ref.texts[start:start + ENCODER_BATCH]

@@ -1,7 +1,8 @@
 """The trainer's side of plan.tuning: the trials of services/trainer/tuning.py run with the local engine,
 each published as `training.trial_completed`, then `training.tuning_completed` naming the winner; the
-caller trains the final model with the recipe returned here (its ordinary path: training.started, progress,
-checkpoints, training.completed).
+winner's checkpoints become the final training's (`adopt_winner`), and the caller runs its ordinary path with
+the recipe returned here (training.started resumed at the trial's last step, training.completed): the winning
+settings are not trained a second time.
 
 Event ids (D3): a trial's event derives from the trigger and the trial number, the same in every attempt,
 so a redelivered trigger that publishes a recorded trial again is deduplicated, not appended twice.
@@ -22,6 +23,7 @@ from services.trainer.recipes import Recipe
 from services.trainer.tuning import (
     TrialResult,
     TuningError,
+    adopt_winner,
     plan_trials,
     run_search,
     search_space,
@@ -100,12 +102,15 @@ async def tune_locally(ctx: StageContext, recipe: Recipe, rows: list[dict], eval
         await emitter.close()
     best = outcome.best
     final = settings_of(recipe, best.settings) if best else recipe
+    adopted = bool(best and best.status == "completed" and await asyncio.to_thread(adopt_winner, work_dir, best.trial))
+    log.info("tuning_winner", trial=best.trial if best else None, adopted_checkpoints=adopted)
     baseline = outcome.trials[0].metric if outcome.trials else None
     await ctx.emit(TuningCompleted(
         trials_run=len(outcome.trials), trials_planned=tuning.trials, budget_minutes=tuning.budget_minutes,
         stopped_by_budget=outcome.stopped_by_budget, best_trial=best.trial if best else None,
         best_settings=best.settings if best else planned[0], metric_name=best.metric_name if best else None,
         best_metric=best.metric if best else None, baseline_metric=baseline,
+        final_from_trial=best.trial if adopted else None,
         wall_s=sum(r.wall_s for r in outcome.trials), train_sha256=p.train.sha256, validation_sha256=p.eval.sha256,
     ), step=":tuning-completed")
     return final

@@ -13,8 +13,11 @@ Protocol (the test set is never read: the trainer holds only the train and valid
   (`cut_off`, no score). Trial 1 always runs: it is the training a run without --tune would do;
 - a trial that diverges (a learning rate too high) is recorded as `diverged` and the search goes on;
 - the best score wins (ties: the earlier trial, so the recipe's own settings win a tie), and the
-  final model is trained with its settings by the trainer's ordinary path (checkpoints, progress,
-  resume, training.completed).
+  final model is the winner's training, not a second one: its checkpoints are taken over as the final
+  training's work directory (`adopt_winner`), whose ordinary path (resume, training.completed) then
+  resumes at the trial's last step, loads its best checkpoint and exports it. The trial trained those
+  settings on the same rows with the same seed, so training again would only repeat it. When the
+  trial's checkpoints are gone (a recorded trial from an attempt whose files were lost), it trains.
 
 Crash safety: each finished trial is written (atomically) to the job's work directory before its
 `training.trial_completed` is published, with an id derived from the trigger and the trial number. A
@@ -187,6 +190,25 @@ def trial_path(work_dir: Path, trial: int) -> Path:
 
 def trial_work_dir(work_dir: Path, trial: int) -> Path:
     return work_dir / TRIALS_DIR / f"trial-{trial:03d}"
+
+
+def adopt_winner(work_dir: Path, trial: int) -> bool:
+    """Copy trial `trial`'s checkpoints (its newest ones, LATEST and the best checkpoint) into `work_dir`, where
+    the final training looks for a checkpoint to resume from. Each file is written atomically and LATEST last,
+    so an attempt killed mid-copy leaves no pointer to a torn file. False (nothing copied) when the trial left
+    no finished checkpoint, or the final training has a checkpoint of its own already (a redelivery after it
+    started: that one is resumed)."""
+    from services.trainer.local.engine import BEST, LATEST, atomic_write_bytes
+
+    src = trial_work_dir(work_dir, trial)
+    if (work_dir / LATEST).exists() or not (src / LATEST).is_file():
+        return False
+    files = [*sorted(src.glob("ckpt-*.pt")), src / BEST]
+    for f in files:
+        if f.is_file():
+            atomic_write_bytes(work_dir / f.name, f.read_bytes())
+    atomic_write_bytes(work_dir / LATEST, (src / LATEST).read_bytes())
+    return True
 
 
 def save_trial(work_dir: Path, result: TrialResult) -> None:

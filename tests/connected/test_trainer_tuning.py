@@ -1,7 +1,7 @@
 """A tuned run (plan.tuning) in the trainer service, as its own process, against a real nats-server: SIGKILL
 after the first trial, and the redelivered trigger's new trainer reports the recorded trial again under the
-same event id (the stream holds it once), trains only the trials left, then the final model with the
-winner's settings. Tuning reads the train and validation splits, never the test set."""
+same event id (the stream holds it once), trains only the trials left, then takes the winner's training over
+as the final model (not trained again). Tuning reads the train and validation splits, never the test set."""
 
 from __future__ import annotations
 
@@ -102,7 +102,12 @@ async def test_a_killed_tuned_run_reports_its_trials_once_and_trains_only_the_re
     assert (tuned.best_trial, tuned.best_settings) == (best.trial, best.settings)
     assert (tuned.train_sha256, tuned.validation_sha256) == (prepared.train.sha256, prepared.eval.sha256)
     assert prepared.test.sha256 not in (tuned.train_sha256, tuned.validation_sha256)
-    # the final model: the winner's settings trained again, seeded, on the same rows: the same best checkpoint
+    # the final model is the winner's training, taken over, not trained again: training.started resumes at the
+    # trial's last step and the exported checkpoint is the trial's best
     completed = done[0]
+    assert tuned.final_from_trial == best.trial
     assert (completed.best_step, completed.best_metric) == (best.best_step, pytest.approx(best.metric))
+    started = await events(js, "training.started", RUN)
+    assert [s.resumed_from_step for s in started] == [best.steps] == [completed.steps]
+    assert await events(js, "training.progressed", RUN) == []  # no step trained after the search
     assert not (data_dir / "trainer" / "work" / str(env.event_id)).exists()  # trials' checkpoints cleaned too

@@ -300,3 +300,37 @@ def test_a_head_and_tail_trained_classifier_is_checked_on_its_own_cut(tiny_bert,
     for o in outcomes:
         assert o.shipped and o.parity["max_abs_logit_diff"] <= 1e-4, o.as_json()
     assert json.loads((tmp_path / "export/onnx/onnx_config.json").read_text())["truncation"] == "head_tail"
+    # the merged folder's parity ran the card's own lines (head + tail cut by the tokenizer calls it shows)
+    card = (tmp_path / "export/merged/README.md").read_text()
+    assert "head + tail truncation" in card and "half the room each" in card
+    assert json.loads((tmp_path / "export/merged/config.json").read_text())["tuneline_truncation"] == "head_tail"
+
+
+def test_a_fully_fine_tuned_classifier_exports_its_own_weights_without_peft(tiny_bert, tmp_path):
+    from services.export.domain import FULL_FORMAT, finish_manifest, smoke_load
+
+    long_rows = [{"text": f"{r['text']} and then the show went on and on until {r['text']}", "label": r["label"]}
+                 for r in sentiment()]
+    recipe = resolve_recipe("seqcls-lora-minilm", "single_label_classification",
+                            dict(base_model=tiny_bert, batch_size=40, learning_rate=1e-3, max_length=10, seed=2,
+                                 epochs=10, eval_every_steps=20, patience=None, method="full", truncation="head_tail"))
+    adapter = train(SequenceClassification(LABEL_SPACE), recipe, long_rows, long_rows, tmp_path / "w",
+                    tmp_path / "a").adapter_dir
+    assert not (adapter / "adapter_model.safetensors").exists()  # no adapter: the whole model
+    out = tmp_path / "export"
+    ref, outcomes = export_all(adapter, tiny_bert, long_rows, out, formats=["merged", "onnx"])
+    for o in outcomes:
+        assert o.shipped and o.parity["labels_identical"] and o.parity["max_abs_logit_diff"] <= 1e-4, o.as_json()
+    manifest = finish_manifest(out, ref, outcomes, base_model="tiny", base_path=tiny_bert)
+    assert manifest["format"] == FULL_FORMAT and manifest["merged"] is None
+    assert {"model.safetensors", "labels.json", "merged/model.safetensors", "onnx/model.onnx"} <= {
+        f["path"] for f in manifest["files"]}
+    assert verify_export(out) == [] and smoke_load(out) > 0
+    assert "fully fine-tuned encoder" in (out / "merged/README.md").read_text()
+    # the merged folder's weights are the trained ones, not the base's
+    from safetensors.torch import load_file
+
+    trained = load_file(str(adapter / "model.safetensors"))
+    merged = load_file(str(out / "merged/model.safetensors"))
+    key = next(k for k in merged if k.endswith("query.weight"))
+    assert torch.equal(merged[key], trained[f"encoder.{key}"])

@@ -140,6 +140,16 @@ def test_early_stopping_exports_the_best_checkpoint(tiny_bert, tmp_path):
     head = [k for k in exported if "classifier" in k and k.endswith("weight")][0]
     live = [v for k, v in saved_best["trainable"].items() if "classifier" in k and k.endswith("weight")][0]
     assert torch.equal(exported[head], live)
+    # started again on the same work directory (a redelivery after the last checkpoint, or a tuning winner's
+    # checkpoints taken over): it trains no step past the early stop and reports what the first run ended with
+    seen = []
+    again = train(SequenceClassification(LABEL_SPACE), cls_recipe(tiny_bert, epochs=200, eval_every_steps=5, patience=2),
+                  rows(), rows(), tmp_path / "w", tmp_path / "a2", callbacks=Callbacks(on_progress=seen.append),
+                  progress_every_s=0.0)
+    assert seen == [] and again.resumed_from_step == out.steps == again.steps
+    assert again.stopped_early and (again.best_step, again.best_metric) == (out.best_step, out.best_metric)
+    assert again.final_loss == out.final_loss
+    assert same_tensors(adapter_tensors(again.adapter_dir), exported)
 
 
 def test_cancel_stops_between_steps(tiny_bert, tmp_path):

@@ -299,6 +299,11 @@ class _State:
     evals_without_improvement: int = 0
     loss_reference: list[float] = field(default_factory=list)
     last_eval_loss: float | None = None
+    # kept in the checkpoint so that a resume after the last step (a redelivery, or the tuning winner's
+    # checkpoint taken over as the final model) reports the loss it ended with and does not train past an
+    # early stop
+    last_loss: float | None = None
+    stopped_early: bool = False
 
 
 def train(
@@ -387,9 +392,8 @@ def train(
         steps_here = 0
         examples_here = 0
         last_report = 0.0
-        loss_value = float("nan")
-        stopped_early = False
-        while st.step < max_steps:
+        loss_value = st.last_loss if st.last_loss is not None else float("nan")
+        while st.step < max_steps and not st.stopped_early:
             if control.cancelled:
                 raise TrainingCancelled(f"cancelled by {control.requested_by} at step {st.step}/{max_steps}")
             if control.timed_out:
@@ -406,7 +410,7 @@ def train(
             idx = batch_indices(st.step + 1, n, batch_size, recipe.seed)
             batch = {k: v.to(device) for k, v in task.collate(train_enc, idx).items()}
             loss = model(**batch).loss
-            loss_value = float(loss.detach())
+            loss_value = st.last_loss = float(loss.detach())
             _check_divergence(loss_value, st, recipe)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
@@ -433,10 +437,10 @@ def train(
                 # patience running out at the schedule's last step stops nothing: the schedule is complete
                 if (recipe.patience is not None and st.evals_without_improvement >= recipe.patience
                         and st.step < max_steps):
-                    stopped_early = True
+                    st.stopped_early = True
 
             now = time.perf_counter()
-            if cb.on_progress and (now - last_report >= progress_every_s or st.step == max_steps or stopped_early):
+            if cb.on_progress and (now - last_report >= progress_every_s or st.step == max_steps or st.stopped_early):
                 last_report = now
                 elapsed = now - loop_started
                 rate = examples_here / elapsed if elapsed > 0 else 0.0
@@ -445,9 +449,9 @@ def train(
                     learning_rate=scheduler.get_last_lr()[0], examples_per_s=rate,
                     eta_s=elapsed / steps_here * (max_steps - st.step), eval_loss=st.last_eval_loss,
                 ))
-            if ev is not None or st.step % ckpt_every == 0 or st.step == max_steps or stopped_early:
+            if ev is not None or st.step % ckpt_every == 0 or st.step == max_steps or st.stopped_early:
                 checkpoint(ev, is_best)
-            if stopped_early:
+            if st.stopped_early:
                 break
         loop_s = time.perf_counter() - loop_started
 
@@ -461,7 +465,7 @@ def train(
         adapter_dir=out_dir, steps=st.step, max_steps=max_steps, best_step=st.best_step, best_metric=st.best_metric,
         metric_name=task.metric_name, final_loss=loss_value,
         examples_per_s=examples_here / loop_s if loop_s > 0 else 0.0, wall_s=time.perf_counter() - started,
-        stopped_early=stopped_early, resumed_from_step=resumed_from,
+        stopped_early=st.stopped_early, resumed_from_step=resumed_from,
         trainable_params=trainable_count, total_params=total_count,
     )
 
