@@ -9,18 +9,15 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from contracts.envelope import Envelope
+from contracts.errors import ReasonCodedError
 
 Kind = Literal["event", "command"]
 P = TypeVar("P", bound=BaseModel)
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 
 
-class ContractError(ValueError):
+class ContractError(ReasonCodedError, ValueError):
     """A message that cannot be accepted; `reason_code` says why (a registered code)."""
-
-    def __init__(self, reason_code: str, message: str):
-        super().__init__(message)
-        self.reason_code = reason_code
 
 
 class UnknownEventType(ContractError):

@@ -39,6 +39,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from contracts import subjects
+from contracts.errors import ReasonCodedError
 from services.audit import exactjson
 from services.common.delivery import ConsumerSpec
 from services.common.logging import get_logger
@@ -54,10 +55,8 @@ VOLATILE = frozenset(("wall_s", "latency_ms", "latency_s", "latency_ms_median", 
 _SAMPLES = 10
 
 
-class ConsumerReplayRefused(Exception):
-    def __init__(self, reason_code: str, message: str):
-        super().__init__(message)
-        self.reason_code = reason_code
+class ConsumerReplayRefused(ReasonCodedError):
+    """A consumer replay that cannot start (an unknown durable, a position outside the stream)."""
 
 
 @dataclass

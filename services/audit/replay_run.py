@@ -19,6 +19,7 @@ import nats
 from contracts import subjects
 
 from contracts.envelope import Envelope, Severity
+from contracts.errors import ReasonCodedError
 from contracts.events import RunReplayed
 from services.audit import exactjson
 from services.audit.replay_consumer import STAGES
@@ -31,10 +32,8 @@ from services.common.logging import get_logger
 log = get_logger(__name__)
 
 
-class RunReplayRefused(Exception):
-    def __init__(self, reason_code: str, message: str):
-        super().__init__(message)
-        self.reason_code = reason_code
+class RunReplayRefused(ReasonCodedError):
+    """`tuneline replay run` cannot re-issue the run from that stage (no such run, no recorded trigger)."""
 
 
 def stage_specs(stage: str) -> list[ConsumerSpec]:

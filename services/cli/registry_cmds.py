@@ -18,6 +18,7 @@ from datetime import datetime
 from pydantic import ValidationError
 
 from contracts.commands import PromoteVersion, RejectVersion, RestoreVersion, RollBackTarget, SetRollout
+from contracts.errors import ReasonCodedError
 from services.cli.db import read_db
 from services.cli.errors import refused, validation_lines
 from services.common import registry_log
@@ -25,10 +26,8 @@ from services.common.commands import envelope_of, publish_and_wait
 from services.common.ids import new_run_id
 
 
-class Refused(Exception):
-    def __init__(self, reason_code: str, message: str):
-        super().__init__(message)
-        self.reason_code = reason_code
+class Refused(ReasonCodedError):
+    """A registry command the CLI refuses before sending it."""
 
 
 def default_actor() -> str:

@@ -33,6 +33,7 @@ from pydantic import BaseModel
 from contracts import subjects
 from contracts.envelope import Envelope, Severity
 from contracts.events import MessageDeadLettered
+from contracts.errors import ReasonCodedError
 from contracts.registry import ContractError, decode, message_type_of
 from services.common.artifacts import ArtifactStore
 from services.common.bus import fits, publish
@@ -49,12 +50,8 @@ UNATTRIBUTED_RUN = "unattributed"
 MAX_FAILURE_MESSAGE = 4000
 
 
-class StageError(Exception):
+class StageError(ReasonCodedError):
     """A failure of the work a message asked for, with a registered reason code."""
-
-    def __init__(self, reason_code: str, message: str):
-        super().__init__(message)
-        self.reason_code = reason_code
 
 
 @dataclass

@@ -15,16 +15,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from contracts import subjects
+from contracts.errors import ReasonCodedError
 from services.common.registry_log import _like_escape, target_log
 from services.common.registry_state import REGISTRATIONS, fold
 
 PROJECTION = "history"  # its name in projection_checkpoints
 
 
-class NotFound(Exception):
-    def __init__(self, reason_code: str, message: str):
-        super().__init__(message)
-        self.reason_code = reason_code
+class NotFound(ReasonCodedError):
+    """A run, target or version that History does not hold."""
 
 
 def _run_row(r) -> dict:

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from contracts.errors import ReasonCodedError
+
 ADAPTER = "peft-adapter"
 MERGED = "merged"
 ONNX = "onnx"
@@ -78,12 +80,8 @@ with torch.no_grad():
 '''
 
 
-class FormatError(Exception):
+class FormatError(ReasonCodedError):
     """One format could not be produced or failed its check; `reason_code` is registered."""
-
-    def __init__(self, reason_code: str, message: str):
-        super().__init__(message)
-        self.reason_code = reason_code
 
 
 def shape_of(meta: dict) -> str:

@@ -17,6 +17,7 @@ import orjson
 
 from contracts.common import FieldMapping, RunPlan
 from contracts.events import ShapeHypothesis
+from contracts.errors import ReasonCodedError
 from contracts.common import ArtifactRef
 from services.common.artifacts import ArtifactStore
 from services.ingest.introspect import AUTO_PICK, SAMPLE_SIZE, WIDER_SAMPLE_SIZE, choose, introspect, spread_sample
@@ -37,12 +38,8 @@ from services.common.parallel import Forked, workers
 _BATCH_BYTES = 64 << 10  # accepted rows are written in pieces of about this size
 
 
-class IngestError(ValueError):
+class IngestError(ReasonCodedError, ValueError):
     """The source or the mapping as a whole is unusable; `reason_code` is registered."""
-
-    def __init__(self, reason_code: str, message: str):
-        super().__init__(message)
-        self.reason_code = reason_code
 
 
 def open_locator(locator: str, roots: Sequence[Path], **limits) -> Source:

@@ -47,6 +47,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
+from contracts.errors import ReasonCodedError
 from services.common.jsonl import gc_paused
 from services.prep.neardup import DEFAULT_THRESHOLD, NearDupIndex, Sketch
 from services.common.parallel import split_run, workers
@@ -78,11 +79,8 @@ class CleaningPolicy:
     seed: int = 0
 
 
-class CleaningBlocked(Exception):
-    def __init__(self, reason_code: str, message: str) -> None:
-        super().__init__(message)
-        self.reason_code = reason_code
-        self.message = message
+class CleaningBlocked(ReasonCodedError):
+    """Cleaning refused the dataset as a whole (the PII policy's block, too many outliers)."""
 
 
 @dataclass

@@ -40,6 +40,7 @@ from functools import partial
 import orjson
 
 from contracts.common import CLASSIFICATION_SHAPES, ArtifactRef, RunPlan
+from contracts.errors import ReasonCodedError
 from contracts.events import CostEstimate, Notice, TestSetRef
 from services.common.artifacts import ArtifactStore
 from services.common.jsonl import gc_paused, write_jsonl, write_lines
@@ -68,12 +69,8 @@ class UnusableTestSet(ValueError):
     reason_code = "prep.test_set_unreadable"
 
 
-class PrepBlocked(ValueError):
+class PrepBlocked(ReasonCodedError, ValueError):
     """Cleaning refused the dataset (`cleaning.pii_block`, `cleaning.outlier_threshold_exceeded`)."""
-
-    def __init__(self, reason_code: str, message: str):
-        super().__init__(message)
-        self.reason_code = reason_code
 
 
 def stratified_split(rows: list[dict], eval_fraction: float, seed: int | str) -> tuple[list[dict], list[dict]]:

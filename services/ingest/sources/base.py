@@ -12,6 +12,8 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from contracts.errors import ReasonCodedError
+
 MAX_RAW_KEPT = 2000  # characters of a row's raw text kept with a rejected row
 
 
@@ -27,12 +29,8 @@ def open_file(path: Path, kind: str, buffering: int):
         raise SourceError("ingest.source_not_found", f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-class SourceError(ValueError):
+class SourceError(ReasonCodedError, ValueError):
     """The source as a whole cannot be read; `reason_code` is a registered code."""
-
-    def __init__(self, reason_code: str, message: str):
-        super().__init__(message)
-        self.reason_code = reason_code
 
 
 @dataclass(frozen=True, slots=True)
