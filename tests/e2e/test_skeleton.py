@@ -75,14 +75,16 @@ def test_a_run_flows_through_all_six_services_and_its_audit_trail_tells_the_stor
     assert registered["target"] == "support-tickets" and registered["status"] == "candidate"
     assert (verdict == "registry.validated") == gate["passed"]
 
-    # The exported adapter is real safetensors whose sha256s match the export manifest.
+    # The export is real safetensors whose sha256s match the export manifest: the single-label default
+    # (seqcls-full-minilm) trains every weight, so it ships the whole model rather than a LoRA adapter.
     exported = next(e for e in events if e["type"] == "export.completed")["payload"]
     from services.common.artifacts import ArtifactStore
     from contracts.common import ArtifactRef
     from services.export.domain import smoke_load, verify_export
 
     out = ArtifactStore(cli.data / "artifacts").materialize_dir(ArtifactRef(**exported["export"]), cli.data / "x")
-    assert (out / "adapter_model.safetensors").exists() and verify_export(out) == []
+    assert (out / "model.safetensors").exists() and not (out / "adapter_model.safetensors").exists()
+    assert json.loads((out / "labels.json").read_text())["method"] == "full" and verify_export(out) == []
     assert smoke_load(out) > 0
     manifest = json.loads((out / "export_manifest.json").read_text())
     assert {f["path"]: f["sha256"] for f in manifest["files"]} == exported["files"]

@@ -104,6 +104,18 @@ def test_layer_wise_rates_decay_from_the_head_down():
     assert len(one) == 1 and "lr" not in one[0]
 
 
+def test_the_single_label_default_is_the_configuration_the_nlbse_tuning_chose():
+    """seqcls-full-minilm is bench/nlbse.py's `full_ht128` tuning config (the LoRA recipe with those overrides),
+    field for field: the docstring's table measured this recipe and no other."""
+    from bench.nlbse import CONFIGS, RECIPE, TUNE_BASE
+
+    default = resolve_recipe(None, "single_label_classification", {})
+    tuned = resolve_recipe(TUNE_BASE, "single_label_classification", {**CONFIGS["full_ht128"], "patience": None})
+    assert default.name == RECIPE == "seqcls-full-minilm"
+    assert default.model_dump(exclude={"name", "description"}) == tuned.model_dump(exclude={"name", "description"})
+    assert (default.method, default.truncation, default.max_length) == ("full", "head_tail", 128)
+
+
 def test_options_are_validated():
     with pytest.raises(RecipeError, match="method full"):
         resolve_recipe("seqcls-lora-minilm", "single_label_classification", {"method": "full", "pooling": "cls"})
