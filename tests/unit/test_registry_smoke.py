@@ -22,18 +22,21 @@ from services.trainer.recipes import resolve_recipe  # noqa: E402
 from tests.tiny_models import LABEL_SPACE, build_tiny_bert, sentiment_rows  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def version(tmp_path_factory):
-    """A registered version as the registry keeps it: export, pin, the evaluator's records, the test rows."""
-    root = tmp_path_factory.mktemp("smoke")
+@pytest.fixture(scope="module", params=["lora", "full"])
+def version(request, tmp_path_factory):
+    """A registered version as the registry keeps it: export, pin, the evaluator's records, the test rows; of a
+    LoRA adapter, and of a fully fine-tuned model cut head + tail (the single-label default's kind)."""
+    root = tmp_path_factory.mktemp(f"smoke-{request.param}")
+    full = dict(method="full", learning_rate=1e-3, truncation="head_tail") if request.param == "full" else {}
     base = build_tiny_bert(root / "base")
     texts, labels = sentiment_rows()
     rows = [{"row_id": f"r{i:03d}", "text": t, "label": lab} for i, (t, lab) in enumerate(zip(texts, labels))]
     recipe = resolve_recipe("seqcls-lora-minilm", "single_label_classification",
-                            dict(base_model=base, batch_size=40, learning_rate=1e-2, max_length=16, seed=2, epochs=3,
-                                 eval_every_steps=20, patience=None))
+                            {**dict(base_model=base, batch_size=40, learning_rate=1e-2, max_length=16, seed=2, epochs=3,
+                                    eval_every_steps=20, patience=None), **full})
     trained = train(SequenceClassification(LABEL_SPACE), recipe, rows, rows, root / "w", root / "adapter")
     build_adapter_export(trained.adapter_dir, root / "export", run_id="run-1", base_model=base, metrics={})
+    assert (root / "export" / ("model.safetensors" if full else "adapter_model.safetensors")).is_file()
     store = ArtifactStore(root / "store")
     outputs, _ = predict(base, trained.adapter_dir, [r["text"] for r in rows], LABEL_SPACE, 16)
     records = [{"row_id": r["row_id"], "model": "candidate", "output": o} for r, o in zip(rows, outputs)]
