@@ -42,10 +42,9 @@ def sha256_of(path: Path) -> str:
 
 def is_full_model(adapter_dir: Path) -> bool:
     """The trainer's output is a fully fine-tuned model (labels.json method "full"), not a LoRA adapter."""
-    try:
-        return json.loads((Path(adapter_dir) / LABELS_FILE).read_text()).get("method") == "full"
-    except (OSError, ValueError, AttributeError):
-        return False
+    from services.common.classifier_inference import trained_metadata
+
+    return trained_metadata(Path(adapter_dir)).get("method") == "full"
 
 
 def required_files(full: bool) -> tuple[str, ...]:

@@ -102,7 +102,7 @@ async def tune_locally(ctx: StageContext, recipe: Recipe, rows: list[dict], eval
         await emitter.close()
     best = outcome.best
     final = settings_of(recipe, best.settings) if best else recipe
-    adopted = bool(best and best.status == "completed" and await asyncio.to_thread(adopt_winner, work_dir, best.trial))
+    adopted = bool(best and await asyncio.to_thread(adopt_winner, work_dir, best.trial))  # best: a trial that scored
     log.info("tuning_winner", trial=best.trial if best else None, adopted_checkpoints=adopted)
     baseline = outcome.trials[0].metric if outcome.trials else None
     await ctx.emit(TuningCompleted(
